@@ -1,0 +1,123 @@
+"""One typed configuration for every run, filled from YAML and `--set a.b=c` overrides.
+
+Unknown keys fail before any work starts, with the nearest valid key suggested, because a
+misspelt option that silently keeps its default wastes a whole training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as written."""
+
+
+@dataclass
+class ModelConfig:
+    """The foveated model: which backbones, and the shape of the query loop."""
+
+    dino: str = "facebook/dinov2-small"  # hub id, local dir, or "packaged"
+    llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local dir, or "packaged"
+    query_dim: int = 384
+    visual_scale: float = 0.14  # SmolLM2's input-embedding std: visual tokens enter at text scale
+    deep_query: bool = True  # query through every DINO layer; False = one cross-attention (ablation)
+    glimpses: int = 1  # queries (and so tokens) per frame
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, got {value!r}")
+        return from_dict(hint, value, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{where}' must be a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"'{where}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}{key}'{_suggest(key, names)}")
+    return cls(**{k: _coerce(v, hints[k], where + k) for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b=c` override in place; the value is parsed as YAML (so 1e-5, true, [1,2] work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like key.sub=value")
+    path, raw = assignment.split("=", 1)
+    *parents, leaf = path.strip().split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{assignment}': '{p}' is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must hold a mapping at the top level")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,102 @@
+"""FoveatedEncoder: DINOv2 patches encoded once, then read by queries at one token per query.
+
+The patch side never attends to a query, so each layer's keys and values of the patch tokens do
+not depend on the query. `encode_patches` runs the backbone once per frame and keeps them;
+`query_attend` then sends any number of queries through the same layers, with the same weights,
+at the cost of a handful of extra tokens instead of a second backbone pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import Dinov2Model
+
+
+@dataclass
+class PatchCache:
+    """What queries need from a batch of N frames; independent of the queries."""
+
+    keys: list[Tensor]  # per layer (N, heads, 1+P, head_dim)
+    values: list[Tensor]  # per layer (N, heads, 1+P, head_dim)
+    features: Tensor  # (N, 1+P, D) final layer-normed hidden states
+
+    def narrow(self, start: int, length: int) -> PatchCache:
+        """Frames start..start+length as views (no copy)."""
+        return PatchCache(
+            [k.narrow(0, start, length) for k in self.keys],
+            [v.narrow(0, start, length) for v in self.values],
+            self.features.narrow(0, start, length),
+        )
+
+
+class FoveatedEncoder(nn.Module):
+    def __init__(self, dino: Dinov2Model, query_dim: int = 384, deep: bool = True):
+        super().__init__()
+        self.dino = dino
+        self.deep = deep
+        dim = dino.config.hidden_size
+        self.query_in = nn.Linear(query_dim, dim, bias=False)
+        self.query_out = nn.Linear(dim, dim)
+        self.gradient_checkpointing = False
+
+    @property
+    def dim(self) -> int:
+        return self.dino.config.hidden_size
+
+    def _patch_layer(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        att = layer.attention
+        n, s, d = h.shape
+        x = layer.norm1(h)
+        q, k, v = (
+            p(x).view(n, s, att.num_attention_heads, att.head_dim).transpose(1, 2)
+            for p in (att.q_proj, att.k_proj, att.v_proj)
+        )
+        drop = att.attention_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=att.scaling)  # (N, H, S, hd)
+        h = h + layer.drop_path(layer.layer_scale1(att.o_proj(a.transpose(1, 2).reshape(n, s, d))))
+        h = h + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h))))
+        return h, k, v
+
+    def encode_patches(self, frames: Tensor) -> PatchCache:
+        """frames (N, 3, H, W), ImageNet-normalised -> the per-layer patch cache of all N frames."""
+        h = self.dino.embeddings(frames)  # (N, 1+P, D)
+        keys, values = [], []
+        for layer in self.dino.encoder.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, k, v = checkpoint(self._patch_layer, layer, h, use_reentrant=False)
+            else:
+                h, k, v = self._patch_layer(layer, h)
+            keys.append(k)
+            values.append(v)
+        return PatchCache(keys, values, self.dino.layernorm(h))
+
+    def query_attend(self, queries: Tensor, cache: PatchCache) -> tuple[Tensor, Tensor]:
+        """queries (N, k, query_dim), one row of k queries per cached frame.
+
+        Returns the tokens (N, k, D) and the last layer's attention over [CLS, patches],
+        averaged over heads (N, k, 1+P), for visualisation and entropy.
+        """
+        h = self.query_in(queries)  # (N, k, D)
+        if self.deep:
+            for layer, keys, values in zip(self.dino.encoder.layer, cache.keys, cache.values, strict=True):
+                att = layer.attention
+                n, k, d = h.shape
+                q = (
+                    att.q_proj(layer.norm1(h)).view(n, k, att.num_attention_heads, att.head_dim).transpose(1, 2)
+                )  # (N, H, k, hd)
+                w = torch.softmax((q @ keys.transpose(-1, -2)) * att.scaling, dim=-1)  # (N, H, k, 1+P)
+                a = (w @ values).transpose(1, 2).reshape(n, k, d)
+                h = h + layer.layer_scale1(att.o_proj(a))
+                h = h + layer.layer_scale2(layer.mlp(layer.norm2(h)))
+            out = self.dino.layernorm(h)
+            attn = w.mean(1)
+        else:  # shallow ablation: one single-head cross-attention over the final features
+            feats = cache.features  # (N, 1+P, D)
+            attn = torch.softmax((h @ feats.transpose(-1, -2)) * self.dim**-0.5, dim=-1)  # (N, k, 1+P)
+            out = attn @ feats
+        return self.query_out(out), attn

@@ -1,0 +1,272 @@
+"""FoveatedVLM: one visual token per frame per glimpse, with the LLM choosing where to look next.
+
+Sequence layout, for every mode: [frame tokens (T_max * k slots)] [text (L_max slots)], padded
+slots masked out. Positions are the running count of real tokens, so a sample padded inside a
+batch sees exactly the keys and positions it would see alone.
+
+All I/O (backbone weights, save/load) lives in `weights.py` and `checkpoint.py`; the classmethods
+at the bottom are entry points into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from config import ModelConfig
+from encoder import FoveatedEncoder, PatchCache
+
+MODES = ("coarse_only", "coarse_fine", "autoregressive")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class FVLMOutput:
+    logits: Tensor  # (B, L, vocab) at the text positions
+    loss: Tensor | None = None
+    attention: Tensor | None = None  # (B, T, k, 1+P) the final read's attention over [CLS, patches]
+
+
+@dataclass
+class Prefix:
+    """The LLM state after [frames, text]: what generation and option scoring continue from."""
+
+    hidden: Tensor  # (B, L, D) final-norm hidden states at the text positions
+    mask: Tensor  # (B, S) attention mask of everything in `past`
+    past: DynamicCache | None
+    attention: Tensor | None  # (B, T, k, 1+P)
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over labelled positions (labels == -100 are ignored)."""
+    nll, count = token_nll(logits, labels)
+    return nll.sum() / count.sum().clamp(min=1)
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample summed negative log-likelihood of the labelled tokens, and their count: (B,), (B,)."""
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target.clamp(min=0), reduction="none")  # (B, L-1)
+    keep = target != IGNORE_INDEX
+    return (nll * keep).sum(1), keep.sum(1)
+
+
+def _positions(mask: Tensor, new: int) -> Tensor:
+    """Position ids of the last `new` slots: the count of real tokens before each slot."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+class FoveatedVLM(nn.Module):
+    def __init__(self, config: ModelConfig, dino: nn.Module, llm: nn.Module, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.encoder = FoveatedEncoder(dino, config.query_dim, config.deep_query)
+        self.llm = llm
+        self.tokenizer = tokenizer  # not a module: carried so generation and saving find it
+        k, dq, d_llm = config.glimpses, config.query_dim, llm.config.hidden_size
+        self.dino_to_llm = nn.Linear(self.encoder.dim, d_llm)
+        self.llm_to_query = nn.Linear(d_llm, k * dq)
+        # std 1.0: with 0.02 the query's attention starts uniform and never learns to look
+        self.q_static = nn.Parameter(torch.randn(k, dq))
+        self.q_init = nn.Parameter(torch.randn(k, dq))
+
+    # ---- visual side -------------------------------------------------------------------
+
+    def encode(self, frames: Tensor, frame_mask: Tensor) -> PatchCache:
+        """frames (B, T, 3, H, W), frame_mask (B, T) -> cache of the real frames, time-major.
+
+        Time-major order (all frames at t=0, then t=1, ...) lets the autoregressive loop take
+        each step's frames as a contiguous slice of the cache.
+        """
+        return self.encoder.encode_patches(frames.transpose(0, 1)[frame_mask.T])
+
+    def _read(self, cache: PatchCache, queries: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """queries (B, T, k, Dq) over the cached frames -> tokens (B, T*k, D_llm), attention (B, T, k, 1+P)."""
+        b, t, k, _ = queries.shape
+        mt = frame_mask.T  # (T, B)
+        tok, attn = self.encoder.query_attend(queries.transpose(0, 1)[mt], cache)  # (N, k, D), (N, k, 1+P)
+        tok = self.dino_to_llm(tok) * self.config.visual_scale
+        tokens = tok.new_zeros(t, b, k, tok.shape[-1])
+        tokens[mt] = tok
+        attention = attn.new_zeros(t, b, k, attn.shape[-1])
+        attention[mt] = attn
+        return tokens.transpose(0, 1).reshape(b, t * k, tok.shape[-1]), attention.transpose(0, 1)
+
+    def _next_queries(self, hidden: Tensor) -> Tensor:
+        """hidden (B, D_llm) at a frame's last token -> the k queries for the next frame (B, 1, k, Dq)."""
+        return self.llm_to_query(hidden).view(hidden.shape[0], 1, *self.q_init.shape)
+
+    def _slot_mask(self, frame_mask: Tensor) -> Tensor:
+        return frame_mask.repeat_interleave(self.config.glimpses, dim=1).long()  # (B, T*k)
+
+    def _llm(self, embeds: Tensor, mask: Tensor, past: DynamicCache | None = None) -> Tensor:
+        """Run the decoder over `embeds` (B, S_new, D), `mask` covering past + new; final-norm hidden states."""
+        out = self.llm.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=_positions(mask, embeds.shape[1]),
+            past_key_values=past,
+            use_cache=past is not None,
+        )
+        return out.last_hidden_state
+
+    def visual_tokens(self, cache: PatchCache, frame_mask: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+        """Parallel modes: tokens (B, T*k, D_llm) and attention (B, T, k, 1+P) of the final read."""
+        b, t = frame_mask.shape
+        coarse, attn = self._read(cache, self.q_static.expand(b, t, *self.q_static.shape), frame_mask)
+        if mode == "coarse_only" or t == 0:
+            return coarse, attn
+        # pass 1: under causal attention the text cannot influence the visual positions,
+        # so the LLM over the coarse tokens alone gives each frame's query for the next frame
+        hidden = self._llm(coarse, self._slot_mask(frame_mask))  # (B, T*k, D)
+        last = hidden.view(b, t, self.config.glimpses, -1)[:, :-1, -1]  # (B, T-1, D)
+        q_next = self.llm_to_query(last).view(b, t - 1, *self.q_init.shape)
+        queries = torch.cat([self.q_init.expand(b, 1, *self.q_init.shape), q_next], dim=1)  # (B, T, k, Dq)
+        return self._read(cache, queries, frame_mask)
+
+    # ---- sequence ----------------------------------------------------------------------
+
+    def prefix(
+        self,
+        cache: PatchCache,
+        frame_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        mode: str = "coarse_fine",
+        kv_cache: bool = False,
+    ) -> Prefix:
+        """Run the LLM over [frame tokens, text]; `kv_cache` keeps its state for continuing."""
+        if mode not in MODES:
+            raise ValueError(f"unknown forward mode '{mode}'; expected one of {MODES}")
+        text = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
+        past = DynamicCache() if kv_cache else None
+        if mode == "autoregressive":
+            return self._autoregressive(cache, frame_mask, text, attention_mask.long(), past)
+        vis, attn = self.visual_tokens(cache, frame_mask, mode)
+        mask = torch.cat([self._slot_mask(frame_mask), attention_mask.long()], dim=1)
+        hidden = self._llm(torch.cat([vis, text], dim=1), mask, past)
+        return Prefix(hidden[:, vis.shape[1] :], mask, past, attn)
+
+    def _autoregressive(
+        self, cache: PatchCache, frame_mask: Tensor, text: Tensor, text_mask: Tensor, past: DynamicCache | None
+    ) -> Prefix:
+        """Frame t is read with the query from the fine tokens of frames < t, one LLM step per frame.
+
+        With `past` the LLM advances on its KV cache; without, every step reruns the whole
+        sequence so far (the reference the cache must match).
+        """
+        b, t = frame_mask.shape
+        k = self.config.glimpses
+        counts = frame_mask.sum(0).tolist()  # real frames at each step, contiguous in the cache
+        mask = frame_mask.new_zeros(b, 0, dtype=torch.long)
+        seq = text.new_zeros(b, 0, text.shape[-1])  # (B, S, D), only needed without cache
+        queries = self.q_init.expand(b, 1, *self.q_init.shape)
+        start, attns = 0, []
+        for step in range(t):
+            step_cache = cache.narrow(start, counts[step])
+            start += counts[step]
+            tok, attn = self._read(step_cache, queries, frame_mask[:, step : step + 1])  # (B, k, D)
+            attns.append(attn)
+            mask = torch.cat([mask, self._slot_mask(frame_mask[:, step : step + 1])], dim=1)
+            if past is not None:
+                hidden = self._llm(tok, mask, past)
+            else:
+                seq = torch.cat([seq, tok], dim=1)
+                hidden = self._llm(seq, mask)[:, -k:]
+            queries = self._next_queries(hidden[:, -1])
+        mask = torch.cat([mask, text_mask], dim=1)
+        if past is not None:
+            hidden = self._llm(text, mask, past)
+        else:
+            hidden = self._llm(torch.cat([seq, text], dim=1), mask)[:, seq.shape[1] :]
+        attention = torch.cat(attns, dim=1) if attns else None
+        return Prefix(hidden, mask, past, attention)
+
+    def forward(
+        self,
+        frames: Tensor,
+        frame_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        mode: str = "coarse_fine",
+        cache: PatchCache | None = None,
+    ) -> FVLMOutput:
+        """frames (B, T, 3, H, W), frame_mask (B, T) bool, input_ids/attention_mask/labels (B, L).
+
+        A precomputed `cache` (from `encode`) lets several modes or options share one DINO pass.
+        """
+        if cache is None:
+            cache = self.encode(frames, frame_mask)
+        pre = self.prefix(cache, frame_mask, input_ids, attention_mask, mode, kv_cache=mode == "autoregressive")
+        logits = self.llm.get_output_embeddings()(pre.hidden)
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return FVLMOutput(logits=logits, loss=loss, attention=pre.attention)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        frames: Tensor,
+        frame_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        mode: str = "autoregressive",
+        max_new_tokens: int = 64,
+        eos_token_id: int | list[int] | None = None,
+        cache: PatchCache | None = None,
+    ) -> Tensor:
+        """Greedy continuation of right-padded prompts (B, L) -> new token ids (B, <= max_new_tokens).
+
+        Finished rows are filled with the first end id; generation stops when every row has ended.
+        """
+        if cache is None:
+            cache = self.encode(frames, frame_mask)
+        pre = self.prefix(cache, frame_mask, input_ids, attention_mask, mode, kv_cache=True)
+        if eos_token_id is None:
+            eos_token_id = self.llm.generation_config.eos_token_id
+        if eos_token_id is None:
+            raise ValueError("generate needs eos_token_id: the LLM's generation config names none")
+        ends = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=input_ids.device)
+        last = attention_mask.long().sum(1) - 1  # last real prompt token of each row
+        hidden = pre.hidden[torch.arange(len(last)), last]  # (B, D)
+        head, embed = self.llm.get_output_embeddings(), self.llm.get_input_embeddings()
+        mask, out = pre.mask, []
+        done = torch.zeros_like(last, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            token = head(hidden).argmax(-1)  # (B,)
+            token = torch.where(done, ends[0], token)
+            out.append(token)
+            done |= torch.isin(token, ends)
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
+            hidden = self._llm(embed(token)[:, None], mask, pre.past)[:, -1]
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros(len(input_ids), 0)
+
+    # ---- entry points into weights.py / checkpoint.py (the I/O lives there) -------------
+
+    @classmethod
+    def from_backbones(cls, config: ModelConfig | None = None) -> FoveatedVLM:
+        """A new model around pretrained DINOv2 + LLM (hub ids, local dirs, or "packaged")."""
+        import weights
+
+        config = config or ModelConfig()
+        return cls(
+            config, weights.load_dino(config.dino), weights.load_llm(config.llm), weights.load_tokenizer(config.llm)
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> FoveatedVLM:
+        import checkpoint
+
+        return checkpoint.load_model(path)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        import checkpoint
+
+        checkpoint.save_model(self, path)
