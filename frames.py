@@ -1,0 +1,192 @@
+"""Media → normalised frame tensors, the one place where pixels enter the project.
+
+Everything (training shards, benchmarks, the demo) goes through these functions so that a frame is
+resized and normalised the same way everywhere: squashed to size×size with PIL's bilinear filter
+(antialiased when shrinking) and ImageNet-normalised, as DINOv2 was trained and fVLM was published.
+Videos are decoded with decord when it imports and opens the clip, else with PyAV (decord has no
+wheels for several platforms and rejects some containers PyAV reads).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+try:
+    import decord
+except ImportError:  # optional: PyAV decodes everything decord does, only slower when seeking
+    decord = None
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif"})
+
+Source = str | Path | bytes
+
+
+class MediaError(ValueError):
+    """Media that cannot be decoded (corrupt, truncated, empty, unsupported); names its source."""
+
+
+def _name(src: Source) -> str:
+    return f"<{len(src)} bytes>" if isinstance(src, bytes) else str(src)
+
+
+def _open(src: Source):
+    return io.BytesIO(src) if isinstance(src, bytes) else str(src)
+
+
+def to_tensor(images: Sequence[Image.Image | np.ndarray], size: int = 224) -> torch.Tensor:
+    """PIL images or HWC uint8 arrays → (T,3,size,size) float32, ImageNet-normalised."""
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        im = Image.fromarray(im) if isinstance(im, np.ndarray) else im
+        out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255)  # (T,3,S,S)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def sample_indices(
+    num_frames: int,
+    native_fps: float,
+    max_frames: int,
+    fps: float | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> list[int]:
+    """Frame indices spread uniformly over the clip (or its [start, end] seconds), at most max_frames.
+
+    With `fps`, the count is the window's duration × fps (at least 1), still capped at max_frames and
+    at the frames available. Each index is the centre of its equal-length segment, so a clip with
+    fewer frames than asked for returns every frame exactly once.
+    """
+    if num_frames <= 0:
+        return []
+    timed = fps is not None or start is not None or end is not None
+    if timed and not native_fps > 0:
+        raise ValueError("time-based sampling needs the clip's frame rate")
+    lo = 0 if start is None else min(max(math.ceil(start * native_fps), 0), num_frames - 1)
+    hi = num_frames if end is None else min(max(math.floor(end * native_fps) + 1, lo + 1), num_frames)
+    span = hi - lo
+    count = min(span, max_frames)
+    if fps is not None:
+        count = min(count, max(1, math.floor(span / native_fps * fps)))
+    return [lo + int((i + 0.5) * span / count) for i in range(count)]
+
+
+def load_image(src: Source, size: int = 224) -> torch.Tensor:
+    """One image file or its bytes → (1,3,size,size)."""
+    return to_tensor([read_image(src)], size)
+
+
+def read_image(src: Source) -> Image.Image:
+    """Decode an image fully (so truncation shows up here, not later) as RGB."""
+    try:
+        with Image.open(_open(src)) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaError(f"cannot decode image {_name(src)}: {e}") from e
+
+
+def _decord_probe(src: Source) -> tuple[object, int, float]:
+    if decord is None:
+        raise MediaError("decord is not installed")
+    vr = decord.VideoReader(_open(src))
+    return vr, len(vr), float(vr.get_avg_fps())
+
+
+def _pyav_probe(src: Source) -> tuple[int, float]:
+    with av.open(_open(src)) as c:
+        if not c.streams.video:
+            raise MediaError(f"no video stream in {_name(src)}")
+        s = c.streams.video[0]
+        rate = float(s.average_rate or s.guessed_rate or 0)
+        n = s.frames or sum(1 for p in c.demux(s) if p.size)  # some containers omit the count
+    return n, rate
+
+
+def _pyav_frames(src: Source, indices: list[int]) -> list[np.ndarray]:
+    wanted = set(indices)
+    got: dict[int, np.ndarray] = {}
+    with av.open(_open(src)) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        for i, frame in enumerate(c.decode(s)):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i >= indices[-1]:
+                break
+    if len(got) < len(wanted):
+        raise MediaError(f"video {_name(src)} ended after {len(got)} of the {len(wanted)} frames sampled")
+    return [got[i] for i in indices]
+
+
+def probe_video(src: Source, backend: str | None = None) -> tuple[int, float]:
+    """(frame count, native fps) read from the container without decoding frames."""
+    errors = []
+    for name in (backend,) if backend else ("decord", "pyav"):
+        try:
+            return _decord_probe(src)[1:] if name == "decord" else _pyav_probe(src)
+        except Exception as e:  # decord and FFmpeg raise many unrelated types
+            errors.append(f"{name}: {e}")
+    raise MediaError(f"cannot read video {_name(src)}: {'; '.join(errors)}")
+
+
+def load_video(
+    src: Source,
+    max_frames: int = 64,
+    fps: float | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    size: int = 224,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """A video file or its bytes → (T,3,size,size), T ≤ max_frames sampled as `sample_indices` says.
+
+    `backend` forces "decord" or "pyav"; by default decord is tried first and PyAV takes over on any
+    failure, so a clip is rejected (MediaError) only when neither can decode it.
+    """
+    if backend not in (None, "decord", "pyav"):
+        raise ValueError(f"unknown video backend {backend!r}")
+    errors = []
+    for name in (backend,) if backend else ("decord", "pyav"):
+        try:
+            if name == "decord":
+                vr, n, rate = _decord_probe(src)
+                idx = sample_indices(n, rate, max_frames, fps, start, end)
+                arrays = list(vr.get_batch(idx).asnumpy()) if idx else []
+            else:
+                n, rate = _pyav_probe(src)
+                idx = sample_indices(n, rate, max_frames, fps, start, end)
+                arrays = _pyav_frames(src, idx) if idx else []
+            if not arrays:
+                raise MediaError("no frames")
+            return to_tensor(arrays, size)
+        except Exception as e:  # decord and FFmpeg raise many unrelated types
+            errors.append(f"{name}: {e}")
+    raise MediaError(f"cannot decode video {_name(src)}: {'; '.join(errors)}")
+
+
+def load_media(
+    path: str | Path,
+    max_frames: int = 64,
+    replicate_image_frames: int = 8,
+    size: int = 224,
+    fps: float | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> torch.Tensor:
+    """An image or video file → (T,3,size,size); an image is repeated to look like a still video,
+    the distribution fVLM was trained on (one frame alone degrades its answers)."""
+    if Path(path).suffix.lower().lstrip(".") in IMAGE_EXTS:
+        return load_image(path, size).repeat(replicate_image_frames, 1, 1, 1)
+    return load_video(path, max_frames, fps, start, end, size)

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from conftest import jpeg, mp4
+
+import frames
+from frames import MediaError, load_image, load_media, load_video, sample_indices, to_tensor
+
+
+def test_to_tensor_normalises_and_squashes():
+    from PIL import Image
+
+    x = to_tensor([Image.new("RGB", (50, 20), (255, 128, 0))], size=16)
+    assert x.shape == (1, 3, 16, 16) and x.dtype == torch.float32
+    want = (torch.tensor([255, 128, 0]) / 255 - torch.tensor(frames.IMAGENET_MEAN)) / torch.tensor(frames.IMAGENET_STD)
+    torch.testing.assert_close(x[0, :, 5, 5], want)
+
+
+def test_sample_indices():
+    assert sample_indices(5, 30, 64) == [0, 1, 2, 3, 4]  # short clip: every frame once
+    idx = sample_indices(1000, 30, 64)
+    assert len(idx) == 64 and idx == sorted(set(idx)) and idx[0] < 1000 / 64 and idx[-1] > 1000 - 1000 / 64
+    assert sample_indices(300, 30, 64, fps=1) == [15, 45, 75, 105, 135, 165, 195, 225, 255, 285]
+    assert len(sample_indices(3000, 30, 64, fps=1)) == 64  # 100 s at 1 fps, capped
+    assert sample_indices(300, 30, 64, fps=1, start=2, end=4) == [75, 105]  # 2 s: frames 60..120
+    win = sample_indices(300, 10, 4, start=5, end=10)
+    assert len(win) == 4 and all(50 <= i <= 100 for i in win)
+    assert sample_indices(10, 10, 8, start=50) == [9]  # window past the end: the last frame
+    assert sample_indices(0, 30, 8) == []
+    with pytest.raises(ValueError):
+        sample_indices(10, 0, 8, fps=1)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_load_video_backends_agree(backend):
+    clip = mp4(num_frames=12, size=32, fps=12)
+    ref = load_video(clip, max_frames=64, size=32, backend="pyav")
+    x = load_video(clip, max_frames=64, size=32, backend=backend)
+    assert x.shape == ref.shape == (12, 3, 32, 32)
+    assert (x - ref).abs().max() < 0.05
+    red = x[:, 0, 20, 20] * frames.IMAGENET_STD[0] + frames.IMAGENET_MEAN[0]  # ramps 20/255 per frame
+    assert torch.allclose(red, torch.arange(12) * 20 / 255, atol=0.03)
+    assert load_video(clip, max_frames=4, backend=backend, size=32).shape[0] == 4
+    assert load_video(clip, fps=2, backend=backend, size=32).shape[0] == 2  # 1 s clip at 2 fps
+
+
+def test_load_video_from_path_and_probe(tmp_path):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(mp4(num_frames=24, fps=12))
+    assert frames.probe_video(path) == frames.probe_video(path, "pyav") == (24, 12.0)
+    x = load_media(path, max_frames=8, size=32, start=1.0)
+    assert x.shape == (8, 3, 32, 32)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav", None])
+def test_truncated_video_raises(backend):
+    clip = mp4()
+    with pytest.raises(MediaError, match="bytes"):
+        load_video(clip[: len(clip) // 2], backend=backend)
+    with pytest.raises(MediaError):
+        frames.probe_video(b"not a video", backend)
+
+
+def test_images(tmp_path):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg((10, 200, 30)))
+    assert load_image(path, size=8).shape == (1, 3, 8, 8)
+    x = load_media(path, replicate_image_frames=8, size=8)
+    assert x.shape == (8, 3, 8, 8) and torch.equal(x[0], x[7])
+    good = jpeg((0, 0, 0))
+    for bad in (b"garbage", good[: len(good) // 2]):
+        with pytest.raises(MediaError):
+            load_image(bad)
+    (tmp_path / "bad.png").write_bytes(b"x")
+    with pytest.raises(MediaError, match="bad.png"):
+        load_media(tmp_path / "bad.png")
