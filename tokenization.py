@@ -1,0 +1,104 @@
+"""Chat-template tokenisation with loss labels, built in one place for training, DPO and inference.
+
+Labels are aligned with `input_ids` (the model shifts them) and use -100 for "no loss". The pad id is
+never used as the ignore value: SmolLM2's pad id is its EOS id `<|im_end|>`, which the model must
+learn to emit at the end of every answer.
+
+A conversation is tokenised in three pieces — the prompt up to the generation prompt
+(`<|im_start|>assistant\\n`), the answer text, and the template's end-of-turn suffix (`<|im_end|>\\n`) —
+so the prompt tokens are exactly those `prompt_ids` gives at inference and the answer's tokens never
+merge with the template's. Stage 2 and DPO label the answer and the end-of-turn token only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE_INDEX = -100
+DESCRIBE_PROMPT = "Describe this video."  # the user turn given to legacy caption-only samples
+
+
+def _render(tokenizer: Any, user: str, assistant: str | None = None) -> str:
+    messages = [{"role": "user", "content": user}]
+    if assistant is not None:
+        messages.append({"role": "assistant", "content": assistant})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=assistant is None)
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer: Any, user: str) -> list[int]:
+    """Tokens of a user turn followed by the generation prompt: what the model continues at inference."""
+    return _ids(tokenizer, _render(tokenizer, user))
+
+
+def _answer(tokenizer: Any, user: str, assistant: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, answer, end-of-turn suffix) token lists of one exchange."""
+    prompt, full = _render(tokenizer, user), _render(tokenizer, user, assistant)
+    if not full.startswith(prompt + assistant):
+        raise ValueError("the chat template does not place the answer right after the generation prompt")
+    return _ids(tokenizer, prompt), _ids(tokenizer, assistant), _ids(tokenizer, full[len(prompt + assistant) :])
+
+
+def _answer_labels(prompt: list[int], answer: list[int], suffix: list[int]) -> list[int]:
+    # The suffix's first token is the end-of-turn token; what follows it (a newline) is not an answer.
+    return [IGNORE_INDEX] * len(prompt) + answer + suffix[:1] + [IGNORE_INDEX] * (len(suffix) - 1)
+
+
+def chat_ids(tokenizer: Any, user: str, assistant: str, stage: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one exchange: stage 1 learns every token, later stages the answer only."""
+    prompt, answer, suffix = _answer(tokenizer, user, assistant)
+    ids = prompt + answer + suffix
+    return ids, list(ids) if stage == 1 else _answer_labels(prompt, answer, suffix)
+
+
+def _text(meta: dict, key: str) -> str:
+    value = meta.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _pretokenized(meta: dict) -> tuple[list[int], list[int]]:
+    ids, mask = meta["token_ids"], meta.get("loss_mask")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+        raise ValueError("'token_ids' must be a non-empty list of ints")
+    if not isinstance(mask, list) or len(mask) != len(ids):
+        raise ValueError("'loss_mask' must be a list as long as 'token_ids'")
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+
+
+def encode_sample(tokenizer: Any, meta: dict, stage: int, max_len: int) -> dict[str, list[int]]:
+    """A shard sample's JSON → token lists, truncated on the right to max_len.
+
+    Accepted forms: pre-tokenized `token_ids` + `loss_mask` (labels follow the mask whatever the
+    stage), `user` + `assistant`, a legacy `caption` (asked for with DESCRIBE_PROMPT), and in stage 3
+    `user` + `chosen` + `rejected` (both answers after the same prompt). Returns `input_ids`/`labels`,
+    or for DPO `chosen_input_ids`/`chosen_labels`/`rejected_input_ids`/`rejected_labels`.
+    Raises ValueError for a sample that fits none of these or does not suit the stage.
+    """
+    if not isinstance(meta, dict):
+        raise ValueError(f"sample JSON must be an object, got {type(meta).__name__}")
+    if stage == 3:
+        if "chosen" not in meta:
+            raise ValueError("stage 3 needs 'chosen' and 'rejected' answers")
+        prompt, chosen, suffix = _answer(tokenizer, _text(meta, "user"), _text(meta, "chosen"))
+        rejected = _ids(tokenizer, _text(meta, "rejected"))
+        out = {}
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            out[f"{name}_input_ids"] = (prompt + answer + suffix)[:max_len]
+            out[f"{name}_labels"] = _answer_labels(prompt, answer, suffix)[:max_len]
+        return out
+    if "chosen" in meta:
+        raise ValueError(f"a preference pair (chosen/rejected) needs stage 3, not stage {stage}")
+    if "token_ids" in meta:
+        ids, labels = _pretokenized(meta)
+    elif "user" in meta or "assistant" in meta:
+        ids, labels = chat_ids(tokenizer, _text(meta, "user"), _text(meta, "assistant"), stage)
+    elif "caption" in meta:
+        ids, labels = chat_ids(tokenizer, DESCRIBE_PROMPT, _text(meta, "caption"), stage)
+    else:
+        raise ValueError("sample JSON has none of token_ids, user/assistant, caption")
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
