@@ -34,8 +34,40 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """WebDataset shards → batches (data.py). Shard specs are globs or brace lists ("a-{000..099}.tar")."""
+
+    train_shards: str | list[str] = ""
+    val_shards: str | list[str] | None = None
+    text_shards: str | list[str] | None = None  # text-only retention data mixed into training
+    text_ratio: float = 0.0  # fraction of training samples drawn from text_shards (published: 0.14)
+    stage: int = 1  # 1: loss on all text, 2: answer-only loss, 3: DPO pairs (chosen/rejected)
+    batch_size: int = 8
+    frame_budget: int | None = None  # cap on batch_size × longest clip per batch; None = no cap
+    max_frames: int = 64
+    fps: float | None = None  # None: max_frames spread over the whole clip; else this rate, capped
+    frame_size: int = 224
+    replicate_image_frames: int = 8  # an image becomes a still clip of this many frames
+    max_text_len: int = 1024  # tokens; longer samples are truncated on the right
+    num_workers: int = 2
+    shuffle_buffer: int = 256  # samples per worker; 0 = none (shard order is still shuffled by epoch)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ConfigError(f"'data.stage' must be 1, 2 or 3, got {self.stage}")
+        if not 0.0 <= self.text_ratio < 1.0:
+            raise ConfigError(f"'data.text_ratio' must be in [0, 1), got {self.text_ratio}")
+        if self.text_ratio > 0 and not self.text_shards:
+            raise ConfigError("'data.text_ratio' > 0 needs 'data.text_shards'")
+        if self.frame_budget is not None and self.frame_budget < self.max_frames:
+            raise ConfigError(f"'data.frame_budget' ({self.frame_budget}) is below 'data.max_frames'")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def _suggest(key: str, valid: list[str]) -> str:

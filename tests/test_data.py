@@ -1,0 +1,292 @@
+from collections import Counter
+
+import pytest
+import torch
+import webdataset as wds
+from conftest import jpeg, mp4
+
+import data
+from collate import collate, group_batches
+from config import DataConfig
+from frames import IMAGENET_MEAN, IMAGENET_STD
+from tokenization import DESCRIBE_PROMPT, IGNORE_INDEX, chat_ids, encode_sample, prompt_ids
+
+RED, GREEN, BLUE = (250, 0, 0), (0, 250, 0), (0, 0, 250)
+
+
+def write_shard(path, samples):
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+    return str(path)
+
+
+def config(shards, **kw):
+    base = dict(train_shards=shards, num_workers=0, shuffle_buffer=0, frame_size=16, max_frames=8)
+    return DataConfig(**{**base, "replicate_image_frames": 3, **kw})
+
+
+def run(cfg, tokenizer, **kw):
+    return list(data.make_loader(cfg, tokenizer, **kw))
+
+
+def by_key(batches):
+    """key -> (batch, row) over a list of batches."""
+    return {k: (b, i) for b in batches for i, k in enumerate(b["keys"])}
+
+
+def chat(i, media=None):
+    sample = {"__key__": f"s{i:04d}", "json": {"user": f"question {i}", "assistant": f"answer {i}"}}
+    return {**sample, **(media or {})}
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def test_stage2_labels_cover_exactly_the_answer_and_end_of_turn(tokenizer):
+    ids, labels = chat_ids(tokenizer, "What colour is it?", "Green, mostly.", stage=2)
+    prompt = prompt_ids(tokenizer, "What colour is it?")
+    assert ids[: len(prompt)] == prompt  # the same prompt tokens as at inference
+    span = [i for i, y in enumerate(labels) if y != IGNORE_INDEX]
+    assert span == list(range(len(prompt), len(ids) - 1))  # contiguous: answer … <|im_end|>, not the "\n"
+    assert [labels[i] for i in span] == ids[len(prompt) : -1]
+    assert tokenizer.decode(ids[len(prompt) : -1]) == "Green, mostly.<|im_end|>"
+    assert ids[-2] == tokenizer.convert_tokens_to_ids("<|im_end|>") and tokenizer.decode(ids[-1:]) == "\n"
+    assert tokenizer.pad_token_id == ids[-2]  # why -100 and never the pad id marks "no loss"
+    ids1, labels1 = chat_ids(tokenizer, "What colour is it?", "Green, mostly.", stage=1)
+    assert ids1 == ids and labels1 == ids
+
+
+def test_encode_sample_forms(tokenizer):
+    pre = encode_sample(tokenizer, {"token_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}, 2, 100)
+    assert pre == {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}
+    cap = encode_sample(tokenizer, {"caption": "A dog."}, 2, 100)
+    assert cap == dict(zip(("input_ids", "labels"), chat_ids(tokenizer, DESCRIBE_PROMPT, "A dog.", 2), strict=True))
+    assert len(encode_sample(tokenizer, {"caption": "A dog."}, 1, 5)["labels"]) == 5
+    dpo = encode_sample(tokenizer, {"user": "Q?", "chosen": "Yes.", "rejected": "No, never."}, 3, 100)
+    assert (dpo["chosen_input_ids"], dpo["chosen_labels"]) == chat_ids(tokenizer, "Q?", "Yes.", 2)
+    assert (dpo["rejected_input_ids"], dpo["rejected_labels"]) == chat_ids(tokenizer, "Q?", "No, never.", 2)
+    for bad, stage in [
+        ({"user": "q", "chosen": "a", "rejected": "b"}, 2),
+        ({"caption": "x"}, 3),
+        ({"x": 1}, 1),
+        ({"token_ids": [1, 2], "loss_mask": [1]}, 1),
+        ({"user": "q", "assistant": 3}, 2),
+        ([1], 1),
+    ]:
+        with pytest.raises(ValueError):
+            encode_sample(tokenizer, bad, stage, 100)
+
+
+# ---------------------------------------------------------------- collate
+
+
+def test_collate_pads_exactly():
+    a = {"frames": torch.ones(2, 3, 4, 4), "input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}
+    b = {"frames": torch.zeros(0, 3, 4, 4), "input_ids": [8], "labels": [8]}
+    batch = collate([a, b], pad_id=2)
+    assert batch["frames"].shape == (2, 2, 3, 4, 4) and batch["frames"].dtype == torch.float32
+    assert batch["frame_mask"].tolist() == [[True, True], [False, False]]
+    assert batch["frames"][0].eq(1).all() and batch["frames"][1].eq(0).all()
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert {batch[k].dtype for k in ("input_ids", "attention_mask", "labels")} == {torch.long}
+    assert collate([b, b], pad_id=2)["frames"].shape == (2, 0, 3, 4, 4)  # all text-only: T_max = 0
+    pair = {
+        "frames": torch.zeros(1, 3, 4, 4),
+        "chosen_input_ids": [1, 2],
+        "chosen_labels": [1, 2],
+        "rejected_input_ids": [3],
+        "rejected_labels": [3],
+    }
+    dpo = collate([pair, {**pair, "rejected_input_ids": [3, 4, 5], "rejected_labels": [3, 4, 5]}], pad_id=0)
+    assert dpo["rejected_input_ids"].tolist() == [[3, 0, 0], [3, 4, 5]]
+    assert dpo["chosen_attention_mask"].tolist() == [[1, 1], [1, 1]] and "input_ids" not in dpo
+    with pytest.raises(ValueError):
+        collate([a, pair], pad_id=0)
+
+
+def test_group_batches_frame_budget():
+    ts = [2, 5, 1, 8, 3]
+    assert list(group_batches(ts, 3, None, frames_of=int)) == [[2, 5, 1], [8, 3]]
+    # padded cost = items × longest T must stay ≤ 10; an 8 alone is fine, 8 with anything is not
+    assert list(group_batches(ts, 3, 10, frames_of=int)) == [[2, 5], [1], [8], [3]]
+
+
+# ---------------------------------------------------------------- shards
+
+
+def test_every_form_reads_back(tmp_path, tokenizer):
+    frames = {"002.jpg": jpeg(BLUE), "000.jpg": jpeg(RED), "001.jpg": jpeg(GREEN)}  # tar order ≠ frame order
+    shard = write_shard(
+        tmp_path / "forms.tar",
+        [
+            {"__key__": "pretok", "json": {"token_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1]}, **frames},
+            chat(1, {"jpg": jpeg(GREEN)}),
+            {"__key__": "caption", "json": {"caption": "A ramp."}, "mp4": mp4(num_frames=12)},
+            chat(2),  # text-only
+        ],
+    )
+    (batch,) = run(config(shard, batch_size=8), tokenizer)
+    rows = {k: i for i, k in enumerate(batch["keys"])}
+    assert sorted(rows) == ["caption", "pretok", "s0001", "s0002"]
+    t = batch["frame_mask"].sum(1)
+    assert [t[rows[k]].item() for k in ("pretok", "s0001", "caption", "s0002")] == [3, 3, 8, 0]
+    assert batch["frames"].shape == (4, 8, 3, 16, 16) and batch["skipped"] == {}
+    pixel = batch["frames"][:, :, :, 8, 8] * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)  # (B,T,3)
+    assert pixel[rows["pretok"], :3].argmax(-1).tolist() == [0, 1, 2]  # red, green, blue: numeric order
+    assert pixel[rows["s0001"], :3].argmax(-1).tolist() == [1, 1, 1]  # one image, replicated
+    r, n = rows["pretok"], 4
+    assert batch["input_ids"][r, :n].tolist() == [5, 6, 7, 8] and batch["attention_mask"][r].sum() == n
+    assert batch["labels"][r, :n].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, 8]
+    for key, text in (("s0001", "answer 1"), ("caption", "A ramp."), ("s0002", "question 2")):
+        i, m = rows[key], batch["attention_mask"][rows[key]].bool()
+        assert text in tokenizer.decode(batch["input_ids"][i][m])
+        assert torch.equal(batch["labels"][i][m], batch["input_ids"][i][m])  # stage 1: every token
+        assert (batch["labels"][i][~m] == IGNORE_INDEX).all()
+
+
+def test_dpo_pair(tmp_path, tokenizer):
+    shard = write_shard(
+        tmp_path / "dpo.tar",
+        [
+            {
+                "__key__": "p",
+                "json": {"user": "Colour?", "chosen": "Red.", "rejected": "Blue, I think."},
+                "jpg": jpeg(RED),
+            },
+            chat(1),  # not a pair: unusable in stage 3, counted
+        ],
+    )
+    (batch,) = run(config(shard, stage=3), tokenizer)
+    assert batch["keys"] == ["p"] and batch["skipped"] == {"bad_json": 1}
+    assert batch["frame_mask"].tolist() == [[True] * 3]
+    c, r = batch["chosen_input_ids"][0], batch["rejected_input_ids"][0]
+    p = len(prompt_ids(tokenizer, "Colour?"))
+    assert torch.equal(c[:p], r[:p]) and (batch["chosen_labels"][0, :p] == IGNORE_INDEX).all()
+    labelled = batch["rejected_labels"][0][batch["rejected_labels"][0] != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "Blue, I think.<|im_end|>"
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, tokenizer):
+    good = jpeg(RED)
+    clip = mp4()
+    shard = write_shard(
+        tmp_path / "mixed.tar",
+        [
+            chat(0, {"jpg": good}),
+            chat(1, {"jpg": b"\xff\xd8 this is not a jpeg"}),
+            chat(2, {"mp4": clip}),
+            chat(3, {"mp4": clip[: len(clip) // 2]}),
+            chat(4),
+            {"__key__": "s0005", "json": b'{"user": "unterminated'},
+            chat(6, {"000.jpg": good, "001.jpg": good[: len(good) // 2]}),  # truncated second frame
+            chat(7, {"000.jpg": good, "001.jpg": good}),
+        ],
+    )
+    batches = run(config(shard, batch_size=3), tokenizer)
+    assert sorted(k for b in batches for k in b["keys"]) == ["s0000", "s0002", "s0004", "s0007"]
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b["skipped"])
+    assert skipped == {"bad_media": 3, "bad_json": 1}
+
+
+def shard_set(tmp_path, n_shards, per_shard, media=lambda i: None):
+    return [
+        write_shard(tmp_path / f"train-{s:03d}.tar", [chat(s * 100 + j, media(j)) for j in range(per_shard)])
+        for s in range(n_shards)
+    ]
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path, tokenizer):
+    shard_set(tmp_path, 8, 5)
+    cfg = config(str(tmp_path / "train-{000..007}.tar"), num_workers=2, shuffle_buffer=4, batch_size=2)
+    orders = []
+    for epoch in (0, 1):
+        keys = [[k for b in run(cfg, tokenizer, rank=r, world_size=2, epoch=epoch) for k in b["keys"]] for r in (0, 1)]
+        assert len(keys[0]) == len(keys[1]) == 20  # 8 shards over 4 slots: 2 shards each
+        assert sorted(keys[0] + keys[1]) == sorted(f"s{s * 100 + j:04d}" for s in range(8) for j in range(5))
+        orders.append(keys[0])
+    assert orders[0] != orders[1]  # shards and samples reshuffled by epoch
+
+
+def test_text_interleave_is_exact(tmp_path, tokenizer):
+    main = write_shard(tmp_path / "main.tar", [chat(i, {"jpg": jpeg(RED)}) for i in range(12)])
+    text = write_shard(tmp_path / "text.tar", [{"__key__": f"t{i}", "json": {"caption": "x"}} for i in range(3)])
+    cfg = config(main, text_shards=text, text_ratio=0.25, batch_size=1, shuffle_buffer=2)
+    keys = [b["keys"][0] for b in run(cfg, tokenizer)]
+    assert [i for i, k in enumerate(keys) if k.startswith("t")] == [3, 7, 11, 15]  # text cycles past its 3
+    assert sorted(k for k in keys if k.startswith("s")) == [f"s{i:04d}" for i in range(12)]
+
+
+def resume_config(tmp_path, **kw):
+    def media(j):  # text-only, images, 1-4 frame sequences and one corrupt image per shard
+        if j % 4 == 1:
+            return {"jpg": jpeg(GREEN)}
+        if j % 4 == 2:
+            return {f"{f:03d}.jpg": jpeg(BLUE) for f in range(1 + j % 3 + j // 4)}
+        return {"jpg": b"broken"} if j == 7 else None
+
+    shard_set(tmp_path, 4, 9, media)
+    text = write_shard(tmp_path / "text.tar", [{"__key__": f"t{i}", "json": {"caption": f"c{i}"}} for i in range(5)])
+    return config(
+        str(tmp_path / "train-*.tar"),
+        text_shards=text,
+        text_ratio=0.2,
+        batch_size=3,
+        frame_budget=8,
+        shuffle_buffer=4,
+        **kw,
+    )
+
+
+def same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["keys"] == y["keys"]
+        assert all(torch.equal(x[k], y[k]) for k in ("frames", "frame_mask", "input_ids", "labels"))
+
+
+def test_resume_without_workers_is_exact_and_skips_without_decoding(tmp_path, tokenizer, monkeypatch):
+    cfg = resume_config(tmp_path)
+    full = run(cfg, tokenizer, epoch=3)
+    assert sum(b["skipped"].get("bad_media", 0) for b in full) == 4
+    assert all(b["frame_mask"].shape[0] * b["frame_mask"].shape[1] <= 8 for b in full)  # frame budget held
+    for n in range(0, len(full) + 1, 3):
+        same(run(cfg, tokenizer, epoch=3, skip_batches=n), full[n:])
+    decoded = []
+    real = data.ShardDataset._decode
+    monkeypatch.setattr(data.ShardDataset, "_decode", lambda self, raw, c: decoded.append(1) or real(self, raw, c))
+    same(run(cfg, tokenizer, epoch=3, skip_batches=len(full) - 1), full[-1:])
+    assert len(decoded) == len(full[-1]["keys"]) + full[-1]["skipped"].get("bad_media", 0)
+
+
+def test_resume_with_two_workers_is_exact(tmp_path, tokenizer):
+    cfg = resume_config(tmp_path, num_workers=2)
+    full = run(cfg, tokenizer, epoch=1)
+    assert len(full) >= 12
+    for n in (1, 4, 7):  # each worker holds > 4 batches: inside the exact region
+        same(run(cfg, tokenizer, epoch=1, skip_batches=n), full[n:])
+
+
+def test_expand_shards_and_errors(tmp_path, tokenizer):
+    shard_set(tmp_path, 3, 1)
+    assert data.expand_shards(str(tmp_path / "train-{000..001}.tar")) == [
+        str(tmp_path / f"train-00{i}.tar") for i in (0, 1)
+    ]
+    assert len(data.expand_shards([str(tmp_path / "train-*.tar"), "pipe:cat x.tar"])) == 4
+    with pytest.raises(FileNotFoundError):
+        data.expand_shards(str(tmp_path / "nope-*.tar"))
+    with pytest.raises(ValueError, match="val"):
+        data.make_loader(config(str(tmp_path / "train-*.tar")), tokenizer, split="val")
+    val = run(config("", val_shards=str(tmp_path / "train-*.tar"), shuffle_buffer=100), tokenizer, split="val")
+    assert [k for b in val for k in b["keys"]] == ["s0000", "s0100", "s0200"]  # in order, unshuffled
+
+
+def test_throughput_helper(tokenizer):
+    out = data.throughput(
+        tokenizer, num_workers=0, num_samples=4, frames_per_sample=4, source_size=(32, 24), frame_size=16, batch_size=2
+    )
+    assert out["samples_per_s"] > 0 and out["samples_per_s_per_worker"] == out["samples_per_s"]
