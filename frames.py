@@ -49,10 +49,11 @@ def to_tensor(images: Sequence[Image.Image | np.ndarray], size: int = 224) -> to
     for i, im in enumerate(images):
         im = Image.fromarray(im) if isinstance(im, np.ndarray) else im
         out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
-    x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255)  # (T,3,S,S)
+    # Transpose while still uint8 (a quarter of the bytes), then normalise in one fused pass: x·a + b.
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().float()  # (T,3,S,S)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    return x.mul_(1 / (255 * std)).add_(-mean / std)
 
 
 def sample_indices(

