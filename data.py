@@ -259,10 +259,11 @@ def make_loader(
     With W = cfg.num_workers > 0 the DataLoader takes batches round-robin from workers 0..W-1, so the
     first N batches of the epoch are each worker's first N//W plus one more from workers 0..N%W-1.
     Each worker skips N//W batches itself (cheaply: no decoding) and the N%W extra ones are dropped
-    here after decoding. Limits: the result equals the uninterrupted stream as long as no worker ran
-    out of batches within the first N (true except in an epoch's ragged end, where workers finish at
-    different times; a resume there may repeat or miss a few of the epoch's last batches), and no
-    skipped batch had every sample fail (such a batch is never yielded, yet skipped as one).
+    here after decoding. Limits: the result equals the uninterrupted stream whenever
+    N <= W x (the fewest batches any of this rank's workers yields this epoch). Past that point, in an
+    epoch's ragged end where workers run out at different times, a resumed stream repeats a few of
+    the epoch's last batches (it never drops one: checked by simulating the round-robin). A skipped
+    batch whose every sample failed to decode is also off by one, since it was never yielded.
     """
     workers = cfg.num_workers
     dataset = ShardDataset(cfg, tokenizer, split, rank, world_size, epoch, skip_batches // max(workers, 1))
