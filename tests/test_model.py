@@ -177,3 +177,11 @@ def test_unknown_mode_is_an_error():
     fr, fm, ids, am = batch([1], [2])
     with pytest.raises(ValueError, match="unknown forward mode 'fine'"):
         model(fr, fm, ids, am, mode="fine")
+
+
+def test_text_only_model_is_exactly_its_llm():
+    model = tiny_model()
+    fr, fm, ids, am = batch([0, 0], [5, 3])
+    ours = model(fr, fm, ids, am).logits
+    plain = model.llm(input_ids=ids, attention_mask=am).logits
+    assert (ours[am.bool()] - plain[am.bool()]).abs().max() <= 1e-5
