@@ -25,17 +25,9 @@ from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalL
 
 from config import ModelConfig
 from model import MODES, FoveatedVLM
+from weights import DINOV2_SMALL
 
-# the published backbones' shapes, for weight-free timing
-DINOV2_SMALL = dict(
-    hidden_size=384,
-    num_hidden_layers=12,
-    num_attention_heads=6,
-    mlp_ratio=4,
-    patch_size=14,
-    image_size=518,
-    layerscale_value=1.0,
-)
+# SmolLM2-135M's shape, for weight-free timing (DINOv2-small's comes from weights.py)
 SMOLLM2_135M = dict(
     vocab_size=49152,
     hidden_size=576,

