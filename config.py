@@ -34,6 +34,70 @@ class ModelConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW with one learning rate per parameter group (connector, dino, llm); 0 freezes the group."""
+
+    lr_connector: float = 1e-3
+    lr_dino: float = 1e-5
+    lr_llm: float = 1e-5
+    schedule: str = "converging"  # constant | cosine | converging (see schedule.py)
+    warmup: float = 0.03  # fraction of max_steps spent warming up linearly
+    target_lr: float = 3e-5  # converging: the rate every group ends at
+    min_lr_ratio: float = 0.0  # cosine: the end rate as a fraction of each group's peak
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+
+    def __post_init__(self) -> None:
+        from schedule import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"'optim.schedule' must be one of {SCHEDULES}, got '{self.schedule}'")
+        if min(self.lr_connector, self.lr_dino, self.lr_llm) < 0:
+            raise ConfigError("'optim.lr_*' must be >= 0 (0 freezes the group)")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"'optim.warmup' is a fraction of max_steps in [0, 1), got {self.warmup}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop, its validation, checkpoints and logs."""
+
+    mode: str = "coarse_fine"  # forward mode (model.MODES)
+    init_from: str = ""  # a saved model dir (e.g. stage 1's final/); empty = new connector on `model`'s backbones
+    max_steps: int = 1000  # optimizer steps; the data is read in as many epochs as that takes
+    accumulate: int = 1  # micro-batches per optimizer step (per process)
+    bf16: bool = True  # bf16 autocast, on CUDA only
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = False
+    dpo_beta: float = 0.1  # stage 3
+    val_every: int = 0  # optimizer steps between validations; 0 = never
+    val_batches: int = 50  # batches per validation (per process)
+    save_every: int = 500  # optimizer steps between checkpoints (a last one is written at the end)
+    keep_last: int = 2  # newest checkpoints kept
+    keep_best: int = 0  # checkpoints also kept for the lowest `best_metric`
+    best_metric: str = "val_loss"  # val_loss | loss (the training loss of the step)
+    resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | a checkpoint dir
+    out_dir: str = "runs/fvlm"
+    seed: int = 0
+    wandb: str = "disabled"  # disabled | offline | online (the CSV log is always written)
+    wandb_project: str = "fvlm"
+
+    def __post_init__(self) -> None:
+        from model import MODES  # imported here: model.py imports this module
+
+        choices = {"mode": MODES, "best_metric": ("val_loss", "loss"), "wandb": ("disabled", "offline", "online")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"'train.{key}' must be one of {valid}, got '{getattr(self, key)}'")
+        for key in ("max_steps", "accumulate", "save_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'train.{key}' must be >= 1, got {getattr(self, key)}")
+        validated = self.val_every and self.save_every % self.val_every == 0
+        if self.keep_best and self.best_metric == "val_loss" and not validated:
+            raise ConfigError("'train.keep_best' by val_loss needs 'train.save_every' a multiple of 'train.val_every'")
+
+
+@dataclass
 class DataConfig:
     """WebDataset shards → batches (data.py). Shard specs are globs or brace lists ("a-{000..099}.tar")."""
 
@@ -67,6 +131,8 @@ class DataConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
 
