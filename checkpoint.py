@@ -1,23 +1,35 @@
-"""Saving and loading models as directories of safetensors + JSON (never pickle).
+"""Saving and loading models and training checkpoints as directories of safetensors + JSON (never pickle).
 
 A directory is written beside its final name and renamed into place, so a run killed mid-save
 leaves the previous directory intact.
+
+Training checkpoint layout (out_dir/checkpoints/step-00000100/):
+  model/              the model, as save_model writes it (loadable with FoveatedVLM.from_pretrained)
+  state.safetensors   optimizer tensors `optim.<param index>.<name>` and RNG states `rng.<rank>.<name>`
+  state.json          TrainState (step, data position, metric), optimizer hyperparameters, RNG scalars
+  config.yaml         the resolved run config
+A checkpoint directory exists under its final name only once complete, so the newest one is usable.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Config, Dinov2Model
 
-from config import ModelConfig, from_dict
+from config import Config, ModelConfig, from_dict, save_config
 from model import FoveatedVLM
 
 WEIGHTS = "model.safetensors"
@@ -82,3 +94,126 @@ def load_model(path: str | Path) -> FoveatedVLM:
             f"{path / WEIGHTS} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.eval()
+
+
+# ---- training checkpoints ----------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+RUN_CONFIG = "config.yaml"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after `step` optimizer steps: enough to continue it exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches: int = 0  # batches each process has consumed in `epoch`: the loader resumes after them
+    metric: float | None = None  # this checkpoint's value of train.best_metric, if known
+    world_size: int = 1  # the data split depends on it
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states (torch, CUDA device, numpy, python) as tensors + JSON-able scalars."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    return tensors, {"numpy": [kind, pos, has_gauss, cached], "python": [version, list(internal), gauss]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first (staging and half-deleted dirs have other names)."""
+    root = Path(out_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if _STEP_DIR.fullmatch(p.name) and (p / STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name)[1]))
+
+
+def save_training(
+    path: Path,
+    model: FoveatedVLM,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    rngs: list[tuple[dict[str, torch.Tensor], dict]],
+    config: Config,
+) -> None:
+    """Write a training checkpoint atomically; `rngs` holds every process's rng_state(), by rank."""
+    optim = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slot in optim["state"].items():
+        for name, value in slot.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    for rank, (rng_tensors, _) in enumerate(rngs):
+        tensors.update({f"rng.{rank}.{name}": t for name, t in rng_tensors.items()})
+    meta = {
+        "train_state": asdict(state),
+        "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
+        "rng": [m for _, m in rngs],
+    }
+    tmp = staging_dir(path)
+    try:
+        (tmp / MODEL_DIR).mkdir()
+        write_model(model, tmp / MODEL_DIR)
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        save_config(config, tmp / RUN_CONFIG)
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int) -> TrainState:
+    """Restore the optimizer and this rank's RNG states from a checkpoint (the model is loaded from
+    path/model by the caller) and return where the run stood."""
+    meta = json.loads((path / STATE_JSON).read_text())
+    tensors = load_file(str(path / STATE_TENSORS))
+    slots: dict[int, dict] = {}
+    for key, value in tensors.items():
+        kind, index, name = key.split(".", 2)
+        if kind == "optim":
+            slots.setdefault(int(index), {})[name] = value
+    for index, values in meta["optimizer"]["scalars"].items():
+        slots.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer"]["param_groups"]})
+    prefix = f"rng.{rank}."
+    set_rng_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["rng"][rank])
+    return TrainState(**meta["train_state"])
+
+
+def prune_checkpoints(out_dir: str | Path, keep_last: int, keep_best: int) -> None:
+    """Delete all checkpoints but the newest `keep_last` and the `keep_best` with the lowest metric.
+
+    A doomed checkpoint is first renamed out of the `step-N` namespace, so a crash mid-delete never
+    leaves a half-deleted directory that looks complete. Call it only while no save is in flight.
+    """
+    found = list_checkpoints(out_dir)
+    metrics = {p: json.loads((p / STATE_JSON).read_text())["train_state"]["metric"] for p in found}
+    ranked = sorted((p for p in found if metrics[p] is not None), key=lambda p: metrics[p])
+    keep = set(found[-keep_last:] if keep_last else []) | set(ranked[:keep_best])
+    for p in found:
+        if p not in keep:
+            os.replace(p, p.with_name(f".{p.name}.deleting"))
+    for leftover in (Path(out_dir) / CHECKPOINTS).glob(".*"):  # also staging dirs of killed saves
+        shutil.rmtree(leftover, ignore_errors=True)
