@@ -1,0 +1,333 @@
+"""Train the foveated VLM, any stage: `python train.py --config configs/stage1.yaml [--set a.b=c ...]`.
+
+Stages 1-2 minimise next-token cross-entropy over the labelled tokens (data.stage decides which
+tokens are labelled), stage 3 the DPO loss against a frozen copy of the starting model. Several
+processes: `torchrun --nproc_per_node N train.py ...` (DDP; NCCL on GPU, gloo on CPU; each rank reads
+its own slice of the shards).
+
+A run is a pure function of its config: `train.resume: auto` continues from the newest checkpoint in
+out_dir with the same weights, optimizer moments, RNG states and position in the data stream, so the
+losses after a crash are the ones an uninterrupted run would have logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import checkpoint as ckpt
+import data
+from config import Config, ConfigError, load_config, save_config
+from losses import batch_loss
+from model import FoveatedVLM
+from optim import build_optimizer
+from runlog import RunLog
+from schedule import Schedule
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum `values` over all processes."""
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_dist() -> Dist:
+    """One process per device; torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else a single process."""
+    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(int(os.environ.get("RANK", 0)), world_size, device)
+
+
+def batch_counts(batch: dict[str, Tensor], glimpses: int) -> tuple[int, int]:
+    """(samples, LLM tokens) of a batch: text tokens of every sequence plus one token per frame per glimpse."""
+    text = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+    return batch["frames"].shape[0], text + int(batch["frame_mask"].sum()) * glimpses
+
+
+class Stream:
+    """The training batches, epoch after epoch, keeping state.epoch / state.batches (the data position)
+    current and counting the samples the loader skipped as undecodable.
+
+    All ranks move to the next epoch together as soon as one of them runs dry, so DDP never waits on a
+    rank without a batch.
+    """
+
+    def __init__(self, cfg: Config, tokenizer, d: Dist, state: ckpt.TrainState) -> None:
+        self.cfg, self.tokenizer, self.d, self.state = cfg, tokenizer, d, state
+        self.skipped = 0
+        self.it = self._open()
+
+    def _open(self):
+        with torch.random.fork_rng(devices=[]):  # the DataLoader's seed draw must not move the training RNG
+            return data.make_loader(
+                self.cfg.data, self.tokenizer, self.d.rank, self.d.world_size, self.state.epoch, self.state.batches
+            )
+
+    def next(self) -> dict[str, Tensor]:
+        for _ in range(2):
+            batch = next(self.it, None)
+            if self.d.sum([batch is None])[0] == 0:
+                self.state.batches += 1
+                self.skipped += sum(batch.pop("skipped").values())
+                del batch["keys"]
+                return batch
+            self.state.epoch, self.state.batches = self.state.epoch + 1, 0
+            self.it = self._open()
+        raise RuntimeError(f"epoch {self.state.epoch} of {self.cfg.data.train_shards} yields no batch on some rank")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_models(cfg: Config, resume: Path | None) -> tuple[FoveatedVLM, FoveatedVLM | None]:
+    """(policy, reference): the starting model, or the checkpoint's when resuming; stage 3 also keeps
+    a frozen copy of the starting model as the DPO reference."""
+    start = None
+    if resume is None or cfg.data.stage == 3:
+        init = cfg.train.init_from
+        start = FoveatedVLM.from_pretrained(init) if init else FoveatedVLM.from_backbones(cfg.model)
+    policy = FoveatedVLM.from_pretrained(resume / ckpt.MODEL_DIR) if resume else copy.deepcopy(start)
+    if policy.tokenizer is None:
+        raise ValueError("the model carries no tokenizer; the data pipeline needs one")
+    reference = start.eval().requires_grad_(False) if cfg.data.stage == 3 else None
+    return policy.train(), reference
+
+
+def find_resume(cfg: Config) -> Path | None:
+    found = ckpt.list_checkpoints(cfg.train.out_dir)
+    if cfg.train.resume == "auto":
+        return found[-1] if found else None
+    if cfg.train.resume == "none":
+        if found:
+            raise ValueError(f"{cfg.train.out_dir} already holds checkpoints; use resume: auto or a new out_dir")
+        return None
+    path = Path(cfg.train.resume)
+    if not (path / ckpt.STATE_JSON).is_file():
+        raise FileNotFoundError(f"train.resume: {path} is not a training checkpoint (no {ckpt.STATE_JSON})")
+    return path
+
+
+class Trainer:
+    """One run's model, optimizer, data stream and position; `step()` is one optimizer step."""
+
+    def __init__(self, cfg: Config, d: Dist, resume: Path | None) -> None:
+        tc = cfg.train
+        self.cfg, self.d = cfg, d
+        set_seed(tc.seed)
+        self.raw, self.reference = build_models(cfg, resume)
+        self.raw.to(d.device)
+        if self.reference is not None:
+            self.reference.to(d.device)
+        if tc.gradient_checkpointing:
+            self.raw.encoder.gradient_checkpointing = True
+            self.raw.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = build_optimizer(self.raw, cfg.optim, fused=d.device.type == "cuda")
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.state = ckpt.TrainState(world_size=d.world_size)
+        if resume is not None:
+            self.state = ckpt.load_training(resume, self.optimizer, d.rank, d.world_size)
+        # every unused parameter (a text-only batch leaves the whole visual side idle) must be found
+        self.ddp = (
+            DistributedDataParallel(self.raw, find_unused_parameters=True, broadcast_buffers=False)
+            if d.world_size > 1
+            else None
+        )
+        self.model = self.ddp or self.raw
+        if tc.compile:
+            self.model = torch.compile(self.model)
+        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=tc.bf16 and d.device.type == "cuda")
+        o = cfg.optim
+        self.schedule = Schedule(o.schedule, tc.max_steps, o.warmup, o.target_lr, o.min_lr_ratio)
+        self.stream = Stream(cfg, self.raw.tokenizer, d, self.state)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        with self.autocast:
+            return batch_loss(model, batch, self.cfg.train.mode, self.reference, self.cfg.train.dpo_beta)
+
+    def step(self) -> dict:
+        """One optimizer step over `accumulate` micro-batches; returns its log row."""
+        tc, d = self.cfg.train, self.d
+        lrs = self.schedule.apply(self.optimizer, self.state.step)
+        start, skipped = time.perf_counter(), self.stream.skipped
+        data_s, loss_sum, samples, tokens = 0.0, torch.zeros((), device=d.device), 0, 0
+        for micro in range(tc.accumulate):
+            t = time.perf_counter()
+            batch = self.stream.next()
+            n, k = batch_counts(batch, self.raw.config.glimpses)
+            batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
+            data_s += time.perf_counter() - t
+            sync = self.ddp is None or micro == tc.accumulate - 1
+            with nullcontext() if sync else self.ddp.no_sync():
+                loss = self.loss(self.model, batch)
+                (loss / tc.accumulate).backward()
+            loss_sum, samples, tokens = loss_sum + loss.detach().float(), samples + n, tokens + k
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        loss_sum, samples, tokens, skipped = d.sum([loss_sum.item(), samples, tokens, self.stream.skipped - skipped])
+        seconds = time.perf_counter() - start
+        return {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": loss_sum / (tc.accumulate * d.world_size),
+            **{f"lr_{name}": lr for name, lr in lrs.items()},
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
+            "data_s": data_s,
+            "compute_s": seconds - data_s,
+            "skipped": int(skipped),
+        }
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss over up to val_batches batches of data.val_shards per process. It runs the unwrapped
+        model with no collective inside, so a rank with fewer batches cannot hang the others."""
+        self.raw.eval()
+        total, count = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            loader = data.make_loader(self.cfg.data, self.raw.tokenizer, self.d.rank, self.d.world_size, split="val")
+            for batch in itertools.islice(loader, self.cfg.train.val_batches):
+                batch = {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+                total, count = total + self.loss(self.raw, batch).item(), count + 1
+        self.raw.train()
+        total, count = self.d.sum([total, count])
+        return total / max(count, 1)
+
+    def save(self) -> None:
+        """Checkpoint (rank 0 writes, with every rank's RNG state) and prune old checkpoints."""
+        rngs = [ckpt.rng_state()]
+        if self.d.world_size > 1:
+            local, rngs = rngs[0], [None] * self.d.world_size
+            dist.all_gather_object(rngs, local)
+        if self.d.rank == 0:
+            tc = self.cfg.train
+            path = ckpt.checkpoint_dir(tc.out_dir, self.state.step)
+            ckpt.save_training(path, self.raw, self.optimizer, self.state, rngs, self.cfg)
+            ckpt.prune_checkpoints(tc.out_dir, tc.keep_last, tc.keep_best)
+        if self.d.world_size > 1:
+            dist.barrier()
+
+
+def check(cfg: Config) -> None:
+    """Checks that span config sections (each section checks its own keys when loaded)."""
+    if cfg.train.val_every and not cfg.data.val_shards:
+        raise ConfigError("'train.val_every' > 0 needs 'data.val_shards'")
+
+
+def train(cfg: Config) -> Path:
+    """Run (or continue) the configured training; returns the directory of the final model."""
+    check(cfg)
+    tc, out = cfg.train, Path(cfg.train.out_dir)
+    d = init_dist()
+    log = RunLog(cfg, enabled=d.rank == 0)  # fails here, before any work, if wandb is asked for but missing
+    run = Trainer(cfg, d, find_resume(cfg))
+    if d.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / ckpt.RUN_CONFIG)
+    log.start(run.state.step)
+    bar = tqdm(total=tc.max_steps, initial=run.state.step, disable=d.rank != 0, dynamic_ncols=True)
+    while run.state.step < tc.max_steps:
+        row = run.step()
+        if tc.val_every and run.state.step % tc.val_every == 0:
+            row["val_loss"] = run.validate()
+        log.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if run.state.step % tc.save_every == 0 or run.state.step == tc.max_steps:
+            run.state.metric = row.get(tc.best_metric)
+            run.save()
+    bar.close()
+    log.close()
+    final = out / "final"
+    if d.rank == 0:
+        run.raw.save_pretrained(final)
+    if d.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def throughput(
+    model: FoveatedVLM,
+    batch: dict[str, Tensor],
+    mode: str = "coarse_fine",
+    steps: int = 10,
+    warmup: int = 2,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """Training speed of forward + backward on one batch (already on the model's device), repeated.
+
+    The optimizer step is left out: it costs the same in every forward mode, and leaving it out keeps
+    the model unchanged, so several modes can be timed on one model and one batch.
+    """
+    model.train()
+    samples, tokens = batch_counts(batch, model.config.glimpses)
+    device = batch["frames"].device
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+    def step() -> None:
+        with autocast:
+            loss = batch_loss(model, batch, mode)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "step_s": seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.max_steps=10")
+    args = parser.parse_args(argv)
+    try:
+        train(load_config(args.config, args.set))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
