@@ -33,9 +33,9 @@ def tiny_dino(seed: int = 0) -> Dinov2Model:
     return randomize(Dinov2Model(cfg), seed).eval()
 
 
-def tiny_llm(seed: int = 1) -> LlamaForCausalLM:
+def tiny_llm(seed: int = 1, vocab: int = 64) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        vocab_size=64,
+        vocab_size=vocab,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -49,10 +49,12 @@ def tiny_llm(seed: int = 1) -> LlamaForCausalLM:
     return randomize(LlamaForCausalLM(cfg), seed).eval()
 
 
-def tiny_model(glimpses: int = 1, deep: bool = True, seed: int = 0) -> FoveatedVLM:
+def tiny_model(glimpses: int = 1, deep: bool = True, seed: int = 0, tokenizer=None) -> FoveatedVLM:
+    """With a tokenizer (e.g. the real SmolLM2 one), the LLM's vocabulary is sized to it and the model carries it."""
     torch.manual_seed(seed)
     cfg = ModelConfig(dino="tiny", llm="tiny", query_dim=16, visual_scale=0.5, deep_query=deep, glimpses=glimpses)
-    return FoveatedVLM(cfg, tiny_dino(seed), tiny_llm(seed + 1)).eval()
+    llm = tiny_llm(seed + 1, vocab=len(tokenizer) if tokenizer is not None else 64)
+    return FoveatedVLM(cfg, tiny_dino(seed), llm, tokenizer).eval()
 
 
 def frames(b: int, t: int, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,291 @@
+"""Training loop on a tiny model (CPU, fp32) over real WebDataset shards: exact resume, crash-safe
+checkpoints, DPO, DDP, strict config, frozen groups and LR schedules."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+import yaml
+from conftest import jpeg
+from safetensors.torch import load_file
+
+import checkpoint as ckpt
+import train
+from config import Config, OptimConfig, from_dict, to_dict
+from model import FoveatedVLM
+from optim import build_optimizer
+from runlog import RunLog
+from schedule import Schedule
+from tests.tiny import IMAGE, tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# One thread: these tiny models are too small to gain from two, and OpenMP threads spinning against
+# other processes on a 2-core machine make each step up to 20x slower.
+SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Crash(Exception):
+    """Stands in for a process dying between two steps."""
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("start") / "model"
+    tiny_model(tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def write_shards(root: Path, name: str, n_shards: int, per_shard: int, dpo: bool = False, corrupt: bool = False) -> str:
+    """Samples with 1-3 numbered JPEG frames, every third one text-only; `corrupt` adds one undecodable
+    sample to the first shard."""
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"{name}-{s}.tar")) as sink:
+            for j in range(per_shard):
+                i = s * per_shard + j
+                text = {"user": f"What is shown in clip {i}?"}
+                if dpo:  # a toy preference: always the same chosen and rejected answer
+                    text.update(chosen="A red square.", rejected="Nothing at all, sorry.")
+                else:
+                    text["assistant"] = f"Colour number {i}."
+                sample = {"__key__": f"{name}{i:04d}", "json": text}
+                if i % 3:
+                    sample.update({f"{f:03d}.jpg": jpeg((25 * i % 256, 40 * f, 90)) for f in range(1 + i % 3)})
+                sink.write(sample)
+            if corrupt and s == 0:
+                sink.write({"__key__": f"{name}-bad", "json": text, "000.jpg": b"not a jpeg"})
+    return str(root / f"{name}-*.tar")
+
+
+def make_config(tmp: Path, start: Path, out: str = "run", **sections) -> Config:
+    base = {
+        "data": {
+            "train_shards": write_shards(tmp, "train", 2, 5),
+            "batch_size": 2,
+            "frame_size": IMAGE,
+            "max_frames": 4,
+            "max_text_len": 48,
+            "num_workers": 0,
+            "shuffle_buffer": 4,
+            "stage": 2,
+        },
+        "optim": {"lr_connector": 1e-2, "lr_dino": 1e-3, "lr_llm": 1e-3, "schedule": "cosine", "warmup": 0.2},
+        "train": {
+            "init_from": str(start),
+            "max_steps": 6,
+            "accumulate": 2,
+            "save_every": 2,
+            "keep_last": 2,
+            "keep_best": 0,
+            "out_dir": str(tmp / out),
+        },
+    }
+    for name, values in sections.items():
+        base[name].update(values)
+    return from_dict(Config, base)
+
+
+def log_rows(out_dir: str | Path) -> list[dict]:
+    with (Path(out_dir) / "log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(out_dir: str | Path) -> list[tuple[str, str, str]]:
+    """(step, loss, lr) of every logged step, as written (exact decimal repr)."""
+    return [(r["step"], r["loss"], r["lr_connector"]) for r in log_rows(out_dir)]
+
+
+def crash_after(monkeypatch, steps: int) -> None:
+    """Make the run die once `steps` steps are done and logged (whatever its last checkpoint)."""
+    real = train.Trainer.step
+
+    def step(self):
+        if self.state.step == steps:
+            raise Crash
+        return real(self)
+
+    monkeypatch.setattr(train.Trainer, "step", step)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, monkeypatch, workers):
+    cfg = make_config(tmp_path, start_model, data={"num_workers": workers}, optim={"lr_dino": 0.0})
+    train.train(cfg)
+    whole = losses(cfg.train.out_dir)
+    assert [r[0] for r in whole] == [str(s) for s in range(1, 7)]
+    assert len({r[1] for r in whole}) == 6  # the loss moves: the comparison below means something
+
+    cut = make_config(tmp_path, start_model, "cut", data={"num_workers": workers}, optim={"lr_dino": 0.0})
+    with monkeypatch.context() as m:
+        crash_after(m, 5)  # last checkpoint at step 4 (mid-epoch 1: 5 batches/epoch, 2 per step)
+        with pytest.raises(Crash):
+            train.train(cut)
+    assert len(log_rows(cut.train.out_dir)) == 5
+    train.train(cut)  # resume: auto
+    assert losses(cut.train.out_dir) == whole  # step 5 is logged once, with the same values
+
+    a = load_file(str(Path(cfg.train.out_dir) / "final" / ckpt.WEIGHTS))
+    b = load_file(str(Path(cut.train.out_dir) / "final" / ckpt.WEIGHTS))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if workers == 0:  # the rest is independent of the loader
+        kept = [p.name for p in ckpt.list_checkpoints(cut.train.out_dir)]
+        assert kept == ["step-00000004", "step-00000006"]
+        assert (Path(cut.train.out_dir) / "checkpoints" / kept[-1] / "config.yaml").is_file()
+        assert yaml.safe_load((Path(cut.train.out_dir) / "config.yaml").read_text()) == to_dict(cut)
+        # lr 0 froze DINO bit for bit, while the other groups moved
+        init = load_file(str(start_model / ckpt.WEIGHTS))
+        assert all(torch.equal(init[k], a[k]) == k.startswith("encoder.dino.") for k in init if "norm" not in k)
+        assert FoveatedVLM.from_pretrained(Path(cfg.train.out_dir) / "final").tokenizer is not None
+
+
+def test_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path, start_model):
+    cfg = make_config(tmp_path, start_model)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    driver = tmp_path / "die_in_save.py"  # SIGKILLs itself in the middle of the second checkpoint write
+    driver.write_text(
+        textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import checkpoint, train
+        real, calls = checkpoint.save_file, []
+        def save_file(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        checkpoint.save_file = save_file
+        train.main(["--config", {str(config_file)!r}])
+        """)
+    )
+    cmd = [sys.executable, str(driver)]
+    proc = subprocess.run(cmd, cwd=REPO, env=SINGLE_THREAD, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".step-00000004.tmp-")]  # died mid-write
+    assert [p.name for p in ckpt.list_checkpoints(cfg.train.out_dir)] == ["step-00000002"]
+    model = FoveatedVLM.from_pretrained(root / "step-00000002" / ckpt.MODEL_DIR)
+    state = ckpt.load_training(root / "step-00000002", build_optimizer(model, cfg.optim), rank=0)
+    assert (state.step, state.epoch, state.batches) == (2, 0, 4)
+
+    train.train(cfg)  # resume: auto, from step 2
+    assert [r["step"] for r in log_rows(cfg.train.out_dir)] == [str(s) for s in range(1, 7)]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006"]  # staging dir cleaned
+
+
+def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path, start_model):
+    cfg = make_config(
+        tmp_path,
+        start_model,
+        data={"stage": 3, "train_shards": write_shards(tmp_path, "pairs", 1, 4, dpo=True, corrupt=True)},
+        optim={"schedule": "constant", "warmup": 0.0},
+        train={"max_steps": 8, "accumulate": 1, "save_every": 8, "val_every": 4, "keep_best": 1},
+    )
+    cfg.data.val_shards = cfg.data.train_shards
+    train.train(cfg)
+    rows = log_rows(cfg.train.out_dir)
+    dpo = [float(r["loss"]) for r in rows]
+    assert dpo[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    assert dpo[-1] < 0.5 * math.log(2), dpo
+    assert float(rows[-1]["val_loss"]) < float(rows[3]["val_loss"]) < math.log(2)
+    assert sum(int(r["skipped"]) for r in rows) >= 3  # the bad sample, once per epoch (3 batches each)
+
+
+def test_two_process_torchrun_agrees_on_the_weights(tmp_path, start_model):
+    cfg = make_config(tmp_path, start_model, train={"max_steps": 3, "save_every": 3})
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    driver = tmp_path / "ranks.py"  # trains, then every rank writes its own copy of the weights
+    driver.write_text(
+        textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from safetensors.torch import save_model
+        import train
+        runs = []
+        class Recorded(train.Trainer):
+            def __init__(self, *args):
+                super().__init__(*args)
+                runs.append(self)
+        train.Trainer = Recorded
+        train.main(["--config", {str(config_file)!r}])
+        save_model(runs[0].raw, os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".safetensors"))
+        """)
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+    proc = subprocess.run(cmd, cwd=REPO, env=SINGLE_THREAD, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    init = load_file(str(start_model / ckpt.WEIGHTS))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert not torch.equal(r0["dino_to_llm.weight"], init["dino_to_llm.weight"])
+    assert [r["step"] for r in log_rows(cfg.train.out_dir)] == ["1", "2", "3"]
+
+
+def test_unknown_config_key_fails_before_any_work(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({"train": {"out_dir": str(tmp_path / "out")}}))
+    cmd = [sys.executable, "train.py", "--config", str(config_file), "--set", "train.max_step=3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=SINGLE_THREAD, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "train.max_step'" in proc.stderr and "max_steps" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_schedules_at_known_steps():
+    peaks = {"connector": 1e-3, "dino": 1e-5, "llm": 2e-5}
+    conv = Schedule("converging", max_steps=100, warmup=0.1, target_lr=3e-5, min_lr_ratio=0.0)
+    for peak in peaks.values():
+        assert conv.lr(0, peak) == pytest.approx(peak / 10)
+        assert conv.lr(9, peak) == pytest.approx(peak)  # each group at its own peak after warmup
+        assert conv.lr(99, peak) == pytest.approx(3e-5)  # all at the common target at the end
+        assert conv.lr(54, peak) == pytest.approx((peak + 3e-5) / 2)  # half-way through the cosine
+    cos = Schedule("cosine", max_steps=100, warmup=0.0, target_lr=3e-5, min_lr_ratio=0.1)
+    assert cos.lr(99, 1e-3) == pytest.approx(1e-4) and cos.lr(49, 1e-3) == pytest.approx(5.5e-4)
+    const = Schedule("constant", max_steps=100, warmup=0.5, target_lr=3e-5, min_lr_ratio=0.0)
+    assert const.lr(24, 1e-3) == pytest.approx(5e-4) and const.lr(99, 1e-3) == 1e-3
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(lr_connector=1e-3, lr_dino=0.0, lr_llm=2e-5))
+    assert conv.apply(opt, 9) == {"connector": pytest.approx(1e-3), "llm": pytest.approx(2e-5)}
+    assert not any(p.requires_grad for p in model.encoder.dino.parameters())
+
+
+def test_prune_keeps_last_k_and_best_k(tmp_path):
+    metrics = {1: 0.5, 2: None, 3: 0.2, 4: 0.9, 5: 0.7, 6: None}
+    for step, metric in metrics.items():
+        path = ckpt.checkpoint_dir(tmp_path, step)
+        path.mkdir(parents=True)
+        (path / ckpt.STATE_JSON).write_text(json.dumps({"train_state": {"metric": metric}}))
+    (tmp_path / "checkpoints" / ".step-00000007.tmp-x").mkdir()  # staging dir of a killed save
+    ckpt.prune_checkpoints(tmp_path, keep_last=2, keep_best=2)
+    kept = ["step-00000001", "step-00000003", "step-00000005", "step-00000006"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == kept
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == kept  # the staging dir is gone too
+
+
+def test_wandb_is_needed_only_when_enabled(tmp_path):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(RuntimeError, match="pip install wandb"):
+        RunLog(from_dict(Config, {"train": {"out_dir": str(tmp_path), "wandb": "offline"}}))
+    RunLog(from_dict(Config, {"train": {"out_dir": str(tmp_path)}}))  # disabled: wandb is never imported
