@@ -184,10 +184,16 @@ def save_training(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int) -> TrainState:
+def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int = 0, world_size: int = 1) -> TrainState:
     """Restore the optimizer and this rank's RNG states from a checkpoint (the model is loaded from
     path/model by the caller) and return where the run stood."""
     meta = json.loads((path / STATE_JSON).read_text())
+    state = TrainState(**meta["train_state"])
+    if state.world_size != world_size:
+        raise ValueError(
+            f"{path} was written by {state.world_size} processes, this run has {world_size}: the data split "
+            f"differs, so the run cannot continue exactly; start a new one with train.init_from={path / MODEL_DIR}"
+        )
     tensors = load_file(str(path / STATE_TENSORS))
     slots: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -199,7 +205,7 @@ def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int) -> Tr
     optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer"]["param_groups"]})
     prefix = f"rng.{rank}."
     set_rng_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["rng"][rank])
-    return TrainState(**meta["train_state"])
+    return state
 
 
 def prune_checkpoints(out_dir: str | Path, keep_last: int, keep_best: int) -> None:
