@@ -152,7 +152,7 @@ class Trainer:
             self.reference.to(d.device)
         if tc.gradient_checkpointing:
             self.raw.encoder.gradient_checkpointing = True
-            self.raw.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.raw.llm.activation_checkpointing_enable({"use_reentrant": False})
         self.optimizer = build_optimizer(self.raw, cfg.optim, fused=d.device.type == "cuda")
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.state = ckpt.TrainState(world_size=d.world_size)

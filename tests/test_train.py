@@ -158,6 +158,15 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, mon
         assert FoveatedVLM.from_pretrained(Path(cfg.train.out_dir) / "final").tokenizer is not None
 
 
+def test_gradient_checkpointing_changes_no_number(tmp_path, start_model):
+    runs = []
+    for name, flag in (("plain", False), ("checkpointed", True)):
+        cfg = make_config(tmp_path, start_model, name, train={"max_steps": 2, "gradient_checkpointing": flag})
+        train.train(cfg)
+        runs.append(losses(cfg.train.out_dir))
+    assert runs[0] == runs[1]
+
+
 def test_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path, start_model):
     cfg = make_config(tmp_path, start_model)
     config_file = tmp_path / "run.yaml"
