@@ -1,0 +1,164 @@
+"""Evaluate a saved model on MVBench, Video-MME, ScienceQA-IMG, TextVQA, the toy world or evaluation shards.
+
+    python benchmark.py --model runs/stage2/final --bench mvbench --data-root data/MVBench
+    python benchmark.py --model DIR --bench videomme --data-root data/Video-MME --protocol generate \
+        --modes autoregressive
+    python benchmark.py --model smolvlm_dir --bench textvqa --data-root data/TextVQA --limit 500
+
+Multiple-choice protocols (DESIGN §7; numbers compare only within one protocol):
+  likelihood  every option scored as the assistant answer "X. option" (mean token cross-entropy over the
+              answer and its end-of-turn token); the lowest wins. The default.
+  generate    a greedy reply of at most 16 tokens to lmms-eval's prompt, the letter read from it with
+              lmms-eval's rule for that benchmark (metrics.py).
+Open questions (TextVQA) are always generated and scored with the VQA accuracy.
+
+Each question's media is decoded and encoded once and reused by every mode; options share one prefix.
+Writes OUT/<bench>_<protocol>.jsonl (one line per question holding every mode) and the summary
+OUT/<bench>_<protocol>.json; run again and only the questions the predictions file lacks are answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adapters import Adapter, load_adapter
+from benchmarks import LETTERS, NAMES, Benchmark, DatasetMissing, Question, load_benchmark
+from frames import MediaError
+from metrics import vqa_accuracy
+
+PROTOCOLS = ("likelihood", "generate")
+MAX_NEW_TOKENS = 16  # lmms-eval's setting for these benchmarks
+
+
+def answer_question(adapter: Adapter, bench: Benchmark, q: Question, protocol: str, modes: list[str]) -> dict:
+    """One question in every mode from one `prepare`: the JSONL record (score 1/0, or VQA accuracy)."""
+    record: dict = {"id": q.id, "groups": q.groups, "answer": q.answer, "options": len(q.options), "modes": {}}
+    try:
+        state = adapter.prepare(q.media)
+    except MediaError as e:  # counted as wrong in every mode, and reported
+        record["error"] = str(e)
+        record["modes"] = {m: {"pred": "", "score": 0.0} for m in modes}
+        return record
+    letters = LETTERS[: len(q.options)]
+    for mode in modes:
+        if q.options and protocol == "likelihood":
+            answers = [f"{x}. {o}" for x, o in zip(letters, q.options, strict=True)]
+            losses = adapter.score(state, q.prompt, answers, mode)
+            pred = letters[min(range(len(losses)), key=losses.__getitem__)]
+            result = {"pred": pred, "losses": [round(v, 5) for v in losses]}
+        else:
+            reply = adapter.generate(state, q.prompt, mode, MAX_NEW_TOKENS)
+            pred = bench.letter(reply, len(q.options)) if q.options else reply
+            result = {"reply": reply, "pred": pred}
+        result["score"] = float(pred == q.answer) if q.options else vqa_accuracy(pred, q.answer)
+        record["modes"][mode] = result
+    return record
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """Records by id, the last one winning; a line cut short by a crash is ignored."""
+    records: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[record["id"]] = record
+    return records
+
+
+def summarize(records: list[dict], modes: list[str]) -> dict:
+    """Percentages per mode: overall and per value of every group key (task, duration, domain, …)."""
+
+    def score(rows: list[dict]) -> dict:
+        return {"n": len(rows), **{m: 100 * sum(r["modes"][m]["score"] for r in rows) / len(rows) for m in modes}}
+
+    by_group: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        for key, value in r["groups"].items():
+            by_group[key][value].append(r)
+    mcq = [r for r in records if r["options"]]
+    return {
+        "overall": score(records) if records else {"n": 0},
+        "chance": 100 * sum(1 / r["options"] for r in mcq) / len(mcq) if mcq else None,
+        "errors": sum("error" in r for r in records),
+        "groups": {k: {v: score(rows) for v, rows in sorted(vals.items())} for k, vals in sorted(by_group.items())},
+    }
+
+
+def evaluate(adapter: Adapter, bench: Benchmark, protocol: str, modes: list[str], out: Path) -> dict:
+    """Answer the questions the predictions file lacks (appending as it goes), then write the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{bench.name}_{protocol}"
+    done = read_predictions(stem.with_suffix(".jsonl"))
+    todo = [q for q in bench.questions if not set(modes) <= set(done.get(q.id, {}).get("modes", {}))]
+    with stem.with_suffix(".jsonl").open("a") as f:
+        for q in tqdm(todo, desc=f"{bench.name} ({protocol})", unit="q", disable=not todo):
+            done[q.id] = answer_question(adapter, bench, q, protocol, modes)
+            f.write(json.dumps(done[q.id]) + "\n")
+            f.flush()
+    summary = {
+        "bench": bench.name,
+        "protocol": "generate" if all(not q.options for q in bench.questions) else protocol,
+        "metric": "vqa_accuracy" if any(not q.options for q in bench.questions) else "accuracy",
+        "modes": modes,
+        "questions": len(bench.questions),
+        "answered_now": len(todo),
+        **summarize([done[q.id] for q in bench.questions], modes),
+    }
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    chance = f", chance {summary['chance']:.1f}" if summary["chance"] is not None else ""
+    head = f"{summary['bench']} ({summary['protocol']}, {summary['metric']} %, {summary['questions']} questions"
+    print(f"\n{head}{chance})")
+    for mode in summary["modes"]:
+        print(f"  {mode:<16} {summary['overall'][mode]:6.2f}")
+    if summary["errors"]:
+        print(f"  {summary['errors']} questions had undecodable media (scored wrong)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a saved FoveatedVLM or SmolVLM directory")
+    p.add_argument("--bench", required=True, choices=NAMES)
+    p.add_argument("--data-root", required=True, help="the benchmark's directory (shards: a directory, glob or list)")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="default: likelihood, or generate for textvqa")
+    p.add_argument("--modes", help="comma-separated forward modes (default: all the model has)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--out", type=Path, help="default: runs/eval/<model directory name>")
+    p.add_argument("--image-frames", type=int, default=8, help="an image is shown as this many repeated frames")
+    p.add_argument("--max-frames", type=int, default=64, help="frames sampled uniformly from a video")
+    p.add_argument("--frame-size", type=int, default=224)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    protocol = args.protocol or ("generate" if args.bench == "textvqa" else "likelihood")
+    if args.bench == "textvqa" and protocol != "generate":
+        p.error("TextVQA has open answers: only the generate protocol applies")
+    try:
+        bench = load_benchmark(args.bench, args.data_root, args.limit)
+    except DatasetMissing as e:
+        sys.exit(str(e))
+    adapter = load_adapter(args.model, args.device, args.max_frames, args.image_frames, args.frame_size)
+    modes = args.modes.split(",") if args.modes else list(adapter.modes)
+    if unknown := [m for m in modes if m not in adapter.modes]:
+        p.error(f"modes {unknown} are not among this model's {list(adapter.modes)}")
+    out = args.out or Path("runs/eval") / Path(args.model).resolve().name
+    summary = evaluate(adapter, bench, protocol, modes, out)
+    print_summary(summary)
+    print(f"predictions and summary in {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

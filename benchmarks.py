@@ -1,0 +1,319 @@
+"""Evaluation sets read from each benchmark's own published layout into one list-of-questions form.
+
+Every loader returns `Question`s: the user turn (lmms-eval's prompt for that benchmark, used by both
+scoring protocols), where the pixels are (`Media`, decoded later by the model's adapter, which alone
+knows its input format), the options' texts, the right answer and the summary groups. A missing file
+is reported once, with the expected layout, before any model runs.
+
+Evaluation shards (`--bench shards`, and `--bench toy` for the toy world's held-out split) use the
+project's WebDataset format (DESIGN §6): `KEY.json` plus the media members training shards use
+(`KEY.000.jpg, KEY.001.jpg, …` frames, one `KEY.mp4`, one `KEY.jpg`, or none). The JSON of one sample:
+
+    {"question": "Where does the red square go?",      # required
+     "options": ["left", "right", "up", "down"],       # option texts in letter order, no "A." prefix
+                                                       #   ("candidates" is accepted as a synonym)
+     "answer": "B",                                    # the right option: letter, 0-based index, or its text
+     "id": "toy-000123",                               # optional; default the sample key
+     "task": "motion",                                 # optional summary groups: any of task, duration,
+     "category": "tracking"}                           #   domain, category
+An open question carries `"answers": [str, ...]` (scored with the VQA accuracy) instead of options/answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from webdataset.tariterators import tarfile_samples
+
+from data import _media as shard_media  # the training reader's rule for which tar members hold the media
+from data import expand_shards
+from frames import load_image, load_video, read_image, sample_indices, to_tensor
+from metrics import mvbench_letter, scienceqa_letter, videomme_letter
+
+LETTERS = string.ascii_uppercase
+LETTER_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
+MVBENCH_PROMPT = "Only give the best option.\n"
+VIDEOMME_PROMPT = (
+    "Select the best answer to the following multiple-choice question based on the video and the subtitles. "
+    "Respond with only the letter (A, B, C, or D) of the correct option."
+)  # lmms-eval sends this sentence, subtitles or not
+NAMES = ("mvbench", "videomme", "scienceqa", "textvqa", "toy", "shards")
+
+# MVBench task -> where its clips are, as (folder under the root or root/video, whether the JSON's
+# start/end still apply). First the pre-cut segments of the hub copy that lmms-eval reads, then the
+# full videos (or, for episodic reasoning, 3 fps frame folders) of MVBench's own release.
+MVBENCH_FOLDERS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "action_sequence": (("star/Charades_segment", False), ("star/Charades_v1_480", True)),
+    "action_prediction": (("star/Charades_segment", False), ("star/Charades_v1_480", True)),
+    "action_antonym": (("ssv2_video_mp4", True), ("ssv2_video", True)),
+    "fine_grained_action": (("Moments_in_Time_Raw/videos", True),),
+    "unexpected_action": (("FunQA_test/test", True),),
+    "object_existence": (("clevrer/video_validation", True),),
+    "object_interaction": (("star/Charades_segment", False), ("star/Charades_v1_480", True)),
+    "object_shuffle": (("perception/videos", True),),
+    "moving_direction": (("clevrer/video_validation", True),),
+    "action_localization": (("sta/sta_video_segment", False), ("sta/sta_video", True)),
+    "scene_transition": (("scene_qa/video", True),),
+    "action_count": (("perception/videos", True),),
+    "moving_count": (("clevrer/video_validation", True),),
+    "moving_attribute": (("clevrer/video_validation", True),),
+    "state_change": (("perception/videos", True),),
+    "fine_grained_pose": (("nturgbd_convert", True), ("nturgbd", True)),
+    "character_order": (("perception/videos", True),),
+    "egocentric_navigation": (("vlnqa", True),),
+    "episodic_reasoning": (("tvqa/video_fps3_hq_segment", False), ("tvqa/frames_fps3_hq", True)),
+    "counterfactual_inference": (("clevrer/video_validation", True),),
+}
+FRAME_FOLDER_FPS = 3.0  # MVBench's episodic-reasoning frame folders
+
+LAYOUTS = {
+    "mvbench": "ROOT/json/<task>.json (a list of {video, question, candidates, answer, start?, end?}) and each "
+    "task's clips under ROOT/video/<folder>/<video> or ROOT/<folder>/<video>, <folder> as in "
+    "benchmarks.MVBENCH_FOLDERS (e.g. star/Charades_segment, clevrer/video_validation)",
+    "videomme": "ROOT/**/*.parquet (columns videoID, question_id, duration, domain, sub_category, task_type, "
+    "question, options, answer) and ROOT/data/<videoID>.mp4",
+    "scienceqa": "ROOT/**/*test*.parquet of ScienceQA (image bytes inside), or ROOT/problems.json with "
+    "images at ROOT/images/test/<pid>/<image> or ROOT/test/<pid>/<image>",
+    "textvqa": "ROOT/TextVQA_0.5.1_val.json and ROOT/train_images/<image_id>.jpg",
+    "shards": "WebDataset .tar files: ROOT as a directory of *.tar, a glob or a brace list (schema in benchmarks.py)",
+}
+LAYOUTS["toy"] = LAYOUTS["shards"]
+
+
+class DatasetMissing(FileNotFoundError):
+    """A benchmark's files are not where its layout says; the message says what is expected where."""
+
+
+@dataclass
+class Media:
+    """Where one question's pixels are: nothing, one image, one video, or an ordered list of frame images."""
+
+    kind: str  # "none" | "image" | "video" | "frames"
+    items: list[Path | bytes] = field(default_factory=list)
+    start: float | None = None  # seconds: the window of a video or of a frame list to sample from
+    end: float | None = None
+    fps: float | None = None  # frame rate of a frame list (needed with start/end)
+
+    def frames(self, max_frames: int, image_frames: int, size: int) -> torch.Tensor:
+        """(T, 3, size, size) normalised; an image repeated `image_frames` times; uniform sampling."""
+        if self.kind == "video":
+            return load_video(self.items[0], max_frames, start=self.start, end=self.end, size=size)
+        if self.kind == "image":
+            return load_image(self.items[0], size).repeat(image_frames, 1, 1, 1)
+        if self.kind == "frames":
+            idx = sample_indices(len(self.items), self.fps or 1.0, max_frames, start=self.start, end=self.end)
+            return to_tensor([read_image(self.items[i], size) for i in idx], size)
+        return torch.zeros(0, 3, size, size)
+
+    def image(self) -> Image.Image:
+        if self.kind != "image":
+            raise ValueError(f"expected an image, this question has {self.kind} media")
+        return read_image(self.items[0])
+
+
+@dataclass
+class Question:
+    id: str
+    prompt: str  # the user turn
+    media: Media
+    options: list[str]  # option texts without letters; empty for an open question
+    answer: str | list[str]  # the right option's letter, or an open question's reference answers
+    groups: dict[str, str] = field(default_factory=dict)  # summary breakdowns, e.g. {"task": "action_count"}
+
+
+@dataclass
+class Benchmark:
+    name: str
+    questions: list[Question]
+    letter: Callable[[str, int], str]  # generated reply, option count -> chosen letter ("" = none)
+
+
+def options_block(options: list[str]) -> str:
+    """Lettered option lines ("A. first", "B. second", …), each ending in a newline."""
+    return "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options))
+
+
+def _need(path: Path, name: str) -> Path:
+    if not path.exists():
+        raise DatasetMissing(f"{name}: {path} not found. Expected layout: {LAYOUTS[name]}")
+    return path
+
+
+def _check_media(name: str, questions: list[Question]) -> None:
+    missing = [p for q in questions for p in q.media.items if isinstance(p, Path) and not p.exists()]
+    if missing:
+        shown = "\n  ".join(map(str, missing[:5]))
+        raise DatasetMissing(
+            f"{name}: {len(missing)} media files are missing, e.g.\n  {shown}\nExpected layout: {LAYOUTS[name]}"
+        )
+
+
+def _mvbench_media(root: Path, task: str, item: dict) -> Media:
+    candidates = MVBENCH_FOLDERS.get(task, ((task, True),))
+    for folder, timed in candidates:
+        for base in (root / "video", root):
+            path = base / folder / item["video"]
+            if path.exists():
+                window = (item.get("start"), item.get("end")) if timed else (None, None)
+                if path.is_dir():
+                    frames = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+                    return Media("frames", list(frames), *window, fps=FRAME_FOLDER_FPS)
+                return Media("video", [path], *window)
+    return Media("video", [root / "video" / candidates[0][0] / item["video"]])  # reported as missing
+
+
+def load_mvbench(root: Path) -> list[Question]:
+    files = sorted(_need(root / "json", "mvbench").glob("*.json"))
+    if not files:
+        raise DatasetMissing(f"mvbench: no task files in {root / 'json'}. Expected layout: {LAYOUTS['mvbench']}")
+    questions = []
+    for path in files:
+        task = path.stem
+        for i, item in enumerate(json.loads(path.read_text())):
+            options = [str(c) for c in item["candidates"]]
+            prompt = "Question:" + item["question"] + "\nOption:\n" + options_block(options) + MVBENCH_PROMPT
+            answer = LETTERS[options.index(str(item["answer"]))]
+            media = _mvbench_media(root, task, item)
+            questions.append(Question(f"{task}/{i}", prompt, media, options, answer, {"task": task}))
+    return questions
+
+
+def _video_path(root: Path, video_id: str) -> Path:
+    for ext in (".mp4", ".MP4", ".mkv"):
+        if (root / "data" / f"{video_id}{ext}").exists():
+            return root / "data" / f"{video_id}{ext}"
+    return root / "data" / f"{video_id}.mp4"
+
+
+def _parquet(root: Path, name: str, pattern: str = "*.parquet") -> pd.DataFrame:
+    files = sorted(_need(root, name).rglob(pattern))
+    if not files:
+        raise DatasetMissing(f"{name}: no {pattern} under {root}. Expected layout: {LAYOUTS[name]}")
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def load_videomme(root: Path) -> list[Question]:
+    questions = []
+    for row in _parquet(root, "videomme").to_dict("records"):
+        lines = [str(o) for o in row["options"]]  # "A. text"
+        options = [re.sub(r"^[A-Z]\.\s*", "", o) for o in lines]
+        prompt = VIDEOMME_PROMPT + "\n" + row["question"] + "\n" + "\n".join(lines) + "\nThe best answer is:"
+        groups = {k: str(row[k]) for k in ("duration", "domain", "sub_category", "task_type")}
+        media = Media("video", [_video_path(root, str(row["videoID"]))])
+        questions.append(Question(str(row["question_id"]), prompt, media, options, str(row["answer"]), groups))
+    return questions
+
+
+def _scienceqa_question(qid: str, row: dict, media: Media) -> Question:
+    options = [str(c) for c in row["choices"]]
+    context = f"Context: {row['hint']}\n" if row.get("hint") else ""
+    prompt = context + row["question"] + "\n" + options_block(options).rstrip("\n") + LETTER_PROMPT
+    groups = {k: str(row[k]) for k in ("subject", "category") if row.get(k)}
+    return Question(qid, prompt, media, options, LETTERS[int(row["answer"])], groups)
+
+
+def load_scienceqa(root: Path) -> list[Question]:
+    """The test questions that have an image (ScienceQA-IMG: 2017 in the published test split)."""
+    if (root / "problems.json").exists():
+        problems = json.loads((root / "problems.json").read_text())
+        questions = []
+        for pid, row in problems.items():
+            if row.get("split") == "test" and row.get("image"):
+                base = root / "images" if (root / "images" / "test").is_dir() else root
+                media = Media("image", [base / "test" / pid / row["image"]])
+                questions.append(_scienceqa_question(pid, row, media))
+        return questions
+    table = _parquet(root, "scienceqa", "*test*.parquet")
+    questions = []
+    for i, row in enumerate(table.to_dict("records")):
+        image = row.get("image")
+        data = image.get("bytes") if isinstance(image, dict) else image
+        if data:
+            questions.append(_scienceqa_question(f"test/{i}", row, Media("image", [bytes(data)])))
+    return questions
+
+
+def load_textvqa(root: Path) -> list[Question]:
+    data = json.loads(_need(root / "TextVQA_0.5.1_val.json", "textvqa").read_text())["data"]
+    return [
+        Question(
+            str(item["question_id"]),
+            item["question"].capitalize() + SHORT_ANSWER_PROMPT,  # str.capitalize lowercases the rest, as lmms-eval
+            Media("image", [root / "train_images" / f"{item['image_id']}.jpg"]),
+            [],
+            [str(a) for a in item["answers"]],
+        )
+        for item in data
+    ]
+
+
+def _shard_question(meta: dict, key: str, raw: dict) -> Question:
+    kind, payloads = shard_media(raw)
+    media = Media("none" if kind == "text" else kind, payloads)
+    groups = {k: str(meta[k]) for k in ("task", "duration", "domain", "category") if k in meta}
+    qid = str(meta.get("id", key))
+    if "answers" in meta:
+        answers = [str(a) for a in meta["answers"]]
+        return Question(qid, meta["question"] + SHORT_ANSWER_PROMPT, media, [], answers, groups)
+    options = [str(o) for o in meta.get("options", meta.get("candidates", []))]
+    if len(options) < 2:
+        raise ValueError(f"sample {key}: an evaluation sample needs 'options' (2 or more) or 'answers'")
+    answer = meta["answer"]
+    if isinstance(answer, int):
+        index = answer
+    elif answer in LETTERS[: len(options)] and len(answer) == 1:
+        index = LETTERS.index(answer)
+    else:
+        index = options.index(str(answer))
+    prompt = meta["question"] + "\n" + options_block(options).rstrip("\n") + LETTER_PROMPT
+    return Question(qid, prompt, media, options, LETTERS[index], groups)
+
+
+def load_shards(spec: str) -> list[Question]:
+    path = Path(spec)
+    urls = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else expand_shards(spec)
+    if not urls or any("://" not in u and not Path(u).exists() for u in urls):
+        raise DatasetMissing(f"shards: no readable .tar shards at {spec}. Expected: {LAYOUTS['shards']}")
+    questions = []
+    for raw in tarfile_samples([{"url": u} for u in urls]):
+        if "json" not in raw:
+            raise ValueError(f"shard sample {raw['__key__']} has no JSON member")
+        questions.append(_shard_question(json.loads(raw["json"]), raw["__key__"], raw))
+    return questions
+
+
+LOADERS: dict[str, Callable[[Path], list[Question]]] = {
+    "mvbench": load_mvbench,
+    "videomme": load_videomme,
+    "scienceqa": load_scienceqa,
+    "textvqa": load_textvqa,
+}
+LETTER_RULES: dict[str, Callable[[str, int], str]] = {
+    "mvbench": lambda reply, n: mvbench_letter(reply),
+    "videomme": lambda reply, n: videomme_letter(reply),
+    "scienceqa": lambda reply, n: scienceqa_letter(reply, LETTERS[:n]),
+}
+
+
+def load_benchmark(name: str, root: str | Path, limit: int | None = None) -> Benchmark:
+    """The first `limit` questions of a benchmark in its file order, their media checked to exist."""
+    if name not in NAMES:
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {NAMES}")
+    questions = load_shards(str(root)) if name in ("toy", "shards") else LOADERS[name](Path(root))
+    questions = questions[:limit] if limit is not None else questions
+    _check_media(name, questions)
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name}: question ids are not unique, so results could not be resumed by id")
+    # toy/shards: Video-MME's rule, over as many letters as the question has options
+    rule = LETTER_RULES.get(name, lambda reply, n: videomme_letter(reply, LETTERS[:n]))
+    return Benchmark(name, questions, rule)

@@ -1,0 +1,334 @@
+"""benchmark.py end to end on fixture data sets written in each benchmark's own layout (tiny models)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import webdataset as wds
+from transformers import Idefics3Config
+
+import benchmark
+from adapters import FoveatedAdapter, SmolVLMAdapter, load_adapter
+from benchmarks import Media, load_benchmark
+from encoder import FoveatedEncoder
+from frames import IMAGENET_MEAN, IMAGENET_STD
+from model import MODES, FoveatedVLM, token_nll
+from smolvlm import build_smolvlm, connector_config, offline_processor, save_pretrained
+from tests.conftest import jpeg, mp4
+from tests.tiny import IMAGE, tiny_model
+from tokenization import chat_ids
+
+OPTIONS = ["a red ball", "a green cube", "a blue cone", "nothing"]
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 12), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fvlm_dir(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fvlm")
+    tiny_model(tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fvlm(fvlm_dir):
+    return FoveatedVLM.from_pretrained(fvlm_dir)
+
+
+def write(path, data: bytes | str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+
+
+@pytest.fixture
+def mvbench(tmp_path):
+    """Three tasks: a full video with a start/end window, a hub-style pre-cut segment (window ignored),
+    and a 3 fps frame folder; two layouts of the root (ROOT/video/<folder> and ROOT/<folder>)."""
+    root = tmp_path / "MVBench"
+    item = {"question": "What is shown?", "candidates": OPTIONS, "answer": "a green cube"}
+    write(root / "json/action_sequence.json", json.dumps([{**item, "video": "c1.mp4", "start": 0.25, "end": 0.75}]))
+    write(root / "video/star/Charades_v1_480/c1.mp4", mp4(12, 32, 12))
+    write(root / "json/object_interaction.json", json.dumps([{**item, "video": "c2.mp4", "start": 0.2, "end": 0.4}]))
+    write(root / "star/Charades_segment/c2.mp4", mp4(6))
+    three = {**item, "candidates": OPTIONS[:3], "answer": "a blue cone"}
+    er = [{**three, "video": "ep1", "start": 0.0, "end": 1.0}, {**three, "video": "ep1"}]
+    write(root / "json/episodic_reasoning.json", json.dumps(er))
+    for i in range(6):
+        write(root / f"video/tvqa/frames_fps3_hq/ep1/{i:05d}.jpg", jpeg((40 * i, 0, 0)))
+    return root
+
+
+def run(model_dir, bench, root, out, *extra):
+    return benchmark.main(
+        ["--model", str(model_dir), "--bench", bench, "--data-root", str(root), "--out", str(out)]
+        + ["--frame-size", str(IMAGE), "--max-frames", "4", "--image-frames", "2", *extra]
+    )
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_mvbench_layouts_and_windows(mvbench):
+    bench = load_benchmark("mvbench", mvbench)
+    q = {x.id: x for x in bench.questions}
+    assert list(q) == ["action_sequence/0", "episodic_reasoning/0", "episodic_reasoning/1", "object_interaction/0"]
+    assert q["action_sequence/0"].answer == "B" and q["action_sequence/0"].groups == {"task": "action_sequence"}
+    assert "Question:What is shown?\nOption:\nA. a red ball\nB. a green cube\n" in q["action_sequence/0"].prompt
+    assert (q["action_sequence/0"].media.start, q["action_sequence/0"].media.end) == (0.25, 0.75)
+    assert q["object_interaction/0"].media.start is None  # a pre-cut segment is already the window
+    frames = q["episodic_reasoning/0"].media
+    assert frames.kind == "frames" and len(frames.items) == 6 and frames.fps == 3.0
+
+    def red(media):  # decoded red level (0-255) of each sampled frame
+        x = media.frames(8, 1, IMAGE)[:, 0].mean((1, 2))
+        return x * IMAGENET_STD[0] * 255 + IMAGENET_MEAN[0] * 255
+
+    assert red(q["action_sequence/0"].media).min() > 50  # frames 3..9 of 12 (red = 20 i), not the ramp's start
+    assert red(q["action_sequence/0"].media).max() < 200
+    assert red(frames).max() < 130  # seconds 0-1 at 3 fps: frames 0-3 of 6 (red = 40 i)
+    assert len(q["episodic_reasoning/1"].media.frames(8, 1, IMAGE)) == 6
+
+
+@pytest.mark.parametrize("protocol", ["likelihood", "generate"])
+def test_mvbench_end_to_end_encodes_once_and_resumes(fvlm_dir, mvbench, tmp_path, monkeypatch, protocol):
+    calls = {"encode": 0, "encode_patches": 0}
+    for cls, name in ((FoveatedVLM, "encode"), (FoveatedEncoder, "encode_patches")):
+        original = getattr(cls, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            calls[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(cls, name, counted)
+    out = tmp_path / "out"
+    summary = run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol, "--limit", "3")
+    assert calls == {"encode": 3, "encode_patches": 3}  # 3 questions x 3 modes x (3-4 options): one pass each
+    assert summary["protocol"] == protocol and summary["modes"] == list(MODES) and summary["questions"] == 3
+    assert set(summary["groups"]["task"]) == {"action_sequence", "episodic_reasoning"}
+    assert summary["chance"] == pytest.approx(100 * (1 / 4 + 2 / 3) / 3)
+    records = lines(out / f"mvbench_{protocol}.jsonl")
+    assert [r["id"] for r in records] == ["action_sequence/0", "episodic_reasoning/0", "episodic_reasoning/1"]
+    for r in records:
+        assert set(r["modes"]) == set(MODES)
+        for m in r["modes"].values():
+            assert m["score"] == float(m["pred"] == r["answer"])
+            assert len(m["losses"]) == r["options"] if protocol == "likelihood" else isinstance(m["reply"], str)
+    saved = json.loads((out / f"mvbench_{protocol}.json").read_text())
+    assert saved["overall"] == summary["overall"]
+
+    summary = run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol)  # resume: only the 4th question
+    assert calls["encode"] == 4 and summary["answered_now"] == 1 and summary["overall"]["n"] == 4
+    assert len(lines(out / f"mvbench_{protocol}.jsonl")) == 4
+    run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol, "--modes", "coarse_only")
+    assert calls["encode"] == 4  # every requested mode is already there
+
+
+def test_resume_ignores_a_line_cut_short(fvlm_dir, mvbench, tmp_path):
+    out = tmp_path / "out"
+    run(fvlm_dir, "mvbench", mvbench, out, "--limit", "2", "--modes", "coarse_only")
+    path = out / "mvbench_likelihood.jsonl"
+    path.write_text(path.read_text() + '{"id": "object_inter')  # a crash mid-write
+    summary = run(fvlm_dir, "mvbench", mvbench, out, "--limit", "3", "--modes", "coarse_only")
+    assert summary["answered_now"] == 1 and summary["overall"]["n"] == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_prefix_scores_equal_full_sequences(fvlm, mode):
+    adapter = FoveatedAdapter(fvlm, max_frames=4, size=IMAGE)
+    media = Media("video", [mp4(8, 32)])
+    prompt = "Which object is it?\nA. a red ball\nB. a green cube\nC. a cone\nD. nothing at all, really"
+    answers = ["A. a red ball", "B. a green cube", "C. a cone", "D. nothing at all, really"]
+    shared = torch.tensor(adapter.score(adapter.prepare(media), prompt, answers, mode))
+    frames = media.frames(4, 8, IMAGE)[None]
+    fm = torch.ones(1, len(frames[0]), dtype=torch.bool)
+    full = []
+    with torch.no_grad():
+        for a in answers:
+            ids, labels = (torch.tensor([x]) for x in chat_ids(fvlm.tokenizer, prompt, a, stage=2))
+            nll, count = token_nll(fvlm(frames, fm, ids, torch.ones_like(ids), mode=mode).logits, labels)
+            full.append(nll / count)
+    assert (shared - torch.cat(full)).abs().max() <= 1e-4
+    assert shared.std() > 1e-3  # the options really differ
+
+
+def videomme_root(tmp_path):
+    root = tmp_path / "Video-MME"
+    rows = []
+    kinds = [("short", "Knowledge"), ("short", "Sports Competition"), ("long", "Knowledge")]
+    for i, (duration, domain) in enumerate(kinds):
+        rows.append(
+            dict(video_id=f"00{i}", duration=duration, domain=domain, sub_category="Astronomy", url="https://x",
+                 videoID=f"vid{i % 2}", question_id=f"00{i}-1", task_type="Counting Problem",
+                 question="How many balls?", options=["A. one", "B. two", "C. three", "D. four"], answer="BCD"[i])
+        )  # fmt: skip
+    write(root / "videomme/test-00000-of-00001.parquet", b"")
+    pd.DataFrame(rows).to_parquet(root / "videomme/test-00000-of-00001.parquet")
+    for v in ("vid0", "vid1"):
+        write(root / f"data/{v}.mp4", mp4(6))
+    return root
+
+
+def test_videomme(fvlm_dir, tmp_path):
+    root = videomme_root(tmp_path)
+    q = load_benchmark("videomme", root).questions[0]
+    assert q.options == ["one", "two", "three", "four"] and q.answer == "B"
+    assert q.prompt.endswith("How many balls?\nA. one\nB. two\nC. three\nD. four\nThe best answer is:")
+    assert q.groups == {"duration": "short", "domain": "Knowledge", "sub_category": "Astronomy",
+                        "task_type": "Counting Problem"}  # fmt: skip
+    summary = run(fvlm_dir, "videomme", root, tmp_path / "out", "--protocol", "generate", "--modes", "autoregressive")
+    assert summary["groups"]["duration"]["short"]["n"] == 2 and summary["groups"]["domain"]["Knowledge"]["n"] == 2
+    assert set(summary["groups"]) == {"duration", "domain", "sub_category", "task_type"}
+    assert summary["modes"] == ["autoregressive"] and summary["overall"]["n"] == 3
+
+
+def test_scienceqa_parquet_and_json_layouts(fvlm_dir, tmp_path):
+    root = tmp_path / "ScienceQA"
+    base = dict(question="Which is a mammal?", choices=["frog", "cat", "shark"], answer=1, task="closed choice",
+                grade="grade3", subject="natural science", topic="biology", category="Classification",
+                skill="x", lecture="", solution="")  # fmt: skip
+    rows = [
+        {**base, "image": {"bytes": png((200, 0, 0)), "path": None}, "hint": "Look at the picture."},
+        {**base, "image": None, "hint": ""},  # no image: not in ScienceQA-IMG
+        {**base, "image": {"bytes": png((0, 200, 0)), "path": None}, "hint": "", "subject": "language science"},
+    ]
+    write(root / "ScienceQA-IMG/test-00000-of-00001.parquet", b"")
+    pd.DataFrame(rows).to_parquet(root / "ScienceQA-IMG/test-00000-of-00001.parquet")
+    questions = load_benchmark("scienceqa", root).questions
+    assert [q.id for q in questions] == ["test/0", "test/2"]
+    assert questions[0].prompt == (
+        "Context: Look at the picture.\nWhich is a mammal?\nA. frog\nB. cat\nC. shark\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert questions[1].prompt.startswith("Which is a mammal?") and questions[0].answer == "B"
+    summary = run(fvlm_dir, "scienceqa", root, tmp_path / "out", "--modes", "coarse_only,coarse_fine")
+    assert set(summary["groups"]["subject"]) == {"natural science", "language science"}
+
+    json_root = tmp_path / "sqa_json"
+    problems = {"7": {**base, "hint": "", "image": "image.png", "split": "test"},
+                "8": {**base, "hint": "", "image": None, "split": "test"},
+                "9": {**base, "hint": "", "image": "image.png", "split": "train"}}  # fmt: skip
+    write(json_root / "problems.json", json.dumps(problems))
+    write(json_root / "images/test/7/image.png", png((0, 0, 200)))
+    assert [q.id for q in load_benchmark("scienceqa", json_root).questions] == ["7"]
+
+
+def textvqa_root(tmp_path):
+    root = tmp_path / "TextVQA"
+    data = [
+        {"question_id": 34602, "question": "what brand is SHOWN?", "image_id": "003a8ae2ef43b901",
+         "answers": ["nous les gosses"] * 4 + ["dakota"] * 6},
+        {"question_id": 34603, "question": "what does it say?", "image_id": "0054c91397f2fe05",
+         "answers": ["stop"] * 10},
+    ]  # fmt: skip
+    write(root / "TextVQA_0.5.1_val.json", json.dumps({"dataset_name": "textvqa", "data": data}))
+    write(root / "train_images/003a8ae2ef43b901.jpg", jpeg((10, 200, 10), (64, 48)))
+    write(root / "train_images/0054c91397f2fe05.jpg", jpeg((200, 10, 10), (48, 64)))
+    return root
+
+
+def test_textvqa_generate_with_vqa_accuracy(fvlm_dir, tmp_path):
+    root = textvqa_root(tmp_path)
+    q = load_benchmark("textvqa", root).questions[0]
+    assert q.prompt == "What brand is shown?\nAnswer the question using a single word or phrase."
+    summary = run(fvlm_dir, "textvqa", root, tmp_path / "out", "--modes", "coarse_only")
+    assert summary["metric"] == "vqa_accuracy" and summary["protocol"] == "generate" and summary["chance"] is None
+    for r in lines(tmp_path / "out/textvqa_generate.jsonl"):
+        assert isinstance(r["modes"]["coarse_only"]["reply"], str) and 0 <= r["modes"]["coarse_only"]["score"] <= 1
+    with pytest.raises(SystemExit):
+        run(fvlm_dir, "textvqa", root, tmp_path / "out", "--protocol", "likelihood")
+
+
+def test_shards_schema(fvlm_dir, tmp_path):
+    root = tmp_path / "toy"
+    root.mkdir()
+    with wds.TarWriter(str(root / "eval-000000.tar")) as sink:
+        frames = {f"{i:03d}.jpg": jpeg((50 * i, 0, 0)) for i in range(3)}
+        sink.write({"__key__": "s0", "json": {"question": "Where?", "options": OPTIONS, "answer": "C",
+                                              "task": "motion"}, **frames})  # fmt: skip
+        sink.write({"__key__": "s1", "json": {"question": "What?", "candidates": OPTIONS[:2], "answer": 1,
+                                              "id": "q-1", "task": "identity"}, "mp4": mp4(6)})  # fmt: skip
+        sink.write({"__key__": "s2", "json": {"question": "Colour?", "options": OPTIONS, "answer": "nothing"},
+                    "jpg": jpeg((0, 0, 200))})  # fmt: skip
+        sink.write({"__key__": "s3", "json": {"question": "Say it", "answers": ["go"] * 10}, "jpg": jpeg((9, 9, 9))})
+    bench = load_benchmark("toy", root)
+    assert [(q.id, q.answer, q.media.kind) for q in bench.questions] == [
+        ("s0", "C", "frames"), ("q-1", "B", "video"), ("s2", "D", "image"), ("s3", ["go"] * 10, "image")
+    ]  # fmt: skip
+    assert bench.questions[0].prompt == (
+        "Where?\nA. a red ball\nB. a green cube\nC. a blue cone\nD. nothing\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert bench.letter("The answer is E", 4) == "" and bench.letter("(B)", 2) == "B"
+    summary = run(fvlm_dir, "shards", str(root / "*.tar"), tmp_path / "out")
+    assert summary["overall"]["n"] == 4 and set(summary["groups"]["task"]) == {"motion", "identity"}
+    assert summary["chance"] == pytest.approx(100 * (1 / 4 + 1 / 2 + 1 / 4) / 3)
+
+
+def test_missing_files_give_one_message_with_the_layout(fvlm_dir, mvbench, tmp_path, capsys):
+    for bench in ("mvbench", "videomme", "scienceqa", "textvqa", "toy"):
+        with pytest.raises(SystemExit) as e:
+            run(fvlm_dir, bench, tmp_path / "nowhere", tmp_path / "out")
+        assert "Expected" in str(e.value.code) and "nowhere" in str(e.value.code)
+    (mvbench / "video/star/Charades_v1_480/c1.mp4").unlink()
+    with pytest.raises(SystemExit) as e:
+        run(fvlm_dir, "mvbench", mvbench, tmp_path / "out")
+    assert "1 media files are missing" in str(e.value.code) and "c1.mp4" in str(e.value.code)
+
+
+# ---- the SmolVLM variant through the same harness --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smolvlm_dir(tokenizer, tmp_path_factory):
+    processor = offline_processor(copy.deepcopy(tokenizer), 8, 32, longest_edge=32)
+    tok = processor.tokenizer
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=4),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    connector = connector_config(config, num_queries=8, num_tokens=8, bottleneck=16, hidden_size=32, num_heads=4,
+                                 num_kv_heads=2, intermediate_size=64)  # fmt: skip
+    path = tmp_path_factory.mktemp("smolvlm")
+    save_pretrained(build_smolvlm(config, connector).eval(), processor, path)
+    return path
+
+
+def test_smolvlm_textvqa_and_shared_prefix_scores(smolvlm_dir, tmp_path):
+    adapter = load_adapter(smolvlm_dir)
+    assert isinstance(adapter, SmolVLMAdapter)
+    summary = run(smolvlm_dir, "textvqa", textvqa_root(tmp_path), tmp_path / "out")
+    assert summary["modes"] == ["default"] and summary["overall"]["n"] == 2
+
+    images = adapter.prepare(Media("image", [jpeg((0, 90, 200), (40, 30))]))
+    answers = ["A. frog", "B. a cat", "C. shark"]
+    shared = torch.tensor(adapter.score(images, "Which is a mammal?", answers, "default"))
+    full = []
+    with torch.no_grad():
+        for a in answers:
+            head, reply = adapter._turn(images, "Which is a mammal?", a)
+            inputs = adapter._inputs(images, head + reply)
+            n_head = adapter._inputs(images, head)["input_ids"].shape[1]
+            labels = inputs["input_ids"].clone()
+            labels[:, :n_head] = -100
+            nll, count = token_nll(adapter.model(**inputs).logits, labels)
+            full.append(nll / count)
+    assert (shared - torch.cat(full)).abs().max() <= 1e-4
+    assert np.ptp(shared.numpy()) > 1e-4
