@@ -2,6 +2,7 @@
 
     python bench.py                      # all sections, real architectures with random weights
     python bench.py --only inference --frames 8,64 --out bench.json
+    python bench.py --only benchmark     # option scoring: shared encoding + prefix vs naive
 
 Timings do not depend on weight values, so by default the backbones are the real
 DINOv2-small / SmolLM2-135M architectures with random weights (`--backbones packaged` loads
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
+from adapters import option_nll
 from config import ModelConfig
-from model import MODES, FoveatedVLM
+from model import MODES, FoveatedVLM, token_nll
 from weights import DINOV2_SMALL
 
 # SmolLM2-135M's shape, for weight-free timing (DINOv2-small's comes from weights.py)
@@ -131,6 +133,58 @@ def bench_inference(
     return rows
 
 
+def bench_benchmark(
+    model: FoveatedVLM,
+    device: torch.device,
+    repeats: int,
+    questions: int = 2,
+    frames: int = 8,
+    options: int = 4,
+    size: int = 224,
+    prompt_len: int = 48,
+    answer_len: int = 8,
+) -> list[dict]:
+    """Likelihood scoring of `options` answers in every mode, per question: benchmark.py's way (encode once,
+    one prefix per mode, the options batched on its KV cache) vs naively re-encoding and re-running the
+    full sequence for each option and mode. Decoding the media is left out of both."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.llm.config.vocab_size
+    data = [
+        (
+            torch.randn(1, frames, 3, size, size, generator=g).to(device),
+            torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
+            [torch.randint(0, vocab, (answer_len,), generator=g).tolist() for _ in range(options)],
+        )
+        for _ in range(questions)
+    ]
+    fm = torch.ones(1, frames, dtype=torch.bool, device=device)
+
+    def shared() -> None:
+        for pixels, prompt, answers in data:
+            cache = model.encode(pixels, fm)
+            for mode in MODES:
+                option_nll(model, cache, fm, prompt, answers, answers, mode)
+
+    def naive() -> None:
+        for pixels, prompt, answers in data:
+            for mode in MODES:
+                for answer in answers:
+                    ids = torch.tensor([prompt + answer], device=device)
+                    labels = ids.clone()
+                    labels[:, : len(prompt)] = -100
+                    token_nll(model(pixels, fm, ids, torch.ones_like(ids), mode=mode).logits, labels)
+
+    fast = timed(shared, device, repeats) / questions
+    base = timed(naive, device, repeats, warmup=0) / questions  # the same kernels, already warm: save minutes
+    what = f"{options} options x {len(MODES)} modes, {frames} frames"
+    return [
+        {"section": "benchmark", "what": f"naive, {what} ({1 / base:.2f} q/s)", "ms": 1000 * base,
+         "ratio": 1.0, "vs": "naive"},
+        {"section": "benchmark", "what": f"shared, {what} ({1 / fast:.2f} q/s)", "ms": 1000 * fast,
+         "ratio": fast / base, "vs": "naive"},
+    ]  # fmt: skip
+
+
 def print_table(rows: list[dict], device: str) -> None:
     print(f"\ndevice: {device}\n")
     print(f"| {'section':<10} | {'measurement':<52} | {'ms':>10} | {'ratio':>7} | {'vs':<12} |")
@@ -141,7 +195,7 @@ def print_table(rows: list[dict], device: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="inference", help="comma-separated sections: inference")
+    p.add_argument("--only", default="inference,benchmark", help="comma-separated sections: inference, benchmark")
     p.add_argument("--frames", default="8,64", help="frame counts for the inference section")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backbones", default="random", help="random (real shapes), packaged, or a hub id / dir")
@@ -154,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         if "inference" in args.only.split(","):
             rows += bench_inference(model, device, [int(t) for t in args.frames.split(",")], args.repeats)
+        if "benchmark" in args.only.split(","):
+            rows += bench_benchmark(model, device, args.repeats)
     name = device_name(device)
     print_table(rows, name)
     if args.out:
