@@ -10,7 +10,8 @@ Multiple-choice protocols (DESIGN §7; numbers compare only within one protocol)
               answer and its end-of-turn token); the lowest wins. The default.
   generate    a greedy reply of at most 16 tokens to lmms-eval's prompt, the letter read from it with
               lmms-eval's rule for that benchmark (metrics.py).
-Open questions (TextVQA) are always generated and scored with the VQA accuracy.
+Open questions (TextVQA) are always generated and scored with the VQA accuracy. Every question counts in
+the accuracy, an empty reply as wrong (lmms-eval's MVBench aggregate leaves empty replies out instead).
 
 Each question's media is decoded and encoded once and reused by every mode; options share one prefix.
 Writes OUT/<bench>_<protocol>.jsonl (one line per question holding every mode) and the summary
