@@ -33,8 +33,7 @@ import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from data import _media as shard_media  # the training reader's rule for which tar members hold the media
-from data import expand_shards
+from data import expand_shards, media_of  # media_of: the training reader's rule for media members
 from frames import load_image, load_video, read_image, sample_indices, to_tensor
 from metrics import mvbench_letter, scienceqa_letter, videomme_letter
 
@@ -257,7 +256,7 @@ def load_textvqa(root: Path) -> list[Question]:
 
 
 def _shard_question(meta: dict, key: str, raw: dict) -> Question:
-    kind, payloads = shard_media(raw)
+    kind, payloads = media_of(raw)
     media = Media("none" if kind == "text" else kind, payloads)
     groups = {k: str(meta[k]) for k in ("task", "duration", "domain", "category") if k in meta}
     qid = str(meta.get("id", key))

@@ -113,7 +113,7 @@ def _interleave(main: Iterator[Any], text: Iterator[Any], ratio: float) -> Itera
             yield item
 
 
-def _media(raw: dict) -> tuple[str, list[bytes]]:
+def media_of(raw: dict) -> tuple[str, list[bytes]]:
     """("frames" | "video" | "image" | "text", payloads), decided from member names alone."""
     numbered = sorted((int(m[1]), k) for k in raw if (m := _NUMBERED.fullmatch(k)) and m[2] in IMAGE_EXTS)
     if numbered:
@@ -182,7 +182,7 @@ class ShardDataset(IterableDataset):
 
     def _num_frames(self, raw: dict) -> int:
         """The T a sample will decode to, from member names (and a container probe for videos)."""
-        kind, media = _media(raw)
+        kind, media = media_of(raw)
         if kind == "frames":
             return min(len(media), self.cfg.max_frames)
         if kind == "image":
@@ -196,7 +196,7 @@ class ShardDataset(IterableDataset):
 
     def _frames(self, raw: dict) -> torch.Tensor:
         cfg, size = self.cfg, self.cfg.frame_size
-        kind, media = _media(raw)
+        kind, media = media_of(raw)
         if kind == "frames":
             idx = sample_indices(len(media), 1.0, cfg.max_frames)
             return to_tensor([read_image(media[i], size) for i in idx], size)
