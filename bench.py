@@ -22,12 +22,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
+import data
 from adapters import option_nll
 from config import ModelConfig
 from model import MODES, FoveatedVLM, token_nll
-from weights import DINOV2_SMALL
+from train import throughput
+from weights import DINOV2_SMALL, LLM_HUB_ID, load_tokenizer
 
 # SmolLM2-135M's shape, for weight-free timing (DINOv2-small's comes from weights.py)
 SMOLLM2_135M = dict(
@@ -149,7 +152,7 @@ def bench_benchmark(
     full sequence for each option and mode. Decoding the media is left out of both."""
     g = torch.Generator().manual_seed(0)
     vocab = model.llm.config.vocab_size
-    data = [
+    items = [
         (
             torch.randn(1, frames, 3, size, size, generator=g).to(device),
             torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
@@ -160,13 +163,13 @@ def bench_benchmark(
     fm = torch.ones(1, frames, dtype=torch.bool, device=device)
 
     def shared() -> None:
-        for pixels, prompt, answers in data:
+        for pixels, prompt, answers in items:
             cache = model.encode(pixels, fm)
             for mode in MODES:
                 option_nll(model, cache, fm, prompt, answers, answers, mode)
 
     def naive() -> None:
-        for pixels, prompt, answers in data:
+        for pixels, prompt, answers in items:
             for mode in MODES:
                 for answer in answers:
                     ids = torch.tensor([prompt + answer], device=device)
@@ -185,17 +188,93 @@ def bench_benchmark(
     ]  # fmt: skip
 
 
+# dense bf16 peak FLOP/s, for FLOP utilisation on the GPUs this project meets
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def bench_train(
+    model: FoveatedVLM,
+    device: torch.device,
+    repeats: int,
+    frames: int = 8,
+    batch: int = 2,
+    text: int = 64,
+    size: int = 224,
+) -> list[dict]:
+    """Training forward+backward per mode on one batch; on CUDA also bf16 + torch.compile and FLOP utilisation
+    (FLOPs counted by torch's FlopCounterMode on the real step, not estimated)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.llm.config.vocab_size, (batch, text), generator=g)
+    b = {
+        "frames": torch.randn(batch, frames, 3, size, size, generator=g),
+        "frame_mask": torch.ones(batch, frames, dtype=torch.bool),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+    }
+    b = {k: v.to(device) for k, v in b.items()}
+    variants = [("fp32", model, False)]
+    if device.type == "cuda":
+        variants += [("bf16", model, True), ("bf16+compile", torch.compile(model), True)]
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in device_name(device)), None)
+    rows, base = [], None
+    for name, m, bf16 in variants:
+        for mode in ("coarse_only", "coarse_fine"):
+            r = throughput(m, b, mode, steps=repeats, warmup=2 if "compile" in name else 1, bf16=bf16)
+            with FlopCounterMode(display=False) as counter:
+                throughput(model, b, mode, steps=1, warmup=0, bf16=bf16)
+            flops = counter.get_total_flops() / r["step_s"]
+            mfu = f", MFU {100 * flops / peak:.1f}%" if peak and bf16 else ""
+            base = base or r["step_s"]
+            rows.append(
+                {
+                    "section": "train",
+                    "what": f"{name} {mode}: {r['samples_per_s']:.2f} samples/s, "
+                    f"{r['tokens_per_s']:.0f} tok/s, {flops / 1e12:.2f} TFLOP/s{mfu}",
+                    "ms": 1000 * r["step_s"],
+                    "ratio": r["step_s"] / base,
+                    "vs": "fp32 coarse_only",
+                }
+            )
+    model.eval()
+    return rows
+
+
+def bench_data(workers: list[int]) -> list[dict]:
+    """Data loader speed on 64-frame JPEG samples (decode + resize + normalise), per worker count."""
+    tokenizer = load_tokenizer(LLM_HUB_ID)
+    rows = []
+    for w in workers:
+        r = data.throughput(tokenizer, num_workers=w)
+        rows.append(
+            {
+                "section": "data",
+                "what": f"64-frame JPEG samples, {w} workers: "
+                f"{r['samples_per_s']:.2f} samples/s ({r['samples_per_s_per_worker']:.2f}/worker)",
+                "ms": 1000 / r["samples_per_s"],
+                "ratio": 1.0,
+                "vs": "per sample",
+            }
+        )
+    return rows
+
+
 def print_table(rows: list[dict], device: str) -> None:
+    w = max([len(r["what"]) for r in rows] + [11])
+    v = max([len(r["vs"]) for r in rows] + [2])
     print(f"\ndevice: {device}\n")
-    print(f"| {'section':<10} | {'measurement':<52} | {'ms':>10} | {'ratio':>7} | {'vs':<12} |")
-    print(f"|{'-' * 12}|{'-' * 54}|{'-' * 12}|{'-' * 9}|{'-' * 14}|")
+    print(f"| {'section':<9} | {'measurement':<{w}} | {'ms':>10} | {'ratio':>7} | {'vs':<{v}} |")
+    print(f"|{'-' * 11}|{'-' * (w + 2)}|{'-' * 12}|{'-' * 9}|{'-' * (v + 2)}|")
     for r in rows:
-        print(f"| {r['section']:<10} | {r['what']:<52} | {r['ms']:>10.2f} | {r['ratio']:>6.2f}x | {r['vs']:<12} |")
+        print(f"| {r['section']:<9} | {r['what']:<{w}} | {r['ms']:>10.2f} | {r['ratio']:>6.2f}x | {r['vs']:<{v}} |")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="inference,benchmark", help="comma-separated sections: inference, benchmark")
+    p.add_argument(
+        "--only", default="inference,benchmark,train,data", help="comma-separated: inference, benchmark, train, data"
+    )
+    p.add_argument("--workers", default="1,2", help="worker counts for the data section")
     p.add_argument("--frames", default="8,64", help="frame counts for the inference section")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backbones", default="random", help="random (real shapes), packaged, or a hub id / dir")
@@ -210,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
             rows += bench_inference(model, device, [int(t) for t in args.frames.split(",")], args.repeats)
         if "benchmark" in args.only.split(","):
             rows += bench_benchmark(model, device, args.repeats)
+    if "train" in args.only.split(","):
+        rows += bench_train(model, device, args.repeats)
+    if "data" in args.only.split(","):
+        rows += bench_data([int(w) for w in args.workers.split(",")])
     name = device_name(device)
     print_table(rows, name)
     if args.out:
