@@ -8,7 +8,13 @@ import torch
 from model import MODES, FoveatedVLM
 from tests.tiny import IMAGE, frames, tiny_model
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def no_grad():
+    """Inference only, for this module's tests: a module-level set_grad_enabled(False) would run at collection
+    and switch gradients off for every test file in the session (the training tests among them)."""
+    with torch.no_grad():
+        yield
 
 
 def reference_query_output(model: FoveatedVLM, pixels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
