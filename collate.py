@@ -21,7 +21,8 @@ from tokenization import IGNORE_INDEX
 Item = TypeVar("Item")
 
 
-def _pad_text(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict:
+def pad_text(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict:
+    """Token lists → right-padded input_ids (pad id), attention_mask and labels (-100), all (B, L_max)."""
     b, length = len(ids), max(len(x) for x in ids)
     out = {
         "input_ids": torch.full((b, length), pad_id, dtype=torch.long),
@@ -57,7 +58,7 @@ def collate(samples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     if any(("chosen_input_ids" in s) != dpo for s in samples):
         raise ValueError("cannot mix preference pairs and plain samples in one batch")
     for prefix in ("chosen_", "rejected_") if dpo else ("",):
-        text = _pad_text([s[prefix + "input_ids"] for s in samples], [s[prefix + "labels"] for s in samples], pad_id)
+        text = pad_text([s[prefix + "input_ids"] for s in samples], [s[prefix + "labels"] for s in samples], pad_id)
         batch.update({prefix + k: v for k, v in text.items()})
     return batch
 

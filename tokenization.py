@@ -42,7 +42,8 @@ def _answer(tokenizer: Any, user: str, assistant: str) -> tuple[list[int], list[
     return _ids(tokenizer, prompt), _ids(tokenizer, assistant), _ids(tokenizer, full[len(prompt + assistant) :])
 
 
-def _answer_labels(prompt: list[int], answer: list[int], suffix: list[int]) -> list[int]:
+def answer_labels(prompt: list[int], answer: list[int], suffix: list[int]) -> list[int]:
+    """Labels of prompt + answer + suffix that train the answer and its end-of-turn token only."""
     # The suffix's first token is the end-of-turn token; what follows it (a newline) is not an answer.
     return [IGNORE_INDEX] * len(prompt) + answer + suffix[:1] + [IGNORE_INDEX] * (len(suffix) - 1)
 
@@ -51,7 +52,7 @@ def chat_ids(tokenizer: Any, user: str, assistant: str, stage: int) -> tuple[lis
     """(input_ids, labels) of one exchange: stage 1 learns every token, later stages the answer only."""
     prompt, answer, suffix = _answer(tokenizer, user, assistant)
     ids = prompt + answer + suffix
-    return ids, list(ids) if stage == 1 else _answer_labels(prompt, answer, suffix)
+    return ids, list(ids) if stage == 1 else answer_labels(prompt, answer, suffix)
 
 
 def _text(meta: dict, key: str) -> str:
@@ -89,7 +90,7 @@ def encode_sample(tokenizer: Any, meta: dict, stage: int, max_len: int) -> dict[
         out = {}
         for name, answer in (("chosen", chosen), ("rejected", rejected)):
             out[f"{name}_input_ids"] = (prompt + answer + suffix)[:max_len]
-            out[f"{name}_labels"] = _answer_labels(prompt, answer, suffix)[:max_len]
+            out[f"{name}_labels"] = answer_labels(prompt, answer, suffix)[:max_len]
         return out
     if "chosen" in meta:
         raise ValueError(f"a preference pair (chosen/rejected) needs stage 3, not stage {stage}")
