@@ -4,7 +4,7 @@ A directory is written beside its final name and renamed into place, so a run ki
 leaves the previous directory intact.
 
 Training checkpoint layout (out_dir/checkpoints/step-00000100/):
-  model/              the model, as save_model writes it (loadable with FoveatedVLM.from_pretrained)
+  model/              the model as its family saves it (FoveatedVLM: write_model; SmolVLM: smolvlm.save_pretrained)
   state.safetensors   optimizer tensors `optim.<param index>.<name>` and RNG states `rng.<rank>.<name>`
   state.json          TrainState (step, data position, metric), optimizer hyperparameters, RNG scalars
   config.yaml         the resolved run config
@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,14 +66,19 @@ def write_model(model: FoveatedVLM, out: Path) -> None:
         model.tokenizer.save_pretrained(out / TOKENIZER)
 
 
-def save_model(model: FoveatedVLM, path: str | Path) -> None:
+def save_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Fill a staging directory with `write(dir)`, then rename it to `path`."""
     path = Path(path)
     tmp = staging_dir(path)
     try:
-        write_model(model, tmp)
+        write(tmp)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model: FoveatedVLM, path: str | Path) -> None:
+    save_atomic(path, lambda out: write_model(model, out))
 
 
 def load_model(path: str | Path) -> FoveatedVLM:
@@ -150,13 +156,14 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 def save_training(
     path: Path,
-    model: FoveatedVLM,
+    write: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     rngs: list[tuple[dict[str, torch.Tensor], dict]],
     config: Config,
 ) -> None:
-    """Write a training checkpoint atomically; `rngs` holds every process's rng_state(), by rank."""
+    """Write a training checkpoint atomically; `write(dir)` saves the model into an existing directory and
+    `rngs` holds every process's rng_state(), by rank."""
     optim = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, slot in optim["state"].items():
@@ -172,16 +179,15 @@ def save_training(
         "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
         "rng": [m for _, m in rngs],
     }
-    tmp = staging_dir(path)
-    try:
+
+    def write_all(tmp: Path) -> None:
         (tmp / MODEL_DIR).mkdir()
-        write_model(model, tmp / MODEL_DIR)
+        write(tmp / MODEL_DIR)
         save_file(tensors, str(tmp / STATE_TENSORS))
         save_config(config, tmp / RUN_CONFIG)
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    save_atomic(path, write_all)
 
 
 def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int = 0, world_size: int = 1) -> TrainState:

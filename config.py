@@ -16,15 +16,22 @@ from typing import Any
 
 import yaml
 
+from connectors import TokenLearnerQFormerConfig
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used as written."""
 
 
+FAMILIES = ("foveated", "smolvlm")
+
+
 @dataclass
 class ModelConfig:
-    """The foveated model: which backbones, and the shape of the query loop."""
+    """Which model family train.py trains (families.py) and, for the foveated model, which backbones and the
+    shape of the query loop."""
 
+    family: str = "foveated"  # foveated (FoveatedVLM on shards) | smolvlm (the `smolvlm` section, on TextVQA)
     dino: str = "facebook/dinov2-small"  # hub id, local dir, or "packaged"
     llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local dir, or "packaged"
     query_dim: int = 384
@@ -32,18 +39,41 @@ class ModelConfig:
     deep_query: bool = True  # query through every DINO layer; False = one cross-attention (ablation)
     glimpses: int = 1  # queries (and so tokens) per frame
 
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"'model.family' must be one of {FAMILIES}, got '{self.family}'")
+
+
+@dataclass
+class SmolVLMConfig:
+    """model.family smolvlm without train.init_from: a pretrained SmolVLM whose connector is replaced by a
+    new TokenLearner-QFormer (smolvlm.py). The remaining connector sizes keep their SmolVLM-256M defaults."""
+
+    hub: str = "HuggingFaceTB/SmolVLM-256M-Instruct"  # hub id or local dir of an Idefics3 model + processor
+    num_queries: int = TokenLearnerQFormerConfig.num_queries  # S tokens per image; the processor follows
+    num_tokens: int = TokenLearnerQFormerConfig.num_tokens  # T TokenLearner tokens the Q-Former reads
+    version: str = TokenLearnerQFormerConfig.version  # TokenLearner 1.1 (MLP + softmax) | 1 (convs + sigmoid)
+    num_layers: int = TokenLearnerQFormerConfig.num_layers  # Q-Former blocks
+
+    def __post_init__(self) -> None:
+        if self.version not in ("1", "1.1"):
+            raise ConfigError(f"'smolvlm.version' must be '1' or '1.1', got '{self.version}'")
+        for key in ("num_queries", "num_tokens", "num_layers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'smolvlm.{key}' must be >= 1, got {getattr(self, key)}")
+
 
 @dataclass
 class OptimConfig:
-    """AdamW with one learning rate per parameter group (connector, dino, llm); 0 freezes the group."""
+    """AdamW with one learning rate per parameter group (connector, vision, llm); 0 freezes the group."""
 
     lr_connector: float = 1e-3
-    lr_dino: float = 1e-5
+    lr_vision: float = 1e-5  # the vision tower: DINOv2 (foveated) or SigLIP (smolvlm)
     lr_llm: float = 1e-5
-    schedule: str = "converging"  # constant | cosine | converging (see schedule.py)
+    schedule: str = "converging"  # constant | linear | cosine | converging (see schedule.py)
     warmup: float = 0.03  # fraction of max_steps spent warming up linearly
     target_lr: float = 3e-5  # converging: the rate every group ends at
-    min_lr_ratio: float = 0.0  # cosine: the end rate as a fraction of each group's peak
+    min_lr_ratio: float = 0.0  # linear, cosine: the end rate as a fraction of each group's peak
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
 
@@ -52,7 +82,7 @@ class OptimConfig:
 
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"'optim.schedule' must be one of {SCHEDULES}, got '{self.schedule}'")
-        if min(self.lr_connector, self.lr_dino, self.lr_llm) < 0:
+        if min(self.lr_connector, self.lr_vision, self.lr_llm) < 0:
             raise ConfigError("'optim.lr_*' must be >= 0 (0 freezes the group)")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"'optim.warmup' is a fraction of max_steps in [0, 1), got {self.warmup}")
@@ -62,9 +92,10 @@ class OptimConfig:
 class TrainConfig:
     """The training loop, its validation, checkpoints and logs."""
 
-    mode: str = "coarse_fine"  # forward mode (model.MODES)
+    mode: str = "coarse_fine"  # forward mode of the foveated model (model.MODES)
     init_from: str = ""  # a saved model dir (e.g. stage 1's final/); empty = new connector on `model`'s backbones
     max_steps: int = 1000  # optimizer steps; the data is read in as many epochs as that takes
+    epochs: int = 0  # > 0: instead of max_steps, this many passes over a dataset of known size (TextVQA)
     accumulate: int = 1  # micro-batches per optimizer step (per process)
     bf16: bool = True  # bf16 autocast, on CUDA only
     compile: bool = False  # torch.compile the model
@@ -92,6 +123,8 @@ class TrainConfig:
         for key in ("max_steps", "accumulate", "save_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'train.{key}' must be >= 1, got {getattr(self, key)}")
+        if self.epochs < 0:
+            raise ConfigError(f"'train.epochs' must be >= 0, got {self.epochs}")
         validated = self.val_every and self.save_every % self.val_every == 0
         if self.keep_best and self.best_metric == "val_loss" and not validated:
             raise ConfigError("'train.keep_best' by val_loss needs 'train.save_every' a multiple of 'train.val_every'")
@@ -99,7 +132,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """WebDataset shards → batches (data.py). Shard specs are globs or brace lists ("a-{000..099}.tar")."""
+    """WebDataset shards → batches (data.py; shard specs are globs or brace lists: "a-{000..099}.tar"), or
+    for the smolvlm family TextVQA → batches (textvqa.py)."""
+
+    textvqa: str = ""  # TextVQA root in its published layout (smolvlm family): JSONs + train_images/
+    subset: int = 0  # TextVQA: train on this many questions (a seeded choice, the same every epoch); 0 = all
 
     train_shards: str | list[str] = ""
     val_shards: str | list[str] | None = None
@@ -124,6 +161,8 @@ class DataConfig:
             raise ConfigError(f"'data.text_ratio' must be in [0, 1), got {self.text_ratio}")
         if self.text_ratio > 0 and not self.text_shards:
             raise ConfigError("'data.text_ratio' > 0 needs 'data.text_shards'")
+        if self.subset < 0:
+            raise ConfigError(f"'data.subset' must be >= 0, got {self.subset}")
         if self.frame_budget is not None and self.frame_budget < self.max_frames:
             raise ConfigError(f"'data.frame_budget' ({self.frame_budget}) is below 'data.max_frames'")
 
@@ -131,6 +170,7 @@ class DataConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    smolvlm: SmolVLMConfig = field(default_factory=SmolVLMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

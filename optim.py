@@ -1,4 +1,4 @@
-"""AdamW over three parameter groups — connector, DINO, LLM — each with its own learning rate.
+"""AdamW over three parameter groups — connector, vision tower, LLM — each with its own learning rate.
 
 The published recipe trains the fresh connector 100× faster than the pretrained backbones. A group
 whose rate is 0 is frozen outright (requires_grad False, no optimizer slot), so it costs no gradient
@@ -7,26 +7,31 @@ memory and stays bit-identical.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from config import OptimConfig
 
-GROUPS = ("connector", "dino", "llm")
+GROUPS = ("connector", "vision", "llm")
 
 
 def group_of(name: str) -> str:
     """Which group a FoveatedVLM parameter belongs to, by its name."""
     if name.startswith("encoder.dino."):
-        return "dino"
+        return "vision"
     if name.startswith("llm."):
         return "llm"
     return "connector"
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """Freeze the groups with lr 0 and return AdamW over the rest; each group keeps `name` and `peak_lr`."""
-    rates = {"connector": cfg.lr_connector, "dino": cfg.lr_dino, "llm": cfg.lr_llm}
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, fused: bool = False, group_of: Callable[[str], str] = group_of
+) -> torch.optim.AdamW:
+    """Freeze the groups with lr 0 and return AdamW over the rest; each group keeps `name` and `peak_lr`.
+    `group_of` names each parameter's group (the default is FoveatedVLM's naming)."""
+    rates = {"connector": cfg.lr_connector, "vision": cfg.lr_vision, "llm": cfg.lr_llm}
     params: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
     for name, p in model.named_parameters():
         params[group_of(name)].append(p)

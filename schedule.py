@@ -3,6 +3,8 @@
 Every schedule warms each group linearly up to its own peak over the first `warmup_steps` steps
 (the last warmup step is exactly at the peak), then:
 - constant: stays at the peak;
+- linear: falls in a straight line from the peak to `min_lr_ratio` × peak (transformers'
+  get_linear_schedule_with_warmup with min_lr_ratio 0, the SmolVLM TextVQA recipe);
 - cosine: follows a half cosine from the peak down to `min_lr_ratio` × peak;
 - converging: follows a half cosine from the group's own peak to `target_lr`, shared by all groups,
   so a fast-learning connector and slow backbones end at one common rate (the fVLM stage-1 recipe).
@@ -15,7 +17,7 @@ import math
 
 import torch
 
-SCHEDULES = ("constant", "cosine", "converging")
+SCHEDULES = ("constant", "linear", "cosine", "converging")
 
 
 class Schedule:
@@ -36,6 +38,8 @@ class Schedule:
             return peak
         end = self.target_lr if self.schedule == "converging" else self.min_lr_ratio * peak
         progress = min(1.0, (step - self.warmup_steps + 1) / max(1, self.max_steps - self.warmup_steps))
+        if self.schedule == "linear":
+            return end + (peak - end) * (1 - progress)
         return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:

@@ -1,7 +1,9 @@
-"""Train the foveated VLM, any stage: `python train.py --config configs/stage1.yaml [--set a.b=c ...]`.
+"""Train a model: `python train.py --config configs/stage1.yaml [--set a.b=c ...]`.
 
-Stages 1-2 minimise next-token cross-entropy over the labelled tokens (data.stage decides which
-tokens are labelled), stage 3 the DPO loss against a frozen copy of the starting model. Several
+`model.family` picks what is trained (families.py): the foveated VLM on WebDataset shards, any stage,
+or the SmolVLM TokenLearner-QFormer variant on TextVQA (configs/smolvlm_textvqa.yaml). Stages 1-2
+minimise next-token cross-entropy over the labelled tokens (data.stage decides which tokens are
+labelled), stage 3 the DPO loss against a frozen copy of the starting model. Several
 processes: `torchrun --nproc_per_node N train.py ...` (DDP; NCCL on GPU, gloo on CPU; each rank reads
 its own slice of the shards).
 
@@ -15,13 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import math
 import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint as ckpt
-import data
 from config import Config, ConfigError, load_config, save_config
+from families import Family, batch_counts, for_config
 from losses import batch_loss
 from model import FoveatedVLM
 from optim import build_optimizer
@@ -67,12 +73,6 @@ def init_dist() -> Dist:
     return Dist(int(os.environ.get("RANK", 0)), world_size, device)
 
 
-def batch_counts(batch: dict[str, Tensor], glimpses: int) -> tuple[int, int]:
-    """(samples, LLM tokens) of a batch: text tokens of every sequence plus one token per frame per glimpse."""
-    text = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-    return batch["frames"].shape[0], text + int(batch["frame_mask"].sum()) * glimpses
-
-
 class Stream:
     """The training batches, epoch after epoch, keeping state.epoch / state.batches (the data position)
     current and counting the samples the loader skipped as undecodable.
@@ -81,16 +81,15 @@ class Stream:
     rank without a batch.
     """
 
-    def __init__(self, cfg: Config, tokenizer, d: Dist, state: ckpt.TrainState) -> None:
-        self.cfg, self.tokenizer, self.d, self.state = cfg, tokenizer, d, state
+    def __init__(self, open_epoch: Callable[[int, int], Iterator[dict]], d: Dist, state: ckpt.TrainState) -> None:
+        """`open_epoch(epoch, skip_batches)`: this rank's loader for an epoch, after its first skip_batches."""
+        self.open_epoch, self.d, self.state = open_epoch, d, state
         self.skipped = 0
         self.it = self._open()
 
-    def _open(self):
+    def _open(self) -> Iterator[dict]:
         with torch.random.fork_rng(devices=[]):  # the DataLoader's seed draw must not move the training RNG
-            return data.make_loader(
-                self.cfg.data, self.tokenizer, self.d.rank, self.d.world_size, self.state.epoch, self.state.batches
-            )
+            return self.open_epoch(self.state.epoch, self.state.batches)
 
     def next(self) -> dict[str, Tensor]:
         for _ in range(2):
@@ -102,7 +101,7 @@ class Stream:
                 return batch
             self.state.epoch, self.state.batches = self.state.epoch + 1, 0
             self.it = self._open()
-        raise RuntimeError(f"epoch {self.state.epoch} of {self.cfg.data.train_shards} yields no batch on some rank")
+        raise RuntimeError(f"epoch {self.state.epoch} of the training data yields no batch on some rank")
 
 
 def set_seed(seed: int) -> None:
@@ -111,18 +110,16 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_models(cfg: Config, resume: Path | None) -> tuple[FoveatedVLM, FoveatedVLM | None]:
-    """(policy, reference): the starting model, or the checkpoint's when resuming; stage 3 also keeps
-    a frozen copy of the starting model as the DPO reference."""
+def build_models(cfg: Config, family: Family, resume: Path | None) -> tuple[nn.Module, Any, nn.Module | None]:
+    """(policy, processor, reference): the starting model, or the checkpoint's when resuming, with what
+    prepares its inputs; stage 3 also keeps a frozen copy of the starting model as the DPO reference."""
     start = None
     if resume is None or cfg.data.stage == 3:
         init = cfg.train.init_from
-        start = FoveatedVLM.from_pretrained(init) if init else FoveatedVLM.from_backbones(cfg.model)
-    policy = FoveatedVLM.from_pretrained(resume / ckpt.MODEL_DIR) if resume else copy.deepcopy(start)
-    if policy.tokenizer is None:
-        raise ValueError("the model carries no tokenizer; the data pipeline needs one")
-    reference = start.eval().requires_grad_(False) if cfg.data.stage == 3 else None
-    return policy.train(), reference
+        start = family.load(Path(init)) if init else family.new()
+    policy, processor = family.load(resume / ckpt.MODEL_DIR) if resume else copy.deepcopy(start)
+    reference = start[0].eval().requires_grad_(False) if cfg.data.stage == 3 else None
+    return policy.train(), processor, reference
 
 
 def find_resume(cfg: Config) -> Path | None:
@@ -144,16 +141,15 @@ class Trainer:
 
     def __init__(self, cfg: Config, d: Dist, resume: Path | None) -> None:
         tc = cfg.train
-        self.cfg, self.d = cfg, d
+        self.cfg, self.d, self.family = cfg, d, for_config(cfg)
         set_seed(tc.seed)
-        self.raw, self.reference = build_models(cfg, resume)
+        self.raw, self.processor, self.reference = build_models(cfg, self.family, resume)
         self.raw.to(d.device)
         if self.reference is not None:
             self.reference.to(d.device)
         if tc.gradient_checkpointing:
-            self.raw.encoder.gradient_checkpointing = True
-            self.raw.llm.activation_checkpointing_enable({"use_reentrant": False})
-        self.optimizer = build_optimizer(self.raw, cfg.optim, fused=d.device.type == "cuda")
+            self.family.checkpoint_activations(self.raw)
+        self.optimizer = build_optimizer(self.raw, cfg.optim, d.device.type == "cuda", self.family.group_of)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.state = ckpt.TrainState(world_size=d.world_size)
         if resume is not None:
@@ -168,13 +164,16 @@ class Trainer:
         if tc.compile:
             self.model = torch.compile(self.model)
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=tc.bf16 and d.device.type == "cuda")
+        self.max_steps = tc.max_steps
+        if tc.epochs:  # rounded up: the last step may reach into the next epoch, so all of the last one is seen
+            self.max_steps = math.ceil(tc.epochs * self.family.epoch_batches(d.world_size) / tc.accumulate)
         o = cfg.optim
-        self.schedule = Schedule(o.schedule, tc.max_steps, o.warmup, o.target_lr, o.min_lr_ratio)
-        self.stream = Stream(cfg, self.raw.tokenizer, d, self.state)
+        self.schedule = Schedule(o.schedule, self.max_steps, o.warmup, o.target_lr, o.min_lr_ratio)
+        self.stream = Stream(partial(self.family.loader, self.processor, d.rank, d.world_size), d, self.state)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         with self.autocast:
-            return batch_loss(model, batch, self.cfg.train.mode, self.reference, self.cfg.train.dpo_beta)
+            return self.family.loss(model, batch, self.reference)
 
     def step(self) -> dict:
         """One optimizer step over `accumulate` micro-batches; returns its log row."""
@@ -185,7 +184,7 @@ class Trainer:
         for micro in range(tc.accumulate):
             t = time.perf_counter()
             batch = self.stream.next()
-            n, k = batch_counts(batch, self.raw.config.glimpses)
+            n, k = self.family.counts(self.raw, batch)
             batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
             data_s += time.perf_counter() - t
             sync = self.ddp is None or micro == tc.accumulate - 1
@@ -214,12 +213,12 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean loss over up to val_batches batches of data.val_shards per process. It runs the unwrapped
-        model with no collective inside, so a rank with fewer batches cannot hang the others."""
+        """Mean loss over up to val_batches validation batches per process. It runs the unwrapped model
+        with no collective inside, so a rank with fewer batches cannot hang the others."""
         self.raw.eval()
         total, count = 0.0, 0
         with torch.random.fork_rng(devices=[]):
-            loader = data.make_loader(self.cfg.data, self.raw.tokenizer, self.d.rank, self.d.world_size, split="val")
+            loader = self.family.loader(self.processor, self.d.rank, self.d.world_size, split="val")
             for batch in itertools.islice(loader, self.cfg.train.val_batches):
                 batch = {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
                 total, count = total + self.loss(self.raw, batch).item(), count + 1
@@ -236,21 +235,16 @@ class Trainer:
         if self.d.rank == 0:
             tc = self.cfg.train
             path = ckpt.checkpoint_dir(tc.out_dir, self.state.step)
-            ckpt.save_training(path, self.raw, self.optimizer, self.state, rngs, self.cfg)
+            write = partial(self.family.write, self.raw, self.processor)
+            ckpt.save_training(path, write, self.optimizer, self.state, rngs, self.cfg)
             ckpt.prune_checkpoints(tc.out_dir, tc.keep_last, tc.keep_best)
         if self.d.world_size > 1:
             dist.barrier()
 
 
-def check(cfg: Config) -> None:
-    """Checks that span config sections (each section checks its own keys when loaded)."""
-    if cfg.train.val_every and not cfg.data.val_shards:
-        raise ConfigError("'train.val_every' > 0 needs 'data.val_shards'")
-
-
 def train(cfg: Config) -> Path:
     """Run (or continue) the configured training; returns the directory of the final model."""
-    check(cfg)
+    for_config(cfg)  # the checks that span config sections, before any work
     tc, out = cfg.train, Path(cfg.train.out_dir)
     d = init_dist()
     log = RunLog(cfg, enabled=d.rank == 0)  # fails here, before any work, if wandb is asked for but missing
@@ -259,22 +253,23 @@ def train(cfg: Config) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / ckpt.RUN_CONFIG)
     log.start(run.state.step)
-    bar = tqdm(total=tc.max_steps, initial=run.state.step, disable=d.rank != 0, dynamic_ncols=True)
-    while run.state.step < tc.max_steps:
+    bar = tqdm(total=run.max_steps, initial=run.state.step, disable=d.rank != 0, dynamic_ncols=True)
+    while run.state.step < run.max_steps:
         row = run.step()
         if tc.val_every and run.state.step % tc.val_every == 0:
             row["val_loss"] = run.validate()
         log.write(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if run.state.step % tc.save_every == 0 or run.state.step == tc.max_steps:
+        if run.state.step % tc.save_every == 0 or run.state.step == run.max_steps:
             run.state.metric = row.get(tc.best_metric)
             run.save()
     bar.close()
     log.close()
     final = out / "final"
     if d.rank == 0:
-        run.raw.save_pretrained(final)
+        ckpt.save_atomic(final, partial(run.family.write, run.raw, run.processor))
+        run.family.finish(run.raw, run.processor)
     if d.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

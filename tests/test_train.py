@@ -89,7 +89,7 @@ def make_config(tmp: Path, start: Path, out: str = "run", **sections) -> Config:
             "shuffle_buffer": 4,
             "stage": 2,
         },
-        "optim": {"lr_connector": 1e-2, "lr_dino": 1e-3, "lr_llm": 1e-3, "schedule": "cosine", "warmup": 0.2},
+        "optim": {"lr_connector": 1e-2, "lr_vision": 1e-3, "lr_llm": 1e-3, "schedule": "cosine", "warmup": 0.2},
         "train": {
             "init_from": str(start),
             "max_steps": 6,
@@ -129,13 +129,13 @@ def crash_after(monkeypatch, steps: int) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, monkeypatch, workers):
-    cfg = make_config(tmp_path, start_model, data={"num_workers": workers}, optim={"lr_dino": 0.0})
+    cfg = make_config(tmp_path, start_model, data={"num_workers": workers}, optim={"lr_vision": 0.0})
     train.train(cfg)
     whole = losses(cfg.train.out_dir)
     assert [r[0] for r in whole] == [str(s) for s in range(1, 7)]
     assert len({r[1] for r in whole}) == 6  # the loss moves: the comparison below means something
 
-    cut = make_config(tmp_path, start_model, "cut", data={"num_workers": workers}, optim={"lr_dino": 0.0})
+    cut = make_config(tmp_path, start_model, "cut", data={"num_workers": workers}, optim={"lr_vision": 0.0})
     with monkeypatch.context() as m:
         crash_after(m, 5)  # last checkpoint at step 4 (mid-epoch 1: 5 batches/epoch, 2 per step)
         with pytest.raises(Crash):
@@ -262,7 +262,7 @@ def test_unknown_config_key_fails_before_any_work(tmp_path):
 
 
 def test_schedules_at_known_steps():
-    peaks = {"connector": 1e-3, "dino": 1e-5, "llm": 2e-5}
+    peaks = {"connector": 1e-3, "vision": 1e-5, "llm": 2e-5}
     conv = Schedule("converging", max_steps=100, warmup=0.1, target_lr=3e-5, min_lr_ratio=0.0)
     for peak in peaks.values():
         assert conv.lr(0, peak) == pytest.approx(peak / 10)
@@ -274,7 +274,7 @@ def test_schedules_at_known_steps():
     const = Schedule("constant", max_steps=100, warmup=0.5, target_lr=3e-5, min_lr_ratio=0.0)
     assert const.lr(24, 1e-3) == pytest.approx(5e-4) and const.lr(99, 1e-3) == 1e-3
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig(lr_connector=1e-3, lr_dino=0.0, lr_llm=2e-5))
+    opt = build_optimizer(model, OptimConfig(lr_connector=1e-3, lr_vision=0.0, lr_llm=2e-5))
     assert conv.apply(opt, 9) == {"connector": pytest.approx(1e-3), "llm": pytest.approx(2e-5)}
     assert not any(p.requires_grad for p in model.encoder.dino.parameters())
 
