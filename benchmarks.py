@@ -33,13 +33,13 @@ import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
+import textvqa
 from data import expand_shards, media_of  # media_of: the training reader's rule for media members
 from frames import load_image, load_video, read_image, sample_indices, to_tensor
 from metrics import mvbench_letter, scienceqa_letter, videomme_letter
 
 LETTERS = string.ascii_uppercase
 LETTER_PROMPT = "\nAnswer with the option's letter from the given choices directly."
-SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 MVBENCH_PROMPT = "Only give the best option.\n"
 VIDEOMME_PROMPT = (
     "Select the best answer to the following multiple-choice question based on the video and the subtitles. "
@@ -242,16 +242,10 @@ def load_scienceqa(root: Path) -> list[Question]:
 
 
 def load_textvqa(root: Path) -> list[Question]:
-    data = json.loads(_need(root / "TextVQA_0.5.1_val.json", "textvqa").read_text())["data"]
+    _need(root / textvqa.FILES["val"], "textvqa")
     return [
-        Question(
-            str(item["question_id"]),
-            item["question"].capitalize() + SHORT_ANSWER_PROMPT,  # str.capitalize lowercases the rest, as lmms-eval
-            Media("image", [root / "train_images" / f"{item['image_id']}.jpg"]),
-            [],
-            [str(a) for a in item["answers"]],
-        )
-        for item in data
+        Question(q.question_id, q.prompt, Media("image", [q.image]), [], list(q.answers))
+        for q in textvqa.load_questions(root, "val")
     ]
 
 
@@ -262,7 +256,7 @@ def _shard_question(meta: dict, key: str, raw: dict) -> Question:
     qid = str(meta.get("id", key))
     if "answers" in meta:
         answers = [str(a) for a in meta["answers"]]
-        return Question(qid, meta["question"] + SHORT_ANSWER_PROMPT, media, [], answers, groups)
+        return Question(qid, meta["question"] + textvqa.SHORT_ANSWER_PROMPT, media, [], answers, groups)
     options = [str(o) for o in meta.get("options", meta.get("candidates", []))]
     if len(options) < 2:
         raise ValueError(f"sample {key}: an evaluation sample needs 'options' (2 or more) or 'answers'")
