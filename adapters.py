@@ -141,8 +141,6 @@ class SmolVLMAdapter:
     def __init__(self, model: Any, processor: Any):
         self.model, self.processor = model.eval(), processor
         self.device = model.device
-        reply = self._turn([], "?", "x")[1]
-        self.end_of_turn = processor.tokenizer(reply, add_special_tokens=False)["input_ids"][-1]
 
     def prepare(self, media: Media) -> list[Image.Image]:
         if media.kind not in ("image", "none"):
@@ -182,12 +180,9 @@ class SmolVLMAdapter:
 
     @torch.inference_mode()
     def generate(self, state: list[Image.Image], prompt: str, mode: str, max_new_tokens: int) -> str:
-        inputs = self._inputs(state, self._turn(state, prompt)[0])
-        out = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.end_of_turn
-        )
-        new = out[0, inputs["input_ids"].shape[1] :]
-        return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        import smolvlm
+
+        return smolvlm.generate(self.model, self.processor, state, prompt, max_new_tokens)
 
 
 def load_adapter(
