@@ -1,0 +1,107 @@
+"""The toy world: deterministic shards whose answers are right, readable by the training and benchmark readers."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from webdataset.tariterators import tarfile_samples
+
+import data
+import toyworld
+from benchmarks import load_benchmark
+from config import DataConfig
+
+SIZE, FRAMES = 56, 3
+SETTINGS = {"seed": 3, "train": 6, "eval": 4, "size": SIZE, "frames": FRAMES}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return toyworld.generate(tmp_path_factory.mktemp("toy"), **SETTINGS)
+
+
+def read(path) -> list[dict]:
+    return list(tarfile_samples([{"url": str(path)}]))
+
+
+def test_same_seed_same_bytes_other_seed_other_clips(world, tmp_path):
+    again = toyworld.generate(tmp_path / "again", **SETTINGS)
+    files = sorted(p.relative_to(world) for p in world.rglob("*") if p.is_file())
+    assert {"caption/000000.tar", "qa/000000.tar", "dpo/000000.tar", "val/000000.tar", "eval/000000.tar"} <= {
+        str(f) for f in files
+    }
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((world / f).read_bytes() == (again / f).read_bytes() for f in files)
+    other = toyworld.sample(4, "train", 0, SIZE, FRAMES)["scene"]
+    assert toyworld.sample(3, "train", 0, SIZE, FRAMES)["scene"] != other
+    assert toyworld.sample(3, "train", 0, SIZE, FRAMES)["scene"] != toyworld.sample(3, "eval", 0, SIZE, FRAMES)["scene"]
+
+
+def test_ensure_regenerates_only_for_other_settings(world, monkeypatch):
+    calls = []
+    monkeypatch.setattr(toyworld, "generate", lambda out, **kw: calls.append(kw) or out)
+    toyworld.ensure(world, **SETTINGS)
+    assert calls == []
+    toyworld.ensure(world, **{**SETTINGS, "seed": 4})
+    assert calls == [{**SETTINGS, "seed": 4}]
+
+
+def pixel(raw: dict, t: int, xy: list[int]) -> np.ndarray:
+    im = np.asarray(Image.open(io.BytesIO(raw[f"{t:03d}.jpg"])).convert("RGB"), dtype=int)
+    return im[xy[1], xy[0]]
+
+
+def test_answers_follow_from_the_scene_and_the_pixels(world):
+    questions = read(world / "eval" / "000000.tar")
+    val = read(world / "val" / "000000.tar")
+    assert len(questions) == SETTINGS["eval"]
+    for raw, raw_val in zip(questions, val, strict=True):
+        meta, scene = json.loads(raw["json"]), json.loads(raw["json"])["scene"]
+        cue = scene["cue"]["corner"]
+        right = [o for o in scene["objects"] if o["corner"] == cue]
+        assert len(right) == 1 and meta["options"][toyworld.LETTERS.index(meta["answer"])] == right[0]["colour"]
+        assert sorted(meta["options"]) == sorted(o["colour"] for o in scene["objects"])  # all four on screen
+        assert json.loads(raw_val["json"])["assistant"] == f"{meta['answer']}. {right[0]['colour']}"
+        # the rendered frames show what the scene says: a white ring at the cue, each colour in its corner
+        x, y = scene["cue"]["xy"]
+        assert (pixel(raw, 0, [x + scene["radius"] + 1, y]) > 200).all()
+        half = SIZE // 2
+        for o in scene["objects"]:
+            for t, (ox, oy) in enumerate(o["path"], start=1):
+                assert (ox >= half) == (o["corner"] % 2 == 1) and (oy >= half) == (o["corner"] >= 2)
+                assert np.abs(pixel(raw, t, [ox, oy]) - toyworld.COLOURS[o["colour"]]).max() < 40
+
+
+def test_every_family_agrees_on_the_answer(world):
+    families = {f: read(world / f / "000000.tar") for f in ("caption", "qa", "dpo")}
+    for cap, qa, dpo in zip(*families.values(), strict=True):
+        cap, qa, dpo = (json.loads(r["json"]) for r in (cap, qa, dpo))
+        colour = toyworld.answer_of(qa["scene"])
+        assert qa["assistant"].endswith(colour) and dpo["chosen"] == qa["assistant"] != dpo["rejected"]
+        assert dpo["user"] == qa["user"] and f"{colour} " in cap["caption"]
+
+
+@pytest.mark.parametrize(("family", "stage"), [("caption", 1), ("qa", 2), ("dpo", 3)])
+def test_training_reader_reads_every_family(world, tokenizer, family, stage):
+    cfg = DataConfig(
+        train_shards=str(world / family / "*.tar"), stage=stage, batch_size=4, max_frames=8, frame_size=SIZE,
+        num_workers=0, shuffle_buffer=0,
+    )  # fmt: skip
+    batches = list(data.make_loader(cfg, tokenizer))
+    assert sum(len(b["keys"]) for b in batches) == SETTINGS["train"]
+    assert batches[0]["frames"].shape[1:] == (FRAMES, 3, SIZE, SIZE) and batches[0]["frame_mask"].all()
+    assert all(not b["skipped"] for b in batches)
+
+
+def test_benchmark_reads_the_held_out_split_with_the_training_prompt(world):
+    bench = load_benchmark("toy", world / "eval")
+    val = [json.loads(r["json"]) for r in read(world / "val" / "000000.tar")]
+    assert [q.prompt for q in bench.questions] == [v["user"] for v in val]
+    assert [f"{q.answer}. {q.options['ABCD'.index(q.answer)]}" for q in bench.questions] == [
+        v["assistant"] for v in val
+    ]
+    assert {q.groups["task"] for q in bench.questions} == {toyworld.TASK}
