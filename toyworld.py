@@ -1,17 +1,19 @@
 """A synthetic video world, generated offline from a seed, where looking in the right place answers the question.
 
-Each clip has T frames on a grey, cluttered background (grey shapes of random size). Frame 0 holds a
-white ring in one corner of the frame: the cue. Frames 1..T-1 hold four coloured shapes, one per corner,
-drifting a little, among fresh clutter. The question asks for the colour of the shape in the corner the
-ring marked, and the four options are exactly the four colours on screen. So knowing *which* colours are
-present is worth nothing (chance is 25 %): the answer needs the colour bound to the cued corner. A query
-that reads a whole frame at once must squeeze four (corner, colour) pairs into one token; a query written
-after seeing the cue can read that one corner. That is what coarse_only cannot do and coarse_fine /
-autoregressive can.
+Each clip has T frames on a grey, cluttered background (grey shapes of random size). Frame 0 is the cue:
+a large disc of one of four colours in the middle of the frame. Frames 1..T-1 hold four shapes, one per
+quadrant, drifting a little, among fresh clutter, coloured with the four colours in random order. The
+question asks where the shape with the cue's colour is; the options are the four corners (chance 25 %).
+The cue is a colour because a pooled token reads colour almost perfectly (a linear probe on DINOv2's
+pooled features: 98-100 %), so one coarse glance at frame 0 is enough. The answer is a position because a
+pooled token keeps position poorly (45-64 %): a whole-frame token of frames 1.. holds four colours at four
+places and cannot say which colour is where. A query written after seeing the cue colour can look at the
+shape of that colour, and a token pooled over that shape's own patches knows its quadrant (99 %). That is
+what coarse_only cannot do and coarse_fine / autoregressive can.
 
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
   caption/NNNNNN.tar  stage 1: `caption` describing the clip
-  qa/NNNNNN.tar       stage 2: `user` (the multiple-choice prompt) / `assistant` ("B. red")
+  qa/NNNNNN.tar       stage 2: `user` (the multiple-choice prompt) / `assistant` ("C. bottom left")
   dpo/NNNNNN.tar      stage 3: `user` / `chosen` (the right option) / `rejected` (a wrong one)
   val/NNNNNN.tar      held-out clips as stage-2 samples, for validation loss
   eval/NNNNNN.tar     the same held-out clips as multiple-choice questions in benchmarks.py's schema
@@ -48,10 +50,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 GREY, GREY_RGB = "grey", (165, 165, 165)  # a shape that is no answer (training clips with fewer colours)
 SHAPES = ("circle", "square", "triangle", "diamond")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
-QUESTION = "A ring marked a corner. What colour is the shape in that corner?"
+QUESTION = "Where is the shape that has the colour of the first frame?"
 SPLITS = {"train": 0, "eval": 1}  # independent random streams: no eval clip is a training clip
 SHARD_SIZE = 500
-TASK = "cued colour"
+TASK = "colour cue"
 MANIFEST = "toyworld.json"
 TRAIN_CLIPS, EVAL_CLIPS = 2000, 200
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
@@ -71,15 +73,15 @@ def _corner_box(corner: int, size: int, margin: int) -> tuple[int, int, int, int
 def make_scene(
     rng: np.random.Generator, size: int = 112, frames: int = 4, coloured: int = 4, clutter: int = 6
 ) -> dict[str, Any]:
-    """The description of one clip (plain JSON types): the cue, one shape per corner with its path, clutter.
+    """The description of one clip (plain JSON types): the cue disc, one shape per corner with its path, clutter.
 
-    `coloured` shapes (the cued one included) take distinct colours; the others are grey.
+    `coloured` shapes (the one with the cue's colour included) take distinct colours; the others are grey.
     """
     r = size // 10  # shape radius: about two 14-px patches across at 112 px
-    cue = int(rng.integers(4))
-    cx0, cy0, cx1, cy1 = _corner_box(cue, size, r + 3)
     colours = [str(c) for c in rng.permutation(list(COLOURS))]
-    for corner in rng.choice([c for c in range(4) if c != cue], 4 - coloured, replace=False):
+    cue = colours[int(rng.integers(4))]
+    target = colours.index(cue)
+    for corner in rng.choice([c for c in range(4) if c != target], 4 - coloured, replace=False):
         colours[corner] = GREY
     objects = []
     for corner, colour in enumerate(colours):
@@ -104,7 +106,7 @@ def make_scene(
         "size": size,
         "frames": frames,
         "radius": r,
-        "cue": {"corner": cue, "xy": rng.uniform([cx0, cy0], [cx1, cy1]).round().astype(int).tolist()},
+        "cue": {"colour": cue, "xy": [size // 2, size // 2], "radius": size // 4},
         "objects": objects,
         "clutter": grey,
         "noise_seed": int(rng.integers(2**31)),
@@ -135,8 +137,8 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
         for c in scene["clutter"][t]:
             _shape(draw, c["shape"], c["xy"], c["r"], (c["grey"],) * 3)
         if t == 0:
-            x, y = scene["cue"]["xy"]
-            draw.ellipse((x - r - 3, y - r - 3, x + r + 3, y + r + 3), outline=(255, 255, 255), width=4)
+            (x, y), cr = scene["cue"]["xy"], scene["cue"]["radius"]
+            draw.ellipse((x - cr, y - cr, x + cr, y + cr), fill=COLOURS[scene["cue"]["colour"]])
         else:
             for o in scene["objects"]:
                 _shape(draw, o["shape"], o["path"][t - 1], r, COLOURS.get(o["colour"], GREY_RGB))
@@ -145,8 +147,8 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
 
 
 def answer_of(scene: dict[str, Any]) -> str:
-    """The colour of the shape in the cued corner: what every question about the scene asks."""
-    return next(o["colour"] for o in scene["objects"] if o["corner"] == scene["cue"]["corner"])
+    """The corner of the shape with the cue's colour: what every question about the scene asks."""
+    return next(CORNERS[o["corner"]] for o in scene["objects"] if o["colour"] == scene["cue"]["colour"])
 
 
 def mcq_prompt(question: str, options: list[str]) -> str:
@@ -155,20 +157,20 @@ def mcq_prompt(question: str, options: list[str]) -> str:
 
 
 def caption(scene: dict[str, Any]) -> str:
-    parts = [f"a {o['colour']} {o['shape']} {CORNERS[o['corner']]}" for o in scene["objects"]]
-    return f"A ring marks the {CORNERS[scene['cue']['corner']]}. Then " + ", ".join(parts) + "."
+    parts = [f"a {o['colour']} {o['shape']} at the {CORNERS[o['corner']]}" for o in scene["objects"]]
+    return f"A {scene['cue']['colour']} disc. Then " + ", ".join(parts) + "."
 
 
 def sample(seed: int, split: str, index: int, size: int = 112, frames: int = 4) -> dict[str, Any]:
     """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another).
 
-    Held-out clips always show four colours. Training clips show 1 to 4, uniformly: with one, any look
-    that finds the colour answers, which teaches reading colours; with more, only a look at the cued corner
-    does, and it is rewarded because the coloured shape was always in the cued corner.
+    Held-out clips always show four colours. Training clips show 1 to 4, uniformly (the cue's colour always
+    among them, the rest grey): with one, any look at the colourful thing answers, which teaches reading
+    where a shape is; with more, only a look at the shape of the cue's colour does.
     """
     rng = _rng(seed, split, index)
     scene = make_scene(rng, size, frames, coloured=4 if split == "eval" else int(rng.integers(1, 5)))
-    options = list(COLOURS)
+    options = list(CORNERS)
     answer = options.index(answer_of(scene))
     wrong = int(rng.choice([i for i in range(4) if i != answer]))
     return {"scene": scene, "frames": render(scene), "options": options, "answer": answer, "wrong": wrong}

@@ -61,14 +61,18 @@ def test_answers_follow_from_the_scene_and_the_pixels(world):
     assert len(questions) == SETTINGS["eval"]
     for raw, raw_val in zip(questions, val, strict=True):
         meta, scene = json.loads(raw["json"]), json.loads(raw["json"])["scene"]
-        cue = scene["cue"]["corner"]
-        right = [o for o in scene["objects"] if o["corner"] == cue]
-        assert len(right) == 1 and meta["options"][toyworld.LETTERS.index(meta["answer"])] == right[0]["colour"]
-        assert sorted(meta["options"]) == sorted(o["colour"] for o in scene["objects"])  # all four on screen
-        assert json.loads(raw_val["json"])["assistant"] == f"{meta['answer']}. {right[0]['colour']}"
-        # the rendered frames show what the scene says: a white ring at the cue, each colour in its corner
-        x, y = scene["cue"]["xy"]
-        assert (pixel(raw, 0, [x + scene["radius"] + 1, y]) > 200).all()
+        colour = scene["cue"]["colour"]
+        right = [o for o in scene["objects"] if o["colour"] == colour]
+        corner = toyworld.CORNERS[right[0]["corner"]]
+        assert meta["options"] == list(toyworld.CORNERS) and len(right) == 1
+        assert meta["options"][toyworld.LETTERS.index(meta["answer"])] == corner == toyworld.answer_of(scene)
+        assert sorted(o["colour"] for o in scene["objects"]) == sorted(toyworld.COLOURS)  # all four on screen
+        assert sorted(o["corner"] for o in scene["objects"]) == [0, 1, 2, 3]
+        assert json.loads(raw_val["json"])["assistant"] == f"{meta['answer']}. {corner}"
+        # the rendered frames show what the scene says: the cue's colour in the middle of frame 0, each
+        # shape's colour at its centre in frames 1.., its path inside its own quadrant
+        assert scene["cue"]["xy"] == [SIZE // 2, SIZE // 2] and scene["cue"]["radius"] == SIZE // 4
+        assert np.abs(pixel(raw, 0, scene["cue"]["xy"]) - toyworld.COLOURS[colour]).max() < 40
         half = SIZE // 2
         for o in scene["objects"]:
             for t, (ox, oy) in enumerate(o["path"], start=1):
@@ -76,13 +80,36 @@ def test_answers_follow_from_the_scene_and_the_pixels(world):
                 assert np.abs(pixel(raw, t, [ox, oy]) - toyworld.COLOURS[o["colour"]]).max() < 40
 
 
+def test_training_clips_grey_out_all_but_one_to_four_shapes_never_the_answer(world):
+    for raw in read(world / "qa" / "000000.tar"):
+        scene = json.loads(raw["json"])["scene"]
+        colours = [o["colour"] for o in scene["objects"]]
+        coloured = [c for c in colours if c != toyworld.GREY]
+        assert scene["cue"]["colour"] in coloured and len(set(coloured)) == len(coloured)
+        for o in scene["objects"]:  # grey shapes are drawn grey
+            rgb = toyworld.COLOURS.get(o["colour"], toyworld.GREY_RGB)
+            assert np.abs(pixel(raw, 1, o["path"][0]) - rgb).max() < 40
+    counts, answers = set(), set()
+    for i in range(40):  # scenes only, no rendering: cheap
+        rng = toyworld._rng(0, "train", i)
+        scene = toyworld.make_scene(rng, SIZE, FRAMES, coloured=int(rng.integers(1, 5)))
+        counts.add(sum(o["colour"] != toyworld.GREY for o in scene["objects"]))
+        answers.add(toyworld.answer_of(scene))
+    assert counts == {1, 2, 3, 4} and answers == set(toyworld.CORNERS)  # the answer is any corner
+
+
 def test_every_family_agrees_on_the_answer(world):
     families = {f: read(world / f / "000000.tar") for f in ("caption", "qa", "dpo")}
     for cap, qa, dpo in zip(*families.values(), strict=True):
         cap, qa, dpo = (json.loads(r["json"]) for r in (cap, qa, dpo))
-        colour = toyworld.answer_of(qa["scene"])
-        assert qa["assistant"].endswith(colour) and dpo["chosen"] == qa["assistant"] != dpo["rejected"]
-        assert dpo["user"] == qa["user"] and f"{colour} " in cap["caption"]
+        scene, corner = qa["scene"], toyworld.answer_of(qa["scene"])
+        colour = scene["cue"]["colour"]
+        right = next(o for o in scene["objects"] if o["colour"] == colour)
+        assert qa["assistant"].endswith(f". {corner}") and dpo["chosen"] == qa["assistant"] != dpo["rejected"]
+        assert dpo["rejected"][3:] in toyworld.CORNERS
+        assert dpo["user"] == qa["user"] == toyworld.mcq_prompt(toyworld.QUESTION, list(toyworld.CORNERS))
+        assert cap["caption"].startswith(f"A {colour} disc. Then ")
+        assert f"a {colour} {right['shape']} at the {corner}" in cap["caption"]
 
 
 @pytest.mark.parametrize(("family", "stage"), [("caption", 1), ("qa", 2), ("dpo", 3)])
