@@ -38,10 +38,13 @@ class ModelConfig:
     visual_scale: float = 0.14  # SmolLM2's input-embedding std: visual tokens enter at text scale
     deep_query: bool = True  # query through every DINO layer; False = one cross-attention (ablation)
     glimpses: int = 1  # queries (and so tokens) per frame
+    frames_at: str = "start"  # start: before all text (published) | user_turn: inside the first user turn
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"'model.family' must be one of {FAMILIES}, got '{self.family}'")
+        if self.frames_at not in ("start", "user_turn"):
+            raise ConfigError(f"'model.frames_at' must be 'start' or 'user_turn', got '{self.frames_at}'")
 
 
 @dataclass

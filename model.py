@@ -1,8 +1,12 @@
 """FoveatedVLM: one visual token per frame per glimpse, with the LLM choosing where to look next.
 
-Sequence layout, for every mode: [frame tokens (T_max * k slots)] [text (L_max slots)], padded
-slots masked out. Positions are the running count of real tokens, so a sample padded inside a
-batch sees exactly the keys and positions it would see alone.
+Sequence layout, for every mode: [head] [frame tokens (T_max * k slots)] [rest of the text (padded)],
+padded slots masked out. The head is empty with `frames_at: start` (the published layout: frames before
+all text); with `frames_at: user_turn` it is the chat template's opening up to the first user turn's
+content, which every text row must start with. A pretrained chat LLM reads what stands inside a user
+turn but all but ignores what precedes its template, so a frozen or briefly trained LLM learns to use
+the frames far sooner there. Positions are the running count of real tokens, so a sample padded inside
+a batch sees exactly the keys and positions it would see alone.
 
 All I/O (backbone weights, save/load) lives in `weights.py` and `checkpoint.py`; the classmethods
 at the bottom are entry points into them.
@@ -20,6 +24,7 @@ from transformers import DynamicCache
 
 from config import ModelConfig
 from encoder import FoveatedEncoder, PatchCache
+from tokenization import user_turn_head
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
 IGNORE_INDEX = -100
@@ -74,6 +79,10 @@ class FoveatedVLM(nn.Module):
         # std 1.0: with 0.02 the query's attention starts uniform and never learns to look
         self.q_static = nn.Parameter(torch.randn(k, dq))
         self.q_init = nn.Parameter(torch.randn(k, dq))
+        if config.frames_at == "user_turn" and tokenizer is None:
+            raise ValueError("model.frames_at 'user_turn' needs the tokenizer, whose chat template places the frames")
+        head = user_turn_head(tokenizer) if config.frames_at == "user_turn" else []
+        self.register_buffer("head_ids", torch.tensor(head, dtype=torch.long), persistent=False)  # (H,)
 
     # ---- visual side -------------------------------------------------------------------
 
@@ -115,15 +124,21 @@ class FoveatedVLM(nn.Module):
         )
         return out.last_hidden_state
 
-    def visual_tokens(self, cache: PatchCache, frame_mask: Tensor, mode: str) -> tuple[Tensor, Tensor]:
-        """Parallel modes: tokens (B, T*k, D_llm) and attention (B, T, k, 1+P) of the final read."""
+    def visual_tokens(
+        self, cache: PatchCache, frame_mask: Tensor, mode: str, head: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Parallel modes, after the `head` embeddings (B, H, D): tokens (B, T*k, D_llm) and attention
+        (B, T, k, 1+P) of the final read."""
         b, t = frame_mask.shape
         coarse, attn = self._read(cache, self.q_static.expand(b, t, *self.q_static.shape), frame_mask)
         if mode == "coarse_only" or t == 0:
             return coarse, attn
-        # pass 1: under causal attention the text cannot influence the visual positions,
-        # so the LLM over the coarse tokens alone gives each frame's query for the next frame
-        hidden = self._llm(coarse, self._slot_mask(frame_mask))  # (B, T*k, D)
+        # pass 1: under causal attention the text after the frames cannot influence the visual positions,
+        # so the LLM over [head, coarse tokens] alone gives each frame's query for the next frame
+        head = coarse[:, :0] if head is None else head
+        h = head.shape[1]
+        mask = torch.cat([frame_mask.new_ones(b, h, dtype=torch.long), self._slot_mask(frame_mask)], dim=1)
+        hidden = self._llm(torch.cat([head, coarse], dim=1), mask)[:, h:]  # (B, T*k, D)
         last = hidden.view(b, t, self.config.glimpses, -1)[:, :-1, -1]  # (B, T-1, D)
         q_next = self.llm_to_query(last).view(b, t - 1, *self.q_init.shape)
         queries = torch.cat([self.q_init.expand(b, 1, *self.q_init.shape), q_next], dim=1)  # (B, T, k, Dq)
@@ -143,28 +158,50 @@ class FoveatedVLM(nn.Module):
         """Run the LLM over [frame tokens, text]; `kv_cache` keeps its state for continuing."""
         if mode not in MODES:
             raise ValueError(f"unknown forward mode '{mode}'; expected one of {MODES}")
-        text = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
+        h = self._head_length(input_ids, attention_mask)
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
+        head, text, text_mask = embeds[:, :h], embeds[:, h:], attention_mask[:, h:].long()
         past = DynamicCache() if kv_cache else None
         if mode == "autoregressive":
-            return self._autoregressive(cache, frame_mask, text, attention_mask.long(), past)
-        vis, attn = self.visual_tokens(cache, frame_mask, mode)
-        mask = torch.cat([self._slot_mask(frame_mask), attention_mask.long()], dim=1)
-        hidden = self._llm(torch.cat([vis, text], dim=1), mask, past)
-        return Prefix(hidden[:, vis.shape[1] :], mask, past, attn)
+            return self._autoregressive(cache, frame_mask, head, text, text_mask, past)
+        vis, attn = self.visual_tokens(cache, frame_mask, mode, head)
+        mask = torch.cat([attention_mask[:, :h].long(), self._slot_mask(frame_mask), text_mask], dim=1)
+        hidden = self._llm(torch.cat([head, vis, text], dim=1), mask, past)
+        return Prefix(torch.cat([hidden[:, :h], hidden[:, h + vis.shape[1] :]], dim=1), mask, past, attn)
+
+    def _head_length(self, input_ids: Tensor, attention_mask: Tensor) -> int:
+        """H, the number of leading text tokens that go before the frames: every row must start with them."""
+        h = len(self.head_ids)
+        if h and not (
+            input_ids.shape[1] >= h and (input_ids[:, :h] == self.head_ids).all() and attention_mask[:, :h].all()
+        ):
+            raise ValueError(
+                "model.frames_at is 'user_turn': every text must open with the chat template's first user turn "
+                f"({self.tokenizer.decode(self.head_ids)!r}); tokenise it with tokenization.py's chat functions"
+            )
+        return h
 
     def _autoregressive(
-        self, cache: PatchCache, frame_mask: Tensor, text: Tensor, text_mask: Tensor, past: DynamicCache | None
+        self,
+        cache: PatchCache,
+        frame_mask: Tensor,
+        head: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        past: DynamicCache | None,
     ) -> Prefix:
-        """Frame t is read with the query from the fine tokens of frames < t, one LLM step per frame.
+        """After the `head` (B, H, D), frame t is read with the query from the fine tokens of frames < t,
+        one LLM step per frame; then the `text` (B, L', D).
 
         With `past` the LLM advances on its KV cache; without, every step reruns the whole
         sequence so far (the reference the cache must match).
         """
         b, t = frame_mask.shape
-        k = self.config.glimpses
+        k, h = self.config.glimpses, head.shape[1]
         counts = frame_mask.sum(0).tolist()  # real frames at each step, contiguous in the cache
-        mask = frame_mask.new_zeros(b, 0, dtype=torch.long)
-        seq = text.new_zeros(b, 0, text.shape[-1])  # (B, S, D), only needed without cache
+        mask = frame_mask.new_ones(b, h, dtype=torch.long)
+        seq = head  # (B, S, D), only needed without cache
+        head_hidden = self._llm(head, mask, past) if past is not None and h else head[:, :0]
         queries = self.q_init.expand(b, 1, *self.q_init.shape)
         start, attns = 0, []
         for step in range(t):
@@ -183,9 +220,10 @@ class FoveatedVLM(nn.Module):
         if past is not None:
             hidden = self._llm(text, mask, past)
         else:
-            hidden = self._llm(torch.cat([seq, text], dim=1), mask)[:, seq.shape[1] :]
+            full = self._llm(torch.cat([seq, text], dim=1), mask)
+            head_hidden, hidden = full[:, :h], full[:, seq.shape[1] :]
         attention = torch.cat(attns, dim=1) if attns else None
-        return Prefix(hidden, mask, past, attention)
+        return Prefix(torch.cat([head_hidden, hidden], dim=1), mask, past, attention)
 
     def forward(
         self,

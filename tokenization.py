@@ -34,6 +34,17 @@ def prompt_ids(tokenizer: Any, user: str) -> list[int]:
     return _ids(tokenizer, _render(tokenizer, user))
 
 
+def user_turn_head(tokenizer: Any) -> list[int]:
+    """Tokens of the chat template up to the content of the first user turn (system prompt included):
+    what every `prompt_ids` / `chat_ids` row starts with, and where `model.frames_at: user_turn` puts the frames."""
+    marker = "FVLM_USER_CONTENT"
+    rendered = _render(tokenizer, marker)
+    head = _ids(tokenizer, rendered[: rendered.index(marker)])
+    if prompt_ids(tokenizer, "Hello")[: len(head)] != head:
+        raise ValueError("the chat template's opening does not tokenise the same on its own as before a user turn")
+    return head
+
+
 def _answer(tokenizer: Any, user: str, assistant: str) -> tuple[list[int], list[int], list[int]]:
     """(prompt, answer, end-of-turn suffix) token lists of one exchange."""
     prompt, full = _render(tokenizer, user), _render(tokenizer, user, assistant)

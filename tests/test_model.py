@@ -191,3 +191,68 @@ def test_text_only_model_is_exactly_its_llm():
     ours = model(fr, fm, ids, am).logits
     plain = model.llm(input_ids=ids, attention_mask=am).logits
     assert (ours[am.bool()] - plain[am.bool()]).abs().max() <= 1e-5
+
+
+def user_turn_batch(tokenizer, lengths_t, users, seed=0):
+    """Chat prompts (all opening with the template's user turn), right-padded, with T_b frames each."""
+    from tokenization import prompt_ids
+
+    rows = [prompt_ids(tokenizer, u) for u in users]
+    n = max(map(len, rows))
+    ids = torch.full((len(rows), n), tokenizer.pad_token_id)
+    am = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], am[i, : len(r)] = torch.tensor(r), 1
+    t = max(lengths_t)
+    fm = torch.arange(t)[None] < torch.tensor(lengths_t)[:, None]
+    return frames(len(rows), t, seed), fm, ids, am
+
+
+USERS = ["What is shown?", "Where is the red square, and what is next to it?", "Hi"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frames_in_the_user_turn_sit_after_the_head(tokenizer, mode):
+    """frames_at user_turn: the LLM sees [head, frame tokens, rest of the text]; padded batch == each alone."""
+    from tokenization import user_turn_head
+
+    model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="user_turn")
+    head = user_turn_head(tokenizer)
+    assert tokenizer.decode(head).endswith("<|im_start|>user\n") and torch.equal(model.head_ids, torch.tensor(head))
+    fr, fm, ids, am = user_turn_batch(tokenizer, [3, 1, 0], USERS)
+    logits = model(fr, fm, ids, am, mode=mode).logits
+    assert logits.shape[:2] == ids.shape
+    for i, n in enumerate(am.sum(1).tolist()):
+        t = int(fm[i].sum())
+        alone = model(fr[i : i + 1, :t], fm[i : i + 1, :t], ids[i : i + 1, :n], am[i : i + 1, :n], mode=mode).logits
+        assert (logits[i, :n] - alone[0]).abs().max() <= 1e-5, (mode, i)
+    if mode == "coarse_only":  # the same numbers as the LLM run by hand over [head, tokens, rest]
+        h, cache = len(head), model.encode(fr[:1], fm[:1])
+        vis, _ = model.visual_tokens(cache, fm[:1], mode, head=None)
+        n = int(am[0].sum())
+        embeds = model.llm.get_input_embeddings()(ids[:1, :n])
+        out = model.llm(inputs_embeds=torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1)).logits
+        reference = torch.cat([out[:, :h], out[:, h + vis.shape[1] :]], dim=1)
+        assert (logits[:1, :n] - reference).abs().max() <= 1e-5
+
+
+def test_frames_in_the_user_turn_kv_cache_and_one_frame(tokenizer):
+    model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="user_turn")
+    fr, fm, ids, am = user_turn_batch(tokenizer, [4, 2, 0], USERS)
+    cache = model.encode(fr, fm)
+    cached = model.prefix(cache, fm, ids, am, "autoregressive", kv_cache=True)
+    fresh = model.prefix(cache, fm, ids, am, "autoregressive", kv_cache=False)
+    keep = am.bool()
+    assert (cached.hidden[keep] - fresh.hidden[keep]).abs().max() <= 1e-5 and torch.equal(cached.mask, fresh.mask)
+    fr, fm, ids, am = user_turn_batch(tokenizer, [1, 1], USERS[:2])
+    ar = model(fr, fm, ids, am, mode="autoregressive").logits
+    assert (ar - model(fr, fm, ids, am, mode="coarse_fine").logits).abs().max() <= 1e-5
+
+
+def test_frames_in_the_user_turn_reject_text_without_the_template(tokenizer):
+    model = tiny_model(tokenizer=tokenizer, frames_at="user_turn")
+    ids = torch.tensor([tokenizer("no template here", add_special_tokens=False)["input_ids"]])
+    with pytest.raises(ValueError, match="frames_at is 'user_turn'"):
+        model(frames(1, 1), torch.ones(1, 1, dtype=torch.bool), ids, torch.ones_like(ids))
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        tiny_model(frames_at="user_turn")
