@@ -22,7 +22,8 @@ Every JSON also carries `scene`, the clip's full description, from which it is r
 the answer can be recomputed (`answer_of`). Same seed and sizes, same bytes; `ensure` regenerates only
 when the manifest (toyworld.json) records other settings.
 
-    python toyworld.py --out data/toy --seed 0 [--train 4000 --eval 200]
+    python toyworld.py run                                   # generate if missing, train, evaluate, draw
+    python toyworld.py generate --out data/toy --seed 0     # the shards only
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ SPLITS = {"train": 0, "eval": 1}  # independent random streams: no eval clip is 
 SHARD_SIZE = 500
 TASK = "colour cue"
 MANIFEST = "toyworld.json"
-TRAIN_CLIPS, EVAL_CLIPS = 2000, 200
+TRAIN_CLIPS, EVAL_CLIPS = 2000, 100
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
 

@@ -132,3 +132,41 @@ def test_benchmark_reads_the_held_out_split_with_the_training_prompt(world):
         v["assistant"] for v in val
     ]
     assert {q.groups["task"] for q in bench.questions} == {toyworld.TASK}
+
+
+def test_a_few_training_steps_on_toy_shards_lower_the_loss(world, tokenizer, tmp_path):
+    """The real trainer on the toy qa shards (tiny model, frames inside the user turn as configs/toy.yaml has
+    them): the held-out answer loss falls."""
+    import torch
+
+    import train
+    from config import Config, from_dict
+    from model import FoveatedVLM
+    from tests.tiny import IMAGE, tiny_model
+
+    start = tmp_path / "start"
+    tiny_model(tokenizer=tokenizer, frames_at="user_turn").save_pretrained(start)
+    data_cfg = {
+        "train_shards": str(world / "qa" / "*.tar"), "val_shards": str(world / "val" / "*.tar"), "stage": 2,
+        "batch_size": 3, "max_frames": FRAMES, "frame_size": IMAGE, "num_workers": 0, "shuffle_buffer": 0,
+    }  # fmt: skip
+    cfg = from_dict(
+        Config,
+        {
+            "data": data_cfg,
+            "optim": {"lr_connector": 1e-2, "lr_vision": 0.0, "lr_llm": 3e-3, "schedule": "constant", "warmup": 0.0},
+            "train": {"init_from": str(start), "max_steps": 8, "save_every": 8, "out_dir": str(tmp_path / "run")},
+        },
+    )
+
+    def val_loss(model: FoveatedVLM) -> float:
+        with torch.no_grad():
+            batches = list(data.make_loader(from_dict(DataConfig, {**data_cfg, "stage": 2}), tokenizer, split="val"))
+            return sum(
+                model(b["frames"], b["frame_mask"], b["input_ids"], b["attention_mask"], b["labels"]).loss.item()
+                for b in batches
+            ) / len(batches)
+
+    before = val_loss(FoveatedVLM.from_pretrained(start))
+    after = val_loss(FoveatedVLM.from_pretrained(train.train(cfg)))
+    assert after < 0.7 * before, (before, after)
