@@ -74,6 +74,8 @@ class FoveatedVLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer  # not a module: carried so generation and saving find it
         k, dq, d_llm = config.glimpses, config.query_dim, llm.config.hidden_size
+        # a read token is mostly what every frame shares; per-feature standardisation exposes what differs
+        self.token_norm = nn.BatchNorm1d(self.encoder.dim) if config.token_norm == "batch" else nn.Identity()
         self.dino_to_llm = nn.Linear(self.encoder.dim, d_llm)
         self.llm_to_query = nn.Linear(d_llm, k * dq)
         # std 1.0: with 0.02 the query's attention starts uniform and never learns to look
@@ -99,7 +101,7 @@ class FoveatedVLM(nn.Module):
         b, t, k, _ = queries.shape
         mt = frame_mask.T  # (T, B)
         tok, attn = self.encoder.query_attend(queries.transpose(0, 1)[mt], cache)  # (N, k, D), (N, k, 1+P)
-        tok = self.dino_to_llm(tok) * self.config.visual_scale
+        tok = self.dino_to_llm(self.token_norm(tok.flatten(0, 1)).view(tok.shape)) * self.config.visual_scale
         tokens = tok.new_zeros(t, b, k, tok.shape[-1])
         tokens[mt] = tok
         attention = attn.new_zeros(t, b, k, attn.shape[-1])

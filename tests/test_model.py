@@ -256,3 +256,29 @@ def test_frames_in_the_user_turn_reject_text_without_the_template(tokenizer):
         model(frames(1, 1), torch.ones(1, 1, dtype=torch.bool), ids, torch.ones_like(ids))
     with pytest.raises(ValueError, match="needs the tokenizer"):
         tiny_model(frames_at="user_turn")
+
+
+def test_token_norm_standardises_real_frames_and_is_per_sample_after_training(tmp_path):
+    """token_norm batch: in training the read tokens of the real frames (padding excluded) are standardised per
+    feature; after training (running statistics) a padded batch still equals each sample alone, and
+    save/load keeps the statistics."""
+    model = tiny_model(glimpses=2, token_norm="batch").train()
+    fr, fm, ids, am = batch([3, 1, 2], [4, 6, 2])
+    seen = []
+    model.dino_to_llm.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    model(fr, fm, ids, am, mode="coarse_only")
+    x = seen[0].flatten(0, -2)  # (real frames * glimpses, D): 6 frames * 2, padding never read
+    assert x.shape[0] == 12
+    assert x.mean(0).abs().max() < 1e-5 and (x.var(0, unbiased=False) - 1).abs().max() < 1e-2  # eps
+    for _ in range(3):
+        model(fr, fm, ids, am, mode="coarse_fine")
+    model.eval()
+    for mode in MODES:
+        logits = model(fr, fm, ids, am, mode=mode).logits
+        for i, (t, n) in enumerate(zip([3, 1, 2], [4, 6, 2], strict=True)):
+            alone = model(fr[i : i + 1, :t], fm[i : i + 1, :t], ids[i : i + 1, :n], am[i : i + 1, :n], mode=mode)
+            assert (logits[i, :n] - alone.logits[0]).abs().max() <= 1e-5, (mode, i)
+    model.save_pretrained(tmp_path / "m")
+    loaded = FoveatedVLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.token_norm.running_var, model.token_norm.running_var)
+    assert torch.equal(loaded(fr, fm, ids, am).logits, model(fr, fm, ids, am).logits)

@@ -50,12 +50,24 @@ def tiny_llm(seed: int = 1, vocab: int = 64) -> LlamaForCausalLM:
 
 
 def tiny_model(
-    glimpses: int = 1, deep: bool = True, seed: int = 0, tokenizer=None, frames_at: str = "start"
+    glimpses: int = 1,
+    deep: bool = True,
+    seed: int = 0,
+    tokenizer=None,
+    frames_at: str = "start",
+    token_norm: str = "none",
 ) -> FoveatedVLM:
     """With a tokenizer (e.g. the real SmolLM2 one), the LLM's vocabulary is sized to it and the model carries it."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        dino="tiny", llm="tiny", query_dim=16, visual_scale=0.5, deep_query=deep, glimpses=glimpses, frames_at=frames_at
+        dino="tiny",
+        llm="tiny",
+        query_dim=16,
+        visual_scale=0.5,
+        deep_query=deep,
+        glimpses=glimpses,
+        frames_at=frames_at,
+        token_norm=token_norm,
     )
     llm = tiny_llm(seed + 1, vocab=len(tokenizer) if tokenizer is not None else 64)
     return FoveatedVLM(cfg, tiny_dino(seed), llm, tokenizer).eval()
