@@ -261,6 +261,18 @@ def test_unknown_config_key_fails_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_floats_written_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 reads `1e-2` as a string; a float key takes it, and a word there is still an error."""
+    from config import ConfigError, load_config
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("optim:\n  lr_llm: 3e-5\n")
+    cfg = load_config(config_file, ["optim.lr_connector=1e-2"])
+    assert (cfg.optim.lr_llm, cfg.optim.lr_connector) == (3e-5, 1e-2)
+    with pytest.raises(ConfigError, match="'optim.lr_connector' must be float, got 'fast'"):
+        load_config(config_file, ["optim.lr_connector=fast"])
+
+
 def test_schedules_at_known_steps():
     peaks = {"connector": 1e-3, "vision": 1e-5, "llm": 2e-5}
     conv = Schedule("converging", max_steps=100, warmup=0.1, target_lr=3e-5, min_lr_ratio=0.0)
