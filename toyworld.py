@@ -1,15 +1,17 @@
 """A synthetic video world, generated offline from a seed, where looking in the right place answers the question.
 
 Each clip has T frames on a grey, cluttered background (grey shapes of random size). Frame 0 is the cue:
-a large disc of one of four colours in the middle of the frame. Frames 1..T-1 hold four shapes, one per
-quadrant, drifting a little, among fresh clutter, coloured with the four colours in random order. The
-question asks where the shape with the cue's colour is; the options are the four corners (chance 25 %).
-The cue is a colour because a pooled token reads colour almost perfectly (a linear probe on DINOv2's
-pooled features: 98-100 %), so one coarse glance at frame 0 is enough. The answer is a position because a
-pooled token keeps position poorly (45-64 %): a whole-frame token of frames 1.. holds four colours at four
-places and cannot say which colour is where. A query written after seeing the cue colour can look at the
-shape of that colour, and a token pooled over that shape's own patches knows its quadrant (99 %). That is
-what coarse_only cannot do and coarse_fine / autoregressive can.
+a large disc of one of four colours (red, green, blue, yellow) in the middle of the frame. Frames
+1..T-1 hold four boxes, one per quadrant, drifting a little, among fresh clutter: each box is a square
+of one of the four cue colours with a disc of another palette (white, black, purple, orange) inside. The
+question asks what colour is inside the box that has the cue's colour; the options are the four inside
+colours (chance 25 %). Of the four boxes 1 to 4 are coloured, the cue's among them, the rest grey (see
+`sample`). A whole-frame token of frames 1.. holds all the colours and cannot say which inside goes with
+which box; a query written after seeing the cue can look for patches of the cue's colour, and those
+patches carry the inside colour too. Colour both selects and answers because it is what DINOv2's features
+hold most plainly: with one coloured box, a linear probe reads the inside colour from a single read token
+of frame 1 at 97 % (random query) and from pooled features at 98 %; with four, at chance (19-25 %). What
+the four-box clips add is where to look: what coarse_only cannot do and coarse_fine / autoregressive can.
 
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
   caption/NNNNNN.tar  stage 1: `caption` describing the clip
@@ -42,19 +44,25 @@ from PIL import Image, ImageDraw
 
 from benchmarks import LETTER_PROMPT, LETTERS, options_block
 
-COLOURS: dict[str, tuple[int, int, int]] = {
+COLOURS: dict[str, tuple[int, int, int]] = {  # the cue's and the boxes' colours
     "red": (225, 30, 30),
     "green": (30, 175, 50),
     "blue": (40, 80, 235),
     "yellow": (240, 215, 30),
 }
-GREY, GREY_RGB = "grey", (165, 165, 165)  # a shape that is no answer (training clips with fewer colours)
-SHAPES = ("circle", "square", "triangle", "diamond")
+INSIDES: dict[str, tuple[int, int, int]] = {  # what a box holds: the answers, in option order
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "purple": (135, 45, 190),
+    "orange": (250, 140, 20),
+}
+GREY, GREY_RGB = "grey", (165, 165, 165)  # a box that is no answer (training clips with fewer colours)
+SHAPES = ("circle", "square", "triangle", "diamond")  # of the grey clutter
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
-QUESTION = "Where is the shape that has the colour of the first frame?"
+QUESTION = "What colour is inside the box that has the colour of the first frame?"
 SPLITS = {"train": 0, "eval": 1}  # independent random streams: no eval clip is a training clip
 SHARD_SIZE = 500
-TASK = "colour cue"
+TASK = "{n} of 4 boxes coloured"  # the evaluation's group: a glance is right 1/n of the time
 MANIFEST = "toyworld.json"
 TRAIN_CLIPS, EVAL_CLIPS = 2000, 100
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
@@ -74,23 +82,25 @@ def _corner_box(corner: int, size: int, margin: int) -> tuple[int, int, int, int
 def make_scene(
     rng: np.random.Generator, size: int = 112, frames: int = 4, coloured: int = 4, clutter: int = 6
 ) -> dict[str, Any]:
-    """The description of one clip (plain JSON types): the cue disc, one shape per corner with its path, clutter.
+    """The description of one clip (plain JSON types): the cue disc, one box per corner with its path, clutter.
 
-    `coloured` shapes (the one with the cue's colour included) take distinct colours; the others are grey.
+    `coloured` boxes (the one with the cue's colour included) take distinct colours and distinct insides;
+    the others are grey throughout.
     """
-    r = size // 10  # shape radius: about two 14-px patches across at 112 px
+    r = size // 6  # a box's half-width: about three 14-px patches across at 112 px
     colours = [str(c) for c in rng.permutation(list(COLOURS))]
+    insides = [str(c) for c in rng.permutation(list(INSIDES))]
     cue = colours[int(rng.integers(4))]
     target = colours.index(cue)
     for corner in rng.choice([c for c in range(4) if c != target], 4 - coloured, replace=False):
-        colours[corner] = GREY
+        colours[corner] = insides[corner] = GREY
     objects = []
-    for corner, colour in enumerate(colours):
+    for corner in range(4):
         x0, y0, x1, y1 = _corner_box(corner, size, r + 1)
         start = rng.uniform([x0, y0], [x1, y1])
         step = rng.uniform(-r / 3, r / 3, 2)
         path = [np.clip(start + t * step, [x0, y0], [x1, y1]).round().astype(int).tolist() for t in range(frames - 1)]
-        objects.append({"corner": corner, "colour": colour, "shape": SHAPES[rng.integers(4)], "path": path})
+        objects.append({"corner": corner, "colour": colours[corner], "inside": insides[corner], "path": path})
     grey = [
         [
             {
@@ -107,6 +117,7 @@ def make_scene(
         "size": size,
         "frames": frames,
         "radius": r,
+        "inner_radius": round(0.7 * r),
         "cue": {"colour": cue, "xy": [size // 2, size // 2], "radius": size // 4},
         "objects": objects,
         "clutter": grey,
@@ -142,14 +153,34 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
             draw.ellipse((x - cr, y - cr, x + cr, y + cr), fill=COLOURS[scene["cue"]["colour"]])
         else:
             for o in scene["objects"]:
-                _shape(draw, o["shape"], o["path"][t - 1], r, COLOURS.get(o["colour"], GREY_RGB))
+                _shape(draw, "square", o["path"][t - 1], r, COLOURS.get(o["colour"], GREY_RGB))
+                _shape(draw, "circle", o["path"][t - 1], scene["inner_radius"], INSIDES.get(o["inside"], GREY_RGB))
         images.append(im)
     return images
 
 
 def answer_of(scene: dict[str, Any]) -> str:
-    """The corner of the shape with the cue's colour: what every question about the scene asks."""
-    return next(CORNERS[o["corner"]] for o in scene["objects"] if o["colour"] == scene["cue"]["colour"])
+    """The inside colour of the box with the cue's colour: what every question about the scene asks."""
+    return next(o["inside"] for o in scene["objects"] if o["colour"] == scene["cue"]["colour"])
+
+
+def box_patches(scene: dict[str, Any], t: int, patch: int) -> np.ndarray:
+    """(P,) bool, row-major: which patches of frame t (>= 1) the box of the cue's colour overlaps."""
+    box = next(o for o in scene["objects"] if o["colour"] == scene["cue"]["colour"])
+    (x, y), r = box["path"][t - 1], scene["radius"]
+    starts = np.arange(scene["size"] // patch) * patch
+    cols, rows = (starts <= x + r) & (starts + patch > x - r), (starts <= y + r) & (starts + patch > y - r)
+    return (rows[:, None] & cols[None]).ravel()
+
+
+def look_share(attention: torch.Tensor, scene: dict[str, Any], patch: int) -> float:
+    """The share of the final read's attention (T, k, 1+P) that falls on the cue's box, over frames 1.. and
+    glimpses: how well the queries look where the answer is."""
+    shares = [
+        attention[t, :, 1:][:, torch.from_numpy(box_patches(scene, t, patch))].sum(-1).mean().item()
+        for t in range(1, scene["frames"])
+    ]
+    return float(np.mean(shares))
 
 
 def mcq_prompt(question: str, options: list[str]) -> str:
@@ -158,20 +189,27 @@ def mcq_prompt(question: str, options: list[str]) -> str:
 
 
 def caption(scene: dict[str, Any]) -> str:
-    parts = [f"a {o['colour']} {o['shape']} at the {CORNERS[o['corner']]}" for o in scene["objects"]]
+    parts = [
+        f"a grey box at the {CORNERS[o['corner']]}"
+        if o["colour"] == GREY
+        else f"a {o['colour']} box with {o['inside']} inside at the {CORNERS[o['corner']]}"
+        for o in scene["objects"]
+    ]
     return f"A {scene['cue']['colour']} disc. Then " + ", ".join(parts) + "."
 
 
 def sample(seed: int, split: str, index: int, size: int = 112, frames: int = 4) -> dict[str, Any]:
     """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another).
 
-    Held-out clips always show four colours. Training clips show 1 to 4, uniformly (the cue's colour always
-    among them, the rest grey): with one, any look at the colourful thing answers, which teaches reading
-    where a shape is; with more, only a look at the shape of the cue's colour does.
+    A clip shows 1 to 4 coloured boxes (the cue's box always among them, the rest grey): with one, any look
+    at the colourful thing answers, which teaches reading what is inside a box; with more, only a look at
+    the box of the cue's colour does, and a glance that sees n boxes is right 1/n of the time. Training
+    clips draw n uniformly; held-out clip i has n = 1 + i % 4, so every n is a quarter of the evaluation.
     """
     rng = _rng(seed, split, index)
-    scene = make_scene(rng, size, frames, coloured=4 if split == "eval" else int(rng.integers(1, 5)))
-    options = list(CORNERS)
+    coloured = 1 + index % 4 if split == "eval" else int(rng.integers(1, 5))
+    scene = make_scene(rng, size, frames, coloured=coloured)
+    options = list(INSIDES)
     answer = options.index(answer_of(scene))
     wrong = int(rng.choice([i for i in range(4) if i != answer]))
     return {"scene": scene, "frames": render(scene), "options": options, "answer": answer, "wrong": wrong}
@@ -187,6 +225,7 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     """The tar members of one clip for each shard family: the same frames, a JSON per family."""
     media = {f"{t:03d}.jpg": _jpeg(im) for t, im in enumerate(s["frames"])}
     options, answer, scene = s["options"], s["answer"], s["scene"]
+    task = TASK.format(n=sum(o["colour"] != GREY for o in scene["objects"]))
     user = mcq_prompt(QUESTION, options)
     reply = [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
     qa = {"user": user, "assistant": reply[answer], "scene": scene}
@@ -195,7 +234,7 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
         "qa": qa,
         "val": qa,
         "dpo": {"user": user, "chosen": reply[answer], "rejected": reply[s["wrong"]], "scene": scene},
-        "eval": {"question": QUESTION, "options": options, "answer": LETTERS[answer], "task": TASK, "scene": scene},
+        "eval": {"question": QUESTION, "options": options, "answer": LETTERS[answer], "task": task, "scene": scene},
     }
     return {name: {"__key__": key, "json": json.dumps(m).encode(), **media} for name, m in metas.items()}
 
@@ -240,6 +279,36 @@ def ensure(
     return generate(out, **wanted)
 
 
+def look_and_draw(adapter: Any, bench: Any, out: Path, seed: int, frames: int, pictures: int) -> dict[str, float]:
+    """Where the queries look, apart from whether the answer is read: the mean share of attention on the cue's
+    box over the held-out four-box clips, for the static query (coarse_only), the queries written by the LLM
+    (autoregressive) and a uniform look (also written to out/look.json); and attention pictures of the first
+    `pictures` clips in both modes."""
+    from attention_viz import read_attention, save_attention
+    from tokenization import prompt_ids
+
+    model, modes = adapter.model, ("coarse_only", "autoregressive")
+    patch, look, uniform = model.encoder.dino.config.patch_size, {m: [] for m in modes}, []
+    for i, q in enumerate(bench.questions):
+        scene = sample(seed, "eval", int(q.id.removeprefix("eval")), adapter.size, frames)["scene"]
+        four = all(o["colour"] != GREY for o in scene["objects"])
+        if not four and i >= pictures:
+            continue
+        clip = adapter.prepare(q.media)[0][0]  # (T, 3, H, W)
+        ids = torch.tensor(prompt_ids(model.tokenizer, q.prompt))
+        for mode in modes:
+            attention = read_attention(model, clip, ids, mode)
+            if i < pictures:
+                save_attention(clip, attention, out / "attention" / f"{q.id}_{mode}")
+            if four:
+                look[mode].append(look_share(attention, scene, patch))
+        if four:
+            uniform.append(np.mean([box_patches(scene, t, patch).mean() for t in range(1, scene["frames"])]))
+    looks = {"uniform": float(np.mean(uniform)), **{m: float(np.mean(v)) for m, v in look.items()}}
+    (out / "look.json").write_text(json.dumps({"clips": len(uniform), "share_on_cue_box": looks}, indent=1))
+    return looks
+
+
 def run(config: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), clips: int = TRAIN_CLIPS, pictures: int = 4):
     """The toy run: write the world if missing, train, evaluate the held-out split in every mode, draw attention.
 
@@ -251,10 +320,8 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), clips: i
     import benchmark
     import train
     from adapters import FoveatedAdapter
-    from attention_viz import read_attention, save_attention
     from config import load_config
     from model import MODES, FoveatedVLM
-    from tokenization import prompt_ids
 
     start = time.perf_counter()
     cfg = load_config(config, list(overrides))
@@ -268,11 +335,12 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), clips: i
     adapter = FoveatedAdapter(model, cfg.data.max_frames, size=cfg.data.frame_size)
     summary = benchmark.evaluate(adapter, bench, "likelihood", list(MODES), out / "eval")
     benchmark.print_summary(summary)
-    for q in bench.questions[:pictures]:
-        frames = adapter.prepare(q.media)[0][0]  # (T, 3, H, W)
-        ids = torch.tensor(prompt_ids(model.tokenizer, q.prompt))
-        for mode in ("coarse_only", "autoregressive"):
-            save_attention(frames, read_attention(model, frames, ids, mode), out / "attention" / f"{q.id}_{mode}")
+    print("  by boxes coloured (a glance that sees n is right 1/n of the time):")
+    for task, row in summary["groups"]["task"].items():
+        print(f"    {task:<22} n={row['n']:<4}" + "".join(f"{m} {row[m]:5.1f}  " for m in MODES))
+    looks = look_and_draw(adapter, bench, out, cfg.train.seed, cfg.data.max_frames, pictures)
+    print(f"attention on the cue's box, four-box clips (a uniform look: {100 * looks['uniform']:.0f} %):")
+    print("  " + "  ".join(f"{m} {100 * v:.0f} %" for m, v in looks.items() if m != "uniform"))
     print(f"model: {final} (FoveatedVLM.from_pretrained), attention pictures: {out / 'attention'}")
     print(f"toy run took {time.perf_counter() - start:.0f} s")
     return summary
