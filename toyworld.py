@@ -296,14 +296,14 @@ def look_and_draw(adapter: Any, bench: Any, out: Path, seed: int, frames: int, p
             continue
         clip = adapter.prepare(q.media)[0][0]  # (T, 3, H, W)
         ids = torch.tensor(prompt_ids(model.tokenizer, q.prompt))
+        if four:
+            uniform.append(np.mean([box_patches(scene, t, patch).mean() for t in range(1, scene["frames"])]))
         for mode in modes:
             attention = read_attention(model, clip, ids, mode)
             if i < pictures:
                 save_attention(clip, attention, out / "attention" / f"{q.id}_{mode}")
             if four:
                 look[mode].append(look_share(attention, scene, patch))
-        if four:
-            uniform.append(np.mean([box_patches(scene, t, patch).mean() for t in range(1, scene["frames"])]))
     looks = {"uniform": float(np.mean(uniform)), **{m: float(np.mean(v)) for m, v in look.items()}}
     (out / "look.json").write_text(json.dumps({"clips": len(uniform), "share_on_cue_box": looks}, indent=1))
     return looks
