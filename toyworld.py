@@ -15,14 +15,15 @@ the four-box clips add is where to look: what coarse_only cannot do and coarse_f
 
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
   caption/NNNNNN.tar  stage 1: `caption` describing the clip
-  qa/NNNNNN.tar       stage 2: `user` (the multiple-choice prompt) / `assistant` ("C. bottom left")
+  qa/NNNNNN.tar       stage 2: `user` (the multiple-choice prompt) / `assistant` ("C. purple")
   dpo/NNNNNN.tar      stage 3: `user` / `chosen` (the right option) / `rejected` (a wrong one)
   val/NNNNNN.tar      held-out clips as stage-2 samples, for validation loss
   eval/NNNNNN.tar     the same held-out clips as multiple-choice questions in benchmarks.py's schema
                       (`question`, `options`, `answer`): `python benchmark.py --bench toy --data-root DIR/eval`
 Every JSON also carries `scene`, the clip's full description, from which it is rendered and from which
 the answer can be recomputed (`answer_of`). Same seed and sizes, same bytes; `ensure` regenerates only
-when the manifest (toyworld.json) records other settings.
+when the manifest (toyworld.json) records other settings or another version of the generator (`WORLD`,
+bumped whenever the clips or questions change, so that old shards are rewritten rather than trained on).
 
     python toyworld.py run                                   # generate if missing, train, evaluate, draw
     python toyworld.py generate --out data/toy --seed 0     # the shards only
@@ -64,6 +65,7 @@ SPLITS = {"train": 0, "eval": 1}  # independent random streams: no eval clip is 
 SHARD_SIZE = 500
 TASK = "{n} of 4 boxes coloured"  # the evaluation's group: a glance is right 1/n of the time
 MANIFEST = "toyworld.json"
+WORLD = 1  # the generator's version, kept in the manifest: bump it when the clips or questions change
 TRAIN_CLIPS, EVAL_CLIPS = 2000, 100
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
@@ -259,10 +261,10 @@ def generate(
 ) -> Path:
     """Write every shard family into `out` (see the module docstring), then the manifest."""
     out = Path(out)
-    settings = {"seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
     _write(out, "train", ("caption", "qa", "dpo"), train, seed, size, frames)
     _write(out, "eval", ("val", "eval"), eval, seed, size, frames)
-    (out / MANIFEST).write_text(json.dumps(settings, indent=1))
+    settings = {"seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
+    (out / MANIFEST).write_text(json.dumps({"world": WORLD, **settings}, indent=1))
     return out
 
 
@@ -273,7 +275,7 @@ def ensure(
     out = Path(out)
     wanted = {"seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
     manifest = out / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
+    if manifest.is_file() and json.loads(manifest.read_text()) == {"world": WORLD, **wanted}:
         return out
     print(f"toyworld: writing {wanted['train']} training and {wanted['eval']} held-out clips to {out}", flush=True)
     return generate(out, **wanted)

@@ -41,13 +41,16 @@ def test_same_seed_same_bytes_other_seed_other_clips(world, tmp_path):
     assert toyworld.sample(3, "train", 0, SIZE, FRAMES)["scene"] != toyworld.sample(3, "eval", 0, SIZE, FRAMES)["scene"]
 
 
-def test_ensure_regenerates_only_for_other_settings(world, monkeypatch):
+def test_ensure_regenerates_only_for_other_settings_or_another_generator(world, monkeypatch):
     calls = []
     monkeypatch.setattr(toyworld, "generate", lambda out, **kw: calls.append(kw) or out)
     toyworld.ensure(world, **SETTINGS)
     assert calls == []
     toyworld.ensure(world, **{**SETTINGS, "seed": 4})
     assert calls == [{**SETTINGS, "seed": 4}]
+    monkeypatch.setattr(toyworld, "WORLD", toyworld.WORLD + 1)  # shards an earlier generator wrote are rewritten
+    toyworld.ensure(world, **SETTINGS)
+    assert calls == [{**SETTINGS, "seed": 4}, SETTINGS]
 
 
 def pixel(raw: dict, t: int, xy: list[int]) -> np.ndarray:
