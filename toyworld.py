@@ -256,6 +256,11 @@ def _write(out: Path, split: str, families: tuple[str, ...], n: int, seed: int, 
             sink.close()
 
 
+def _manifest(seed: int, train: int, eval: int, size: int, frames: int) -> dict[str, int]:
+    """What toyworld.json records: the generator's version and the settings the shards were written with."""
+    return {"world": WORLD, "seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
+
+
 def generate(
     out: str | Path, seed: int = 0, train: int = TRAIN_CLIPS, eval: int = EVAL_CLIPS, size: int = 112, frames: int = 4
 ) -> Path:
@@ -263,8 +268,7 @@ def generate(
     out = Path(out)
     _write(out, "train", ("caption", "qa", "dpo"), train, seed, size, frames)
     _write(out, "eval", ("val", "eval"), eval, seed, size, frames)
-    settings = {"seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
-    (out / MANIFEST).write_text(json.dumps({"world": WORLD, **settings}, indent=1))
+    (out / MANIFEST).write_text(json.dumps(_manifest(seed, train, eval, size, frames), indent=1))
     return out
 
 
@@ -273,12 +277,11 @@ def ensure(
 ) -> Path:
     """`generate(out, ...)` unless `out` already holds exactly that world (its manifest says so)."""
     out = Path(out)
-    wanted = {"seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
     manifest = out / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()) == {"world": WORLD, **wanted}:
+    if manifest.is_file() and json.loads(manifest.read_text()) == _manifest(seed, train, eval, size, frames):
         return out
-    print(f"toyworld: writing {wanted['train']} training and {wanted['eval']} held-out clips to {out}", flush=True)
-    return generate(out, **wanted)
+    print(f"toyworld: writing {train} training and {eval} held-out clips to {out}", flush=True)
+    return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames)
 
 
 def look_and_draw(adapter: Any, bench: Any, out: Path, seed: int, frames: int, pictures: int) -> dict[str, float]:
