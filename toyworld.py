@@ -161,15 +161,19 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
     return images
 
 
+def target_of(scene: dict[str, Any]) -> dict[str, Any]:
+    """The box with the cue's colour: the one the question is about."""
+    return next(o for o in scene["objects"] if o["colour"] == scene["cue"]["colour"])
+
+
 def answer_of(scene: dict[str, Any]) -> str:
     """The inside colour of the box with the cue's colour: what every question about the scene asks."""
-    return next(o["inside"] for o in scene["objects"] if o["colour"] == scene["cue"]["colour"])
+    return target_of(scene)["inside"]
 
 
 def box_patches(scene: dict[str, Any], t: int, patch: int) -> np.ndarray:
     """(P,) bool, row-major: which patches of frame t (>= 1) the box of the cue's colour overlaps."""
-    box = next(o for o in scene["objects"] if o["colour"] == scene["cue"]["colour"])
-    (x, y), r = box["path"][t - 1], scene["radius"]
+    (x, y), r = target_of(scene)["path"][t - 1], scene["radius"]
     starts = np.arange(scene["size"] // patch) * patch
     cols, rows = (starts <= x + r) & (starts + patch > x - r), (starts <= y + r) & (starts + patch > y - r)
     return (rows[:, None] & cols[None]).ravel()
