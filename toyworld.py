@@ -1,25 +1,20 @@
 """A synthetic video world, generated offline from a seed, where looking in the right place answers the question.
 
-Each clip has T frames on a grey, cluttered background (grey shapes of random size). Frame 0 is the cue:
-a large disc of one of four colours (red, green, blue, yellow) in the middle of the frame. Frames
-1..T-1 hold four boxes, one per quadrant, drifting a little, among fresh clutter: each box is a square
-of one of the four cue colours with a disc of another palette (white, black, purple, orange) inside. The
-question asks what colour is inside the box that has the cue's colour; the options are the four inside
-colours (chance 25 %). Of the four boxes 1 to 4 are coloured, the cue's among them, the rest grey (see
-`sample`). A whole-frame token of frames 1.. holds all the colours and cannot say which inside goes with
-which box; a query written after seeing the cue can look for patches of the cue's colour, and those
-patches carry the inside colour too. Colour both selects and answers because it is what DINOv2's features
-hold most plainly: with one coloured box, a linear probe reads the inside colour from a single read token
-of frame 1 at 97 % (random query) and from pooled features at 98 %; with four, at chance (19-25 %). What
-the four-box clips add is where to look: what coarse_only cannot do and coarse_fine / autoregressive can.
+Each clip has T frames on a grey, noisy background strewn with grey clutter (shapes of random size, fresh in
+every frame) and one small coloured ball (red, green, blue or yellow, 2x2 patches across at 112 px) that
+drifts in a straight line from a random place, stopping at the border. The question asks the ball's colour;
+the options are the four colours (chance 25 %). The ball is a few percent of each frame, so a read that
+spreads its attention over the frame carries its colour faintly and one that finds it carries it plainly:
+what a query learns here is to go where the ball is, and the attention pictures show whether it follows.
 
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
-  caption/NNNNNN.tar  stage 1: `caption` describing the clip
-  qa/NNNNNN.tar       stage 2: `user` (the multiple-choice prompt) / `assistant` ("C. purple")
+  caption/NNNNNN.tar  stage 1: `caption` describing the clip ("A red ball moves from the top left to ...")
+  qa/NNNNNN.tar       stage 2: `user` (the multiple-choice prompt) / `assistant` ("C. blue")
   dpo/NNNNNN.tar      stage 3: `user` / `chosen` (the right option) / `rejected` (a wrong one)
   val/NNNNNN.tar      held-out clips as stage-2 samples, for validation loss
   eval/NNNNNN.tar     the same held-out clips as multiple-choice questions in benchmarks.py's schema
-                      (`question`, `options`, `answer`): `python benchmark.py --bench toy --data-root DIR/eval`
+                      (`question`, `options`, `answer`, `task`: whether the ball keeps near the centre):
+                      `python benchmark.py --bench toy --data-root DIR/eval`
 Every JSON also carries `scene`, the clip's full description, from which it is rendered and from which
 the answer can be recomputed (`answer_of`). Same seed and sizes, same bytes; `ensure` regenerates only
 when the manifest (toyworld.json) records other settings or another version of the generator (`WORLD`,
@@ -45,27 +40,21 @@ from PIL import Image, ImageDraw
 
 from benchmarks import LETTER_PROMPT, LETTERS, options_block
 
-COLOURS: dict[str, tuple[int, int, int]] = {  # the cue's and the boxes' colours
+COLOURS: dict[str, tuple[int, int, int]] = {  # the ball's colours: the answers, in option order
     "red": (225, 30, 30),
     "green": (30, 175, 50),
     "blue": (40, 80, 235),
     "yellow": (240, 215, 30),
 }
-INSIDES: dict[str, tuple[int, int, int]] = {  # what a box holds: the answers, in option order
-    "white": (250, 250, 250),
-    "black": (15, 15, 15),
-    "purple": (135, 45, 190),
-    "orange": (250, 140, 20),
-}
-GREY, GREY_RGB = "grey", (165, 165, 165)  # a box that is no answer (training clips with fewer colours)
 SHAPES = ("circle", "square", "triangle", "diamond")  # of the grey clutter
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
-QUESTION = "What colour is inside the box that has the colour of the first frame?"
+QUESTION = "What colour is the ball?"
 SPLITS = {"train": 0, "eval": 1}  # independent random streams: no eval clip is a training clip
 SHARD_SIZE = 500
-TASK = "{n} of 4 boxes coloured"  # the evaluation's group: a glance is right 1/n of the time
+GROUPS = ("ball near the centre", "ball off-centre")  # the evaluation's `task`: off-centre is the harder look
+LOOK_CLIPS = 25  # held-out clips whose attention is measured (two more forward passes each)
 MANIFEST = "toyworld.json"
-WORLD = 1  # the generator's version, kept in the manifest: bump it when the clips or questions change
+WORLD = 2  # the generator's version, kept in the manifest: bump it when the clips or questions change
 TRAIN_CLIPS, EVAL_CLIPS = 2000, 100
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
@@ -74,40 +63,19 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
-def _corner_box(corner: int, size: int, margin: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of the region where a shape's centre may lie in `corner` (row-major 2x2)."""
-    half = size // 2
-    x0, y0 = (corner % 2) * half + margin, (corner // 2) * half + margin
-    return x0, y0, x0 + half - 2 * margin, y0 + half - 2 * margin
-
-
-def make_scene(
-    rng: np.random.Generator, size: int = 112, frames: int = 4, coloured: int = 4, clutter: int = 6
-) -> dict[str, Any]:
-    """The description of one clip (plain JSON types): the cue disc, one box per corner with its path, clutter.
-
-    `coloured` boxes (the one with the cue's colour included) take distinct colours and distinct insides;
-    the others are grey throughout.
-    """
-    r = size // 6  # a box's half-width: about three 14-px patches across at 112 px
-    colours = [str(c) for c in rng.permutation(list(COLOURS))]
-    insides = [str(c) for c in rng.permutation(list(INSIDES))]
-    cue = colours[int(rng.integers(4))]
-    target = colours.index(cue)
-    for corner in rng.choice([c for c in range(4) if c != target], 4 - coloured, replace=False):
-        colours[corner] = insides[corner] = GREY
-    objects = []
-    for corner in range(4):
-        x0, y0, x1, y1 = _corner_box(corner, size, r + 1)
-        start = rng.uniform([x0, y0], [x1, y1])
-        step = rng.uniform(-r / 3, r / 3, 2)
-        path = [np.clip(start + t * step, [x0, y0], [x1, y1]).round().astype(int).tolist() for t in range(frames - 1)]
-        objects.append({"corner": corner, "colour": colours[corner], "inside": insides[corner], "path": path})
+def make_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, clutter: int = 6) -> dict[str, Any]:
+    """The description of one clip (plain JSON types): the ball's colour and path, the clutter of each frame."""
+    r = size // 8  # the ball's radius: two 14-px patches across at 112 px
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    step = rng.uniform(-size / 8, size / 8, 2)  # pixels a frame
+    start = rng.uniform(r + 1, size - r - 1, 2)
+    path = [np.clip(start + t * step, r + 1, size - r - 1).round().astype(int).tolist() for t in range(frames)]
+    big = size // 6
     grey = [
         [
             {
                 "xy": rng.integers(0, size, 2).tolist(),
-                "r": int(rng.integers(r // 2, r + 1)),
+                "r": int(rng.integers(big // 2, big + 1)),
                 "grey": int(rng.integers(60, 200)),
                 "shape": SHAPES[rng.integers(4)],
             }
@@ -118,10 +86,7 @@ def make_scene(
     return {
         "size": size,
         "frames": frames,
-        "radius": r,
-        "inner_radius": round(0.7 * r),
-        "cue": {"colour": cue, "xy": [size // 2, size // 2], "radius": size // 4},
-        "objects": objects,
+        "ball": {"colour": colour, "radius": r, "path": path},
         "clutter": grey,
         "noise_seed": int(rng.integers(2**31)),
     }
@@ -140,8 +105,8 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, xy: list[int], r: int, fill: t
 
 
 def render(scene: dict[str, Any]) -> list[Image.Image]:
-    """The clip's frames as RGB images, a pure function of the scene."""
-    size, r = scene["size"], scene["radius"]
+    """The clip's frames as RGB images, a pure function of the scene: the ball is drawn over the clutter."""
+    size, ball = scene["size"], scene["ball"]
     noise = np.random.default_rng(scene["noise_seed"])
     images = []
     for t in range(scene["frames"]):
@@ -150,41 +115,36 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
         draw = ImageDraw.Draw(im)
         for c in scene["clutter"][t]:
             _shape(draw, c["shape"], c["xy"], c["r"], (c["grey"],) * 3)
-        if t == 0:
-            (x, y), cr = scene["cue"]["xy"], scene["cue"]["radius"]
-            draw.ellipse((x - cr, y - cr, x + cr, y + cr), fill=COLOURS[scene["cue"]["colour"]])
-        else:
-            for o in scene["objects"]:
-                _shape(draw, "square", o["path"][t - 1], r, COLOURS.get(o["colour"], GREY_RGB))
-                _shape(draw, "circle", o["path"][t - 1], scene["inner_radius"], INSIDES.get(o["inside"], GREY_RGB))
+        _shape(draw, "circle", ball["path"][t], ball["radius"], COLOURS[ball["colour"]])
         images.append(im)
     return images
 
 
-def target_of(scene: dict[str, Any]) -> dict[str, Any]:
-    """The box with the cue's colour: the one the question is about."""
-    return next(o for o in scene["objects"] if o["colour"] == scene["cue"]["colour"])
-
-
 def answer_of(scene: dict[str, Any]) -> str:
-    """The inside colour of the box with the cue's colour: what every question about the scene asks."""
-    return target_of(scene)["inside"]
+    """The ball's colour: what every question about the scene asks."""
+    return scene["ball"]["colour"]
 
 
-def box_patches(scene: dict[str, Any], t: int, patch: int) -> np.ndarray:
-    """(P,) bool, row-major: which patches of frame t (>= 1) the box of the cue's colour overlaps."""
-    (x, y), r = target_of(scene)["path"][t - 1], scene["radius"]
+def group_of(scene: dict[str, Any]) -> str:
+    """Whether the ball keeps near the middle of the frame (mean distance under a quarter of its width)."""
+    offsets = np.asarray(scene["ball"]["path"]) - scene["size"] / 2
+    return GROUPS[int(np.linalg.norm(offsets, axis=1).mean() >= scene["size"] / 4)]
+
+
+def ball_patches(scene: dict[str, Any], t: int, patch: int) -> np.ndarray:
+    """(P,) bool, row-major: which patches of frame t the ball's bounding square overlaps."""
+    (x, y), r = scene["ball"]["path"][t], scene["ball"]["radius"]
     starts = np.arange(scene["size"] // patch) * patch
     cols, rows = (starts <= x + r) & (starts + patch > x - r), (starts <= y + r) & (starts + patch > y - r)
     return (rows[:, None] & cols[None]).ravel()
 
 
 def look_share(attention: torch.Tensor, scene: dict[str, Any], patch: int) -> float:
-    """The share of the final read's attention (T, k, 1+P) that falls on the cue's box, over frames 1.. and
-    glimpses: how well the queries look where the answer is."""
+    """The share of the final read's attention (T, k, 1+P) that falls on the ball, over frames and glimpses:
+    how well the queries look where the answer is."""
     shares = [
-        attention[t, :, 1:][:, torch.from_numpy(box_patches(scene, t, patch))].sum(-1).mean().item()
-        for t in range(1, scene["frames"])
+        attention[t, :, 1:][:, torch.from_numpy(ball_patches(scene, t, patch))].sum(-1).mean().item()
+        for t in range(scene["frames"])
     ]
     return float(np.mean(shares))
 
@@ -194,30 +154,25 @@ def mcq_prompt(question: str, options: list[str]) -> str:
     return question + "\n" + options_block(options).rstrip("\n") + LETTER_PROMPT
 
 
+def _corner(scene: dict[str, Any], xy: list[int]) -> str:
+    half = scene["size"] / 2
+    return CORNERS[int(xy[0] >= half) + 2 * int(xy[1] >= half)]
+
+
 def caption(scene: dict[str, Any]) -> str:
-    parts = [
-        f"a grey box at the {CORNERS[o['corner']]}"
-        if o["colour"] == GREY
-        else f"a {o['colour']} box with {o['inside']} inside at the {CORNERS[o['corner']]}"
-        for o in scene["objects"]
-    ]
-    return f"A {scene['cue']['colour']} disc. Then " + ", ".join(parts) + "."
+    path, colour = scene["ball"]["path"], scene["ball"]["colour"]
+    first, last = _corner(scene, path[0]), _corner(scene, path[-1])
+    where = f"stays at the {first}" if first == last else f"moves from the {first} to the {last}"
+    return f"A {colour} ball {where}, among grey shapes."
 
 
 def sample(seed: int, split: str, index: int, size: int = 112, frames: int = 4) -> dict[str, Any]:
-    """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another).
-
-    A clip shows 1 to 4 coloured boxes (the cue's box always among them, the rest grey): with one, any look
-    at the colourful thing answers, which teaches reading what is inside a box; with more, only a look at
-    the box of the cue's colour does, and a glance that sees n boxes is right 1/n of the time. Training
-    clips draw n uniformly; held-out clip i has n = 1 + i % 4, so every n is a quarter of the evaluation.
-    """
+    """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another)."""
     rng = _rng(seed, split, index)
-    coloured = 1 + index % 4 if split == "eval" else int(rng.integers(1, 5))
-    scene = make_scene(rng, size, frames, coloured=coloured)
-    options = list(INSIDES)
+    scene = make_scene(rng, size, frames)
+    options = list(COLOURS)
     answer = options.index(answer_of(scene))
-    wrong = int(rng.choice([i for i in range(4) if i != answer]))
+    wrong = int(rng.choice([i for i in range(len(options)) if i != answer]))
     return {"scene": scene, "frames": render(scene), "options": options, "answer": answer, "wrong": wrong}
 
 
@@ -231,7 +186,6 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     """The tar members of one clip for each shard family: the same frames, a JSON per family."""
     media = {f"{t:03d}.jpg": _jpeg(im) for t, im in enumerate(s["frames"])}
     options, answer, scene = s["options"], s["answer"], s["scene"]
-    task = TASK.format(n=sum(o["colour"] != GREY for o in scene["objects"]))
     user = mcq_prompt(QUESTION, options)
     reply = [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
     qa = {"user": user, "assistant": reply[answer], "scene": scene}
@@ -240,7 +194,13 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
         "qa": qa,
         "val": qa,
         "dpo": {"user": user, "chosen": reply[answer], "rejected": reply[s["wrong"]], "scene": scene},
-        "eval": {"question": QUESTION, "options": options, "answer": LETTERS[answer], "task": task, "scene": scene},
+        "eval": {
+            "question": QUESTION,
+            "options": options,
+            "answer": LETTERS[answer],
+            "task": group_of(scene),
+            "scene": scene,
+        },
     }
     return {name: {"__key__": key, "json": json.dumps(m).encode(), **media} for name, m in metas.items()}
 
@@ -289,8 +249,8 @@ def ensure(
 
 
 def look_and_draw(adapter: Any, bench: Any, out: Path, seed: int, frames: int, pictures: int) -> dict[str, float]:
-    """Where the queries look, apart from whether the answer is read: the mean share of attention on the cue's
-    box over the held-out four-box clips, for the static query (coarse_only), the queries written by the LLM
+    """Where the queries look, apart from whether the answer is read: the mean share of attention on the ball
+    over the first LOOK_CLIPS held-out clips, for the static query (coarse_only), the queries written by the LLM
     (autoregressive) and a uniform look (also written to out/look.json); and attention pictures of the first
     `pictures` clips in both modes."""
     from attention_viz import read_attention, save_attention
@@ -298,23 +258,18 @@ def look_and_draw(adapter: Any, bench: Any, out: Path, seed: int, frames: int, p
 
     model, modes = adapter.model, ("coarse_only", "autoregressive")
     patch, look, uniform = model.encoder.dino.config.patch_size, {m: [] for m in modes}, []
-    for i, q in enumerate(bench.questions):
+    for i, q in enumerate(bench.questions[: max(LOOK_CLIPS, pictures)]):
         scene = sample(seed, "eval", int(q.id.removeprefix("eval")), adapter.size, frames)["scene"]
-        four = all(o["colour"] != GREY for o in scene["objects"])
-        if not four and i >= pictures:
-            continue
         clip = adapter.prepare(q.media)[0][0]  # (T, 3, H, W)
         ids = torch.tensor(prompt_ids(model.tokenizer, q.prompt))
-        if four:
-            uniform.append(np.mean([box_patches(scene, t, patch).mean() for t in range(1, scene["frames"])]))
+        uniform.append(np.mean([ball_patches(scene, t, patch).mean() for t in range(scene["frames"])]))
         for mode in modes:
             attention = read_attention(model, clip, ids, mode)
             if i < pictures:
                 save_attention(clip, attention, out / "attention" / f"{q.id}_{mode}")
-            if four:
-                look[mode].append(look_share(attention, scene, patch))
+            look[mode].append(look_share(attention, scene, patch))
     looks = {"uniform": float(np.mean(uniform)), **{m: float(np.mean(v)) for m, v in look.items()}}
-    (out / "look.json").write_text(json.dumps({"clips": len(uniform), "share_on_cue_box": looks}, indent=1))
+    (out / "look.json").write_text(json.dumps({"clips": len(uniform), "share_on_ball": looks}, indent=1))
     return looks
 
 
@@ -344,11 +299,11 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), clips: i
     adapter = FoveatedAdapter(model, cfg.data.max_frames, size=cfg.data.frame_size)
     summary = benchmark.evaluate(adapter, bench, "likelihood", list(MODES), out / "eval")
     benchmark.print_summary(summary)
-    print("  by boxes coloured (a glance that sees n is right 1/n of the time):")
+    print("  by where the ball is (off-centre is the harder look):")
     for task, row in summary["groups"]["task"].items():
         print(f"    {task:<22} n={row['n']:<4}" + "".join(f"{m} {row[m]:5.1f}  " for m in MODES))
     looks = look_and_draw(adapter, bench, out, cfg.train.seed, cfg.data.max_frames, pictures)
-    print(f"attention on the cue's box, four-box clips (a uniform look: {100 * looks['uniform']:.0f} %):")
+    print(f"attention on the ball, {LOOK_CLIPS} held-out clips (a uniform look: {100 * looks['uniform']:.0f} %):")
     print("  " + "  ".join(f"{m} {100 * v:.0f} %" for m, v in looks.items() if m != "uniform"))
     print(f"model: {final} (FoveatedVLM.from_pretrained), attention pictures: {out / 'attention'}")
     print(f"toy run took {time.perf_counter() - start:.0f} s")

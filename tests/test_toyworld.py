@@ -62,62 +62,42 @@ def test_answers_follow_from_the_scene_and_the_pixels(world):
     questions = read(world / "eval" / "000000.tar")
     val = read(world / "val" / "000000.tar")
     assert len(questions) == SETTINGS["eval"]
-    for i, (raw, raw_val) in enumerate(zip(questions, val, strict=True)):
+    for raw, raw_val in zip(questions, val, strict=True):
         meta, scene = json.loads(raw["json"]), json.loads(raw["json"])["scene"]
-        colour = scene["cue"]["colour"]
-        right = [o for o in scene["objects"] if o["colour"] == colour]
-        assert meta["options"] == list(toyworld.INSIDES) and len(right) == 1
-        inside = right[0]["inside"]
-        assert meta["options"][toyworld.LETTERS.index(meta["answer"])] == inside == toyworld.answer_of(scene)
-        coloured = [o for o in scene["objects"] if o["colour"] != toyworld.GREY]  # 1, 2, 3, 4, 1, ... boxes
-        assert len(coloured) == 1 + i % 4 and meta["task"] == f"{len(coloured)} of 4 boxes coloured"
-        assert sorted(o["corner"] for o in scene["objects"]) == [0, 1, 2, 3]
-        assert json.loads(raw_val["json"])["assistant"] == f"{meta['answer']}. {inside}"
-        # the rendered frames show what the scene says: the cue's colour in the middle of frame 0; in frames
-        # 1.. each box's inside colour at its centre and its own colour on its rim, inside its own quadrant
-        assert scene["cue"]["xy"] == [SIZE // 2, SIZE // 2] and scene["cue"]["radius"] == SIZE // 4
-        assert np.abs(pixel(raw, 0, scene["cue"]["xy"]) - toyworld.COLOURS[colour]).max() < 40
-        half, rim = SIZE // 2, (scene["radius"] + scene["inner_radius"]) // 2
-        for o in scene["objects"]:
-            inside_rgb = toyworld.INSIDES.get(o["inside"], toyworld.GREY_RGB)
-            rim_rgb = toyworld.COLOURS.get(o["colour"], toyworld.GREY_RGB)
-            for t, (ox, oy) in enumerate(o["path"], start=1):
-                assert (ox >= half) == (o["corner"] % 2 == 1) and (oy >= half) == (o["corner"] >= 2)
-                assert np.abs(pixel(raw, t, [ox, oy]) - inside_rgb).max() < 40
-                assert np.abs(pixel(raw, t, [ox - rim, oy - rim]) - rim_rgb).max() < 40
+        colour, ball = scene["ball"]["colour"], scene["ball"]
+        assert meta["options"] == list(toyworld.COLOURS) and meta["question"] == toyworld.QUESTION
+        assert meta["options"][toyworld.LETTERS.index(meta["answer"])] == colour == toyworld.answer_of(scene)
+        assert meta["task"] == toyworld.group_of(scene) and json.loads(raw_val["json"])["assistant"] == (
+            f"{meta['answer']}. {colour}"
+        )
+        # the rendered frames show what the scene says: the ball's colour at each point of its path, which lies
+        # wholly inside the frame; the frames change (the clutter is new in every one)
+        assert len(ball["path"]) == FRAMES and ball["radius"] == SIZE // 8
+        for t, (x, y) in enumerate(ball["path"]):
+            assert ball["radius"] < x < SIZE - ball["radius"] and ball["radius"] < y < SIZE - ball["radius"]
+            assert np.abs(pixel(raw, t, [x, y]) - toyworld.COLOURS[colour]).max() < 40
+        assert raw["000.jpg"] != raw["001.jpg"]
 
 
-def test_training_clips_grey_out_all_but_one_to_four_boxes_never_the_answer(world):
-    for raw in read(world / "qa" / "000000.tar"):
-        scene = json.loads(raw["json"])["scene"]
-        coloured = [o for o in scene["objects"] if o["colour"] != toyworld.GREY]
-        assert scene["cue"]["colour"] in [o["colour"] for o in coloured]
-        assert len({o["colour"] for o in coloured}) == len({o["inside"] for o in coloured}) == len(coloured)
-        for o in scene["objects"]:  # grey boxes are grey inside and out
-            assert (o["colour"] == toyworld.GREY) == (o["inside"] == toyworld.GREY)
-            rgb = toyworld.INSIDES.get(o["inside"], toyworld.GREY_RGB)
-            assert np.abs(pixel(raw, 1, o["path"][0]) - rgb).max() < 40
-    counts, answers = set(), set()
-    for i in range(40):  # scenes only, no rendering: cheap
-        rng = toyworld._rng(0, "train", i)
-        scene = toyworld.make_scene(rng, SIZE, FRAMES, coloured=int(rng.integers(1, 5)))
-        counts.add(sum(o["colour"] != toyworld.GREY for o in scene["objects"]))
-        answers.add(toyworld.answer_of(scene))
-    assert counts == {1, 2, 3, 4} and answers == set(toyworld.INSIDES)  # the answer is any inside colour
+def test_the_answer_is_any_colour_and_the_groups_split_by_distance_from_the_centre():
+    scenes = [toyworld.make_scene(toyworld._rng(0, "train", i), 112, 4) for i in range(60)]  # no rendering: cheap
+    assert {toyworld.answer_of(s) for s in scenes} == set(toyworld.COLOURS)
+    assert {toyworld.group_of(s) for s in scenes} == set(toyworld.GROUPS)
+    for s in scenes:
+        far = np.linalg.norm(np.asarray(s["ball"]["path"]) - 56, axis=1).mean() >= 28
+        assert toyworld.group_of(s) == toyworld.GROUPS[int(far)]
+    assert len({tuple(s["ball"]["path"][0]) for s in scenes}) == len(scenes)  # the ball starts anywhere
 
 
 def test_every_family_agrees_on_the_answer(world):
     families = {f: read(world / f / "000000.tar") for f in ("caption", "qa", "dpo")}
     for cap, qa, dpo in zip(*families.values(), strict=True):
         cap, qa, dpo = (json.loads(r["json"]) for r in (cap, qa, dpo))
-        scene, inside = qa["scene"], toyworld.answer_of(qa["scene"])
-        colour = scene["cue"]["colour"]
-        right = next(o for o in scene["objects"] if o["colour"] == colour)
-        assert qa["assistant"].endswith(f". {inside}") and dpo["chosen"] == qa["assistant"] != dpo["rejected"]
-        assert dpo["rejected"][3:] in toyworld.INSIDES
-        assert dpo["user"] == qa["user"] == toyworld.mcq_prompt(toyworld.QUESTION, list(toyworld.INSIDES))
-        assert cap["caption"].startswith(f"A {colour} disc. Then ")
-        assert f"a {colour} box with {inside} inside at the {toyworld.CORNERS[right['corner']]}" in cap["caption"]
+        colour = toyworld.answer_of(qa["scene"])
+        assert qa["assistant"].endswith(f". {colour}") and dpo["chosen"] == qa["assistant"] != dpo["rejected"]
+        assert dpo["rejected"][3:] in toyworld.COLOURS
+        assert dpo["user"] == qa["user"] == toyworld.mcq_prompt(toyworld.QUESTION, list(toyworld.COLOURS))
+        assert cap["caption"] == toyworld.caption(qa["scene"]) and cap["caption"].startswith(f"A {colour} ball ")
 
 
 @pytest.mark.parametrize(("family", "stage"), [("caption", 1), ("qa", 2), ("dpo", 3)])
@@ -139,7 +119,7 @@ def test_benchmark_reads_the_held_out_split_with_the_training_prompt(world):
     assert [f"{q.answer}. {q.options['ABCD'.index(q.answer)]}" for q in bench.questions] == [
         v["assistant"] for v in val
     ]
-    assert [q.groups["task"] for q in bench.questions] == [f"{n} of 4 boxes coloured" for n in (1, 2, 3, 4)]
+    assert [q.groups["task"] for q in bench.questions] == [toyworld.group_of(v["scene"]) for v in val]
 
 
 def test_a_few_training_steps_on_toy_shards_lower_the_loss(world, tokenizer, tmp_path):
@@ -180,23 +160,24 @@ def test_a_few_training_steps_on_toy_shards_lower_the_loss(world, tokenizer, tmp
     assert after < 0.8 * before, (before, after)
 
 
-def test_look_share_measures_attention_on_the_cue_box_found_from_the_pixels(world):
-    """box_patches marks exactly the patches where the cue's colour shows in frames 1..; look_share is 1 for
-    attention spread over them and the patches' share of the frame for a uniform look."""
+def test_look_share_measures_attention_on_the_ball_found_from_the_pixels(world):
+    """ball_patches marks every patch where the ball's colour shows, and no more than its bounding square;
+    look_share is 1 for attention spread over them and the patches' share of the frame for a uniform look."""
     import torch
 
     patch, grid = 14, SIZE // 14
     for raw in read(world / "eval" / "000000.tar"):
         scene = json.loads(raw["json"])["scene"]
-        rgb = np.array(toyworld.COLOURS[scene["cue"]["colour"]])
+        rgb = np.array(toyworld.COLOURS[scene["ball"]["colour"]])
         attention = torch.zeros(FRAMES, 1, 1 + grid * grid)
-        for t in range(1, FRAMES):
+        for t in range(FRAMES):
             im = np.asarray(Image.open(io.BytesIO(raw[f"{t:03d}.jpg"])).convert("RGB"), dtype=int)
-            cue_like = (np.abs(im - rgb).max(-1) < 30).reshape(grid, patch, grid, patch).mean((1, 3)) > 0.05
-            mask = toyworld.box_patches(scene, t, patch)
-            assert np.array_equal(cue_like.ravel(), mask), t
+            ball_like = (np.abs(im - rgb).max(-1) < 30).reshape(grid, patch, grid, patch).mean((1, 3)) > 0.05
+            mask = toyworld.ball_patches(scene, t, patch)
+            assert ball_like.any() and not (ball_like.ravel() & ~mask).any(), t
+            assert mask.sum() <= 4  # a ball two patches across at most straddles a 2x2 block
             attention[t, 0, 1:] = torch.from_numpy(mask / mask.sum())
         assert toyworld.look_share(attention, scene, patch) == pytest.approx(1.0)
         uniform = torch.full((FRAMES, 1, 1 + grid * grid), 1 / (grid * grid))
-        expected = np.mean([toyworld.box_patches(scene, t, patch).mean() for t in range(1, FRAMES)])
+        expected = np.mean([toyworld.ball_patches(scene, t, patch).mean() for t in range(FRAMES)])
         assert toyworld.look_share(uniform, scene, patch) == pytest.approx(expected)
