@@ -261,6 +261,14 @@ def test_unknown_config_key_fails_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """A key renamed in config.py must be renamed in the shipped configs too: loading them checks every key."""
+    from config import load_config
+
+    assert load_config(path).train.max_steps > 0
+
+
 def test_floats_written_without_a_dot_are_floats(tmp_path):
     """YAML 1.1 reads `1e-2` as a string; a float key takes it, and a word there is still an error."""
     from config import ConfigError, load_config
