@@ -70,12 +70,12 @@ def make_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, clutt
     step = rng.uniform(-size / 8, size / 8, 2)  # pixels a frame
     start = rng.uniform(r + 1, size - r - 1, 2)
     path = [np.clip(start + t * step, r + 1, size - r - 1).round().astype(int).tolist() for t in range(frames)]
-    big = size // 6
+    grey_r = size // 6  # the clutter's largest radius
     grey = [
         [
             {
                 "xy": rng.integers(0, size, 2).tolist(),
-                "r": int(rng.integers(big // 2, big + 1)),
+                "r": int(rng.integers(grey_r // 2, grey_r + 1)),
                 "grey": int(rng.integers(60, 200)),
                 "shape": SHAPES[rng.integers(4)],
             }
