@@ -99,11 +99,21 @@ class FoveatedAdapter:
 
     modes = MODES
 
-    def __init__(self, model: FoveatedVLM, max_frames: int = 64, image_frames: int = 8, size: int = 224):
+    def __init__(
+        self,
+        model: FoveatedVLM,
+        max_frames: int | None = None,
+        image_frames: int | None = None,
+        size: int | None = None,
+    ):
+        """Frame settings default to those the model was trained with (`model.frames`)."""
         if model.tokenizer is None:
             raise ValueError("the model carries no tokenizer: save it with one (FoveatedVLM.from_backbones does)")
         self.model, self.tokenizer = model.eval(), model.tokenizer
-        self.max_frames, self.image_frames, self.size = max_frames, image_frames, size
+        fed = model.frames
+        self.max_frames = fed.max_frames if max_frames is None else max_frames
+        self.image_frames = fed.image_frames if image_frames is None else image_frames
+        self.size = fed.size if size is None else size
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -186,7 +196,11 @@ class SmolVLMAdapter:
 
 
 def load_adapter(
-    path: str | Path, device: str = "cpu", max_frames: int = 64, image_frames: int = 8, size: int = 224
+    path: str | Path,
+    device: str = "cpu",
+    max_frames: int | None = None,
+    image_frames: int | None = None,
+    size: int | None = None,
 ) -> Adapter:
     """The adapter for a saved model directory, recognised by its files: a SmolVLM directory holds
     smolvlm.CONNECTOR_CONFIG, a FoveatedVLM one checkpoint.py's config.json + model.safetensors."""

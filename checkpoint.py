@@ -31,6 +31,7 @@ from safetensors.torch import save_model as save_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Config, Dinov2Model
 
 from config import Config, ModelConfig, from_dict, save_config
+from frames import FrameSpec
 from model import FoveatedVLM
 
 WEIGHTS = "model.safetensors"
@@ -57,6 +58,7 @@ def write_model(model: FoveatedVLM, out: Path) -> None:
     """Write weights, configs and tokenizer into an existing directory."""
     config = {
         "model": asdict(model.config),
+        "frames": asdict(model.frames),
         "dino": model.encoder.dino.config.to_dict(),
         "llm": model.llm.config.to_dict(),
     }
@@ -88,12 +90,13 @@ def load_model(path: str | Path) -> FoveatedVLM:
     try:
         config = json.loads((path / CONFIG).read_text())
         model_config = from_dict(ModelConfig, config["model"], "model.")
+        frames = from_dict(FrameSpec, config.get("frames", {}), "frames.")  # older directories: the defaults
         dino = Dinov2Model(Dinov2Config.from_dict(config["dino"]))
         llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config["llm"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path / CONFIG} is malformed: {e}") from e
     tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER) if (path / TOKENIZER).is_dir() else None
-    model = FoveatedVLM(model_config, dino, llm, tokenizer)
+    model = FoveatedVLM(model_config, dino, llm, tokenizer, frames)
     missing, unexpected = load_weights(model, str(path / WEIGHTS), strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -117,10 +120,11 @@ class TrainState:
     """Where a run stands after `step` optimizer steps: enough to continue it exactly."""
 
     step: int = 0
-    epoch: int = 0
-    batches: int = 0  # batches each process has consumed in `epoch`: the loader resumes after them
+    epoch: int = 0  # this process's epoch: ranks hold different shards and move on when their own run dry
+    batches: int = 0  # batches this process has consumed in `epoch`: the loader resumes after them
     metric: float | None = None  # this checkpoint's value of train.best_metric, if known
     world_size: int = 1  # the data split depends on it
+    positions: list[list[int]] | None = None  # [epoch, batches] of every rank, by rank, as saved
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -200,6 +204,8 @@ def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int = 0, w
             f"{path} was written by {state.world_size} processes, this run has {world_size}: the data split "
             f"differs, so the run cannot continue exactly; start a new one with train.init_from={path / MODEL_DIR}"
         )
+    if state.positions is not None:
+        state.epoch, state.batches = state.positions[rank]
     tensors = load_file(str(path / STATE_TENSORS))
     slots: dict[int, dict] = {}
     for key, value in tensors.items():

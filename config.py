@@ -39,15 +39,10 @@ class ModelConfig:
     deep_query: bool = True  # query through every DINO layer; False = one cross-attention (ablation)
     glimpses: int = 1  # queries (and so tokens) per frame
     frames_at: str = "start"  # start: before all text (published) | user_turn: inside the first user turn
-    # none (published) | batch: standardise each read token per feature before dino_to_llm (batch statistics
-    # of the real frames while training, running ones after)
-    token_norm: str = "none"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"'model.family' must be one of {FAMILIES}, got '{self.family}'")
-        if self.token_norm not in ("none", "batch"):
-            raise ConfigError(f"'model.token_norm' must be 'none' or 'batch', got '{self.token_norm}'")
         if self.frames_at not in ("start", "user_turn"):
             raise ConfigError(f"'model.frames_at' must be 'start' or 'user_turn', got '{self.frames_at}'")
 

@@ -6,11 +6,19 @@ Shard format (one sample = the tar members sharing a key):
   media      numbered frames KEY.000.jpg, KEY.001.jpg, … | one KEY.mp4 (or webm/mkv/avi/mov) |
              one KEY.jpg (or png/webp/…) | nothing: a text-only sample (T = 0), kept.
 
-Each worker runs: its shards → tar samples → seeded shuffle buffer → optional text-only interleave →
-grouping into batches → decoding → collate. Everything before decoding looks only at raw bytes and
-member names, so batch boundaries do not depend on whether a sample decodes: a sample that fails
-(corrupt media, malformed JSON) is dropped from its batch and counted, and a resumed loader can skip
-whole batches without decoding them.
+Numbered frames are sampled at `data.fps` when the sample's JSON states the rate they were extracted
+at (`fps`); without it they are taken to be at the training rate already (the published shards hold
+frames extracted at 1 fps), and `max_frames` of them are spread over the clip.
+
+Each rank reads its own shards (dealt out once), and every DataLoader worker of the rank runs the same
+deterministic stream: shards → tar samples → seeded shuffle buffer → optional text-only interleave →
+grouping into batches; worker w then decodes and collates only the batches whose index it owns. So a
+rank's sequence of batches does not depend on the number of workers, each sample is decoded once, and
+resuming needs one number per rank (the batches consumed this epoch). Everything before decoding looks
+only at raw bytes and member names, so batch boundaries do not depend on whether a sample decodes: a
+sample that fails (corrupt media, malformed JSON) is dropped from its batch and counted, a batch that
+loses every sample still takes its place in the sequence (as an empty marker), and a resumed loader
+skips whole batches without decoding them.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ def expand_shards(spec: str | list[str] | None) -> list[str]:
 
 
 def _slot_shards(shards: list[str], slot: int, slots: int, rng: random.Random | None) -> list[str]:
-    """This (rank, worker) slot's share: every shard goes to exactly one slot; `rng` shuffles first."""
+    """This rank's share: every shard goes to exactly one rank; `rng` shuffles first."""
     order = list(shards)
     if rng is not None:
         rng.shuffle(order)
@@ -126,13 +134,16 @@ def media_of(raw: dict) -> tuple[str, list[bytes]]:
 
 
 class ShardDataset(IterableDataset):
-    """One epoch of one rank's batches; in each DataLoader worker, that worker's share of them.
+    """One epoch of one rank's batches; in each DataLoader worker, the batches whose index it owns.
 
-    Shards are shuffled with (seed, epoch) — the same order on every rank — then dealt out once to
-    the global slots rank·W + worker. The sample shuffle buffer is seeded with (seed, epoch, slot).
-    Each worker drops its first `skip_batches` batches without decoding them. Yields collated batches
-    (collate.py's format) plus `keys` (the samples' keys) and `skipped` (per-reason counts of samples
-    and shards lost since the worker's previous batch: bad_json, bad_media, bad_shard).
+    Shards are shuffled with (seed, epoch) — the same order on every rank — then dealt out once to the
+    ranks. The sample shuffle buffer is seeded with (seed, epoch, rank), so all workers of a rank see one
+    stream; with W workers, batch i (counted from the epoch's start) belongs to worker (i - skip) mod W,
+    which is exactly the order the DataLoader collects them in. The first `skip_batches` are passed over
+    without decoding. Yields collated batches (collate.py's format) plus `keys` (the samples' keys),
+    `index` (the batch's place in the epoch) and `skipped` (per-reason counts of samples and shards lost
+    since the previous batch: bad_json, bad_media, bad_shard); a batch whose every sample failed, and the
+    read errors after the last batch, come as a marker with no `keys` but its `skipped` counts.
     """
 
     def __init__(
@@ -149,9 +160,12 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self.rank, self.world_size, self.epoch, self.skip_batches = rank, world_size, epoch, skip_batches
-        self.shards = expand_shards(cfg.train_shards if split == "train" else cfg.val_shards)
+        key = "train_shards" if split == "train" else "val_shards"
+        self.shards = expand_shards(getattr(cfg, key))
         if not self.shards:
-            raise ValueError(f"no {split} shards configured (data.{split}_shards)")
+            raise ValueError(f"no {split} shards configured (data.{key})")
+        if len(self.shards) < world_size:
+            raise ValueError(f"data.{key}: {len(self.shards)} shards cannot feed {world_size} processes")
         mixing = split == "train" and cfg.text_ratio > 0
         self.text_shards = expand_shards(cfg.text_shards) if mixing else []
         pad = tokenizer.pad_token_id
@@ -160,31 +174,47 @@ class ShardDataset(IterableDataset):
     def _rng(self, *parts: object) -> random.Random:
         return random.Random(":".join(map(str, (self.cfg.seed, self.epoch, *parts))))
 
-    def _stream(self, shards: list[str], slot: int, slots: int, counts: Counter, name: str) -> Iterator[dict]:
+    def _stream(self, shards: list[str], counts: Counter, name: str) -> Iterator[dict]:
         train = self.split == "train"
-        mine = _slot_shards(shards, slot, slots, self._rng(name) if train else None)
+        mine = _slot_shards(shards, self.rank, self.world_size, self._rng(name) if train else None)
         raw = _read(mine, counts)
         if train and self.cfg.shuffle_buffer > 1:
-            raw = _shuffled(raw, self.cfg.shuffle_buffer, self._rng(name, slot))
+            raw = _shuffled(raw, self.cfg.shuffle_buffer, self._rng(name, self.rank))
         return raw
 
-    def _text_stream(self, slot: int, slots: int, counts: Counter) -> Iterator[dict]:
-        """Endless text-only samples: the slot's text shards, reshuffled on every pass. With fewer
-        shards than slots, slots share shards (retention data repeats anyway)."""
-        mine = _slot_shards(self.text_shards, slot, slots, None) or [self.text_shards[slot % len(self.text_shards)]]
+    def _text_stream(self, counts: Counter) -> Iterator[dict]:
+        """Endless text-only samples: the rank's text shards, reshuffled on every pass. With fewer
+        shards than ranks, ranks share shards (retention data repeats anyway)."""
+        shards = self.text_shards
+        if len(shards) < self.world_size:
+            shards = [shards[self.rank % len(shards)]] * self.world_size
         for rep in itertools.count():
             got = False
-            for raw in self._stream(mine, 0, 1, counts, f"text{rep}.{slot}"):
+            for raw in self._stream(shards, counts, f"text{rep}"):
                 got = True
                 yield raw
             if not got:
-                raise ValueError(f"text shards {mine} hold no samples")
+                raise ValueError(f"text shards {shards} hold no samples")
+
+    def _frame_indices(self, count: int, raw: dict) -> list[int]:
+        """Which of a frame sequence's `count` frames are used: at data.fps when the sample states the rate
+        its frames were extracted at (JSON `fps`), else all of them (taken to be at the training rate),
+        `max_frames` at most, spread uniformly."""
+        native = None
+        if self.cfg.fps is not None:
+            try:
+                native = json.loads(raw["json"]).get("fps")
+            except (KeyError, ValueError, AttributeError):
+                native = None  # the sample is counted as bad JSON when it is decoded
+        if isinstance(native, (int, float)) and not isinstance(native, bool) and native > 0:
+            return sample_indices(count, float(native), self.cfg.max_frames, self.cfg.fps)
+        return sample_indices(count, 1.0, self.cfg.max_frames)
 
     def _num_frames(self, raw: dict) -> int:
         """The T a sample will decode to, from member names (and a container probe for videos)."""
         kind, media = media_of(raw)
         if kind == "frames":
-            return min(len(media), self.cfg.max_frames)
+            return len(self._frame_indices(len(media), raw))
         if kind == "image":
             return self.cfg.replicate_image_frames
         if kind == "video":
@@ -198,8 +228,7 @@ class ShardDataset(IterableDataset):
         cfg, size = self.cfg, self.cfg.frame_size
         kind, media = media_of(raw)
         if kind == "frames":
-            idx = sample_indices(len(media), 1.0, cfg.max_frames)
-            return to_tensor([read_image(media[i], size) for i in idx], size)
+            return to_tensor([read_image(media[i], size) for i in self._frame_indices(len(media), raw)], size)
         if kind == "video":
             return load_video(media[0], cfg.max_frames, cfg.fps, size=size)
         if kind == "image":
@@ -225,24 +254,28 @@ class ShardDataset(IterableDataset):
         sample["key"] = raw["__key__"]
         return sample
 
+    def _batch(self, group: list[dict], counts: Counter, index: int) -> dict[str, Any]:
+        samples = [s for s in (self._decode(r, counts) for r in group) if s is not None]
+        batch: dict[str, Any] = collate(samples, self.pad_id) if samples else {}
+        return {**batch, "keys": [s["key"] for s in samples], "index": index, "skipped": dict(counts)}
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        counts: Counter = Counter()
-        raw = self._stream(self.shards, slot, slots, counts, "samples")
+        read: Counter = Counter()  # read errors (bad shards): every worker sees them; the next batch's owner reports
+        raw = self._stream(self.shards, read, "samples")
         if self.text_shards:
-            raw = _interleave(raw, self._text_stream(slot, slots, counts), self.cfg.text_ratio)
+            raw = _interleave(raw, self._text_stream(read), self.cfg.text_ratio)
         groups = group_batches(raw, self.cfg.batch_size, self.cfg.frame_budget, self._num_frames)
-        for group in itertools.islice(groups, self.skip_batches, None):
-            samples = [s for s in (self._decode(r, counts) for r in group) if s is not None]
-            if not samples:  # every sample failed: nothing to train on (see make_loader on resume)
-                continue
-            batch: dict[str, Any] = collate(samples, self.pad_id)
-            batch["keys"] = [s["key"] for s in samples]
-            batch["skipped"] = dict(counts)
-            counts.clear()
-            yield batch
+        index = -1
+        for index, group in enumerate(groups):
+            counts, mine = Counter(read), index >= self.skip_batches and (index - self.skip_batches) % workers == worker
+            read.clear()
+            if mine:
+                yield self._batch(group, counts, index)
+        end = index + 1  # lost after the last batch: one marker, from the worker whose turn comes next
+        if read and end >= self.skip_batches and (end - self.skip_batches) % workers == worker:
+            yield {"keys": [], "index": end, "skipped": dict(read)}
 
 
 def make_loader(
@@ -254,23 +287,13 @@ def make_loader(
     skip_batches: int = 0,
     split: str = "train",
 ) -> Iterator[dict]:
-    """This rank's batches for one epoch, after its first `skip_batches` (exact resume).
-
-    With W = cfg.num_workers > 0 the DataLoader takes batches round-robin from workers 0..W-1, so the
-    first N batches of the epoch are each worker's first N//W plus one more from workers 0..N%W-1.
-    Each worker skips N//W batches itself (cheaply: no decoding) and the N%W extra ones are dropped
-    here after decoding. Limits: the result equals the uninterrupted stream whenever
-    N <= W x (the fewest batches any of this rank's workers yields this epoch). Past that point, in an
-    epoch's ragged end where workers run out at different times, a resumed stream repeats a few of
-    the epoch's last batches (it never drops one: checked by simulating the round-robin). A skipped
-    batch whose every sample failed to decode is also off by one, since it was never yielded.
-    """
-    workers = cfg.num_workers
-    dataset = ShardDataset(cfg, tokenizer, split, rank, world_size, epoch, skip_batches // max(workers, 1))
-    if workers == 0:
+    """This rank's batches (and empty markers, see ShardDataset) for one epoch, from index `skip_batches` on:
+    the same sequence, whatever the number of workers, as the uninterrupted epoch's from that index (exact
+    resume). The DataLoader asks workers 0..W-1 in turn, and batch skip + j belongs to worker j mod W."""
+    dataset = ShardDataset(cfg, tokenizer, split, rank, world_size, epoch, skip_batches)
+    if cfg.num_workers == 0:
         return iter(dataset)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
-    return itertools.islice(loader, skip_batches % workers, None)
+    return iter(DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available()))
 
 
 def throughput(

@@ -28,6 +28,7 @@ import optim
 import smolvlm
 import textvqa
 from config import Config, ConfigError
+from frames import FrameSpec
 from losses import batch_loss
 from model import FoveatedVLM
 
@@ -73,13 +74,20 @@ class Foveated:
 
     def new(self) -> tuple[FoveatedVLM, Any]:
         model = FoveatedVLM.from_backbones(self.cfg.model)
+        model.frames = self._frames()
         return model, model.tokenizer
 
     def load(self, path: Path) -> tuple[FoveatedVLM, Any]:
         model = FoveatedVLM.from_pretrained(path)
         if model.tokenizer is None:
             raise ValueError(f"the model in {path} carries no tokenizer; the data pipeline needs one")
+        model.frames = self._frames()
         return model, model.tokenizer
+
+    def _frames(self) -> FrameSpec:
+        """How this run feeds clips, saved with the model so that every command reads media the same way."""
+        d = self.cfg.data
+        return FrameSpec(d.frame_size, d.max_frames, d.replicate_image_frames, d.fps)
 
     def write(self, model: FoveatedVLM, processor: Any, directory: Path) -> None:
         ckpt.write_model(model, directory)  # the tokenizer is saved as part of the model
@@ -88,8 +96,7 @@ class Foveated:
         return optim.group_of(name)
 
     def checkpoint_activations(self, model: FoveatedVLM) -> None:
-        model.encoder.gradient_checkpointing = True
-        model.llm.activation_checkpointing_enable({"use_reentrant": False})
+        model.checkpoint_activations()
 
     def loader(
         self, processor: Any, rank: int, world_size: int, epoch: int = 0, skip_batches: int = 0, split: str = "train"

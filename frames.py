@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -29,6 +30,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif"})
 
 Source = str | Path | bytes
+
+
+@dataclass
+class FrameSpec:
+    """How a model is fed: the frame size, the frames sampled from a video, how many copies make an image a still
+    clip, and the sampling rate (None: `max_frames` spread over the whole clip). A model is saved with the spec it
+    was trained on, so every command that loads it reads its media the same way."""
+
+    size: int = 224
+    max_frames: int = 64
+    image_frames: int = 8
+    fps: float | None = None
 
 
 class MediaError(ValueError):

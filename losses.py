@@ -3,8 +3,9 @@
 DPO (Rafailov et al. 2023) compares the summed log-probability of the chosen and the rejected answer
 under the policy with the same quantities under a frozen reference copy of the starting policy:
 loss = -log σ(β · [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))]), which is log 2 while the
-policy still equals the reference. Chosen and rejected run as one batch of 2B rows (frames repeated)
-so that each step is a single forward through the (possibly DDP-wrapped) model.
+policy still equals the reference. Chosen and rejected run as one batch of 2B text rows over the B clips
+(each clip encoded and read once, both of its rows reading it), so that each step is a single forward
+through the (possibly DDP-wrapped) model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import token_nll
 from tokenization import IGNORE_INDEX
 
 
@@ -24,10 +24,12 @@ def _pad_cat(a: Tensor, b: Tensor, value: int) -> Tensor:
 
 
 def pair_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A DPO batch -> one plain batch of 2B rows: the chosen answers, then the rejected ones."""
+    """A DPO batch -> one batch of B clips and 2B text rows: the chosen answers, then the rejected ones."""
+    b = batch["frames"].shape[0]
     return {
-        "frames": batch["frames"].repeat(2, *[1] * (batch["frames"].dim() - 1)),
-        "frame_mask": batch["frame_mask"].repeat(2, 1),
+        "frames": batch["frames"],
+        "frame_mask": batch["frame_mask"],
+        "rows": torch.arange(b, device=batch["frames"].device).repeat(2),  # (2B,) the clip of each row
         "input_ids": _pad_cat(batch["chosen_input_ids"], batch["rejected_input_ids"], 0),
         "attention_mask": _pad_cat(batch["chosen_attention_mask"], batch["rejected_attention_mask"], 0),
         "labels": _pad_cat(batch["chosen_labels"], batch["rejected_labels"], IGNORE_INDEX),
@@ -35,9 +37,9 @@ def pair_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def answer_logp(model: nn.Module, batch: dict[str, Tensor], mode: str) -> Tensor:
-    """Summed log-probability of the labelled tokens of each row: (B,)."""
-    out = model(batch["frames"], batch["frame_mask"], batch["input_ids"], batch["attention_mask"], mode=mode)
-    return -token_nll(out.logits, batch["labels"])[0]
+    """Summed log-probability of the labelled tokens of each row: (R,)."""
+    keys = ("frames", "frame_mask", "input_ids", "attention_mask", "labels")
+    return -model(*(batch[k] for k in keys), mode=mode, rows=batch["rows"]).nll
 
 
 def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> Tensor:

@@ -24,6 +24,8 @@ from transformers import DynamicCache
 
 from config import ModelConfig
 from encoder import FoveatedEncoder, PatchCache
+from frames import FrameSpec
+from kvcache import StepCache
 from tokenization import user_turn_head
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
@@ -32,8 +34,10 @@ IGNORE_INDEX = -100
 
 @dataclass
 class FVLMOutput:
-    logits: Tensor  # (B, L, vocab) at the text positions
-    loss: Tensor | None = None
+    logits: Tensor  # (R, L, vocab) at the text positions
+    loss: Tensor | None = None  # mean over every labelled token of the batch
+    nll: Tensor | None = None  # (R,) summed negative log-likelihood of each row's labelled tokens
+    count: Tensor | None = None  # (R,) labelled tokens per row
     attention: Tensor | None = None  # (B, T, k, 1+P) the final read's attention over [CLS, patches]
 
 
@@ -41,24 +45,39 @@ class FVLMOutput:
 class Prefix:
     """The LLM state after [frames, text]: what generation and option scoring continue from."""
 
-    hidden: Tensor  # (B, L, D) final-norm hidden states at the text positions
-    mask: Tensor  # (B, S) attention mask of everything in `past`
+    hidden: Tensor  # (R, L, D) final-norm hidden states at the text positions
+    mask: Tensor  # (R, S) attention mask of everything in `past`
     past: DynamicCache | None
     attention: Tensor | None  # (B, T, k, 1+P)
-
-
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over labelled positions (labels == -100 are ignored)."""
-    nll, count = token_nll(logits, labels)
-    return nll.sum() / count.sum().clamp(min=1)
+    last_visual: Tensor  # (R, D) hidden state at each row's last real frame slot (meaningless for rows without)
+    framed: Tensor  # (R,) bool: the row's clip has at least one frame
+    cut: int  # text position right after the frames: tokens before it are the head
 
 
 def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample summed negative log-likelihood of the labelled tokens, and their count: (B,), (B,)."""
+    """Per-sample summed negative log-likelihood of the labelled tokens, and their count: (B,), (B,).
+    Position j of `logits` (B, L, V) predicts token j+1 of `labels` (B, L)."""
     target = labels[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target.clamp(min=0), reduction="none")  # (B, L-1)
     keep = target != IGNORE_INDEX
     return (nll * keep).sum(1), keep.sum(1)
+
+
+def sequence_nll(logits: Tensor, labels: Tensor, bridge: Tensor, framed: Tensor, cut: int) -> tuple[Tensor, Tensor]:
+    """`token_nll` over text that the LLM read as [text[:cut], frame slots, text[cut:]]: every token is predicted
+    from the position just before it in that sequence, so in a row with frames text[cut] is predicted by the last
+    frame slot (`bridge` (R, V), its logits) rather than by text[cut-1]; the slots themselves predict nothing."""
+    main = labels
+    if cut < labels.shape[1]:
+        main = labels.clone()
+        main[framed, cut] = IGNORE_INDEX
+    nll, count = token_nll(logits, main)
+    if cut < labels.shape[1]:
+        target = labels[:, cut]
+        keep = framed & (target != IGNORE_INDEX)
+        first = F.cross_entropy(bridge.float(), target.clamp(min=0), reduction="none")  # (R,)
+        nll, count = nll + first * keep, count + keep
+    return nll, count
 
 
 def _positions(mask: Tensor, new: int) -> Tensor:
@@ -67,15 +86,16 @@ def _positions(mask: Tensor, new: int) -> Tensor:
 
 
 class FoveatedVLM(nn.Module):
-    def __init__(self, config: ModelConfig, dino: nn.Module, llm: nn.Module, tokenizer=None):
+    def __init__(
+        self, config: ModelConfig, dino: nn.Module, llm: nn.Module, tokenizer=None, frames: FrameSpec | None = None
+    ):
         super().__init__()
         self.config = config
         self.encoder = FoveatedEncoder(dino, config.query_dim, config.deep_query)
         self.llm = llm
         self.tokenizer = tokenizer  # not a module: carried so generation and saving find it
+        self.frames = frames or FrameSpec()  # how clips are fed to the model; saved with it
         k, dq, d_llm = config.glimpses, config.query_dim, llm.config.hidden_size
-        # a read token is mostly what every frame shares; per-feature standardisation exposes what differs
-        self.token_norm = nn.BatchNorm1d(self.encoder.dim) if config.token_norm == "batch" else nn.Identity()
         self.dino_to_llm = nn.Linear(self.encoder.dim, d_llm)
         self.llm_to_query = nn.Linear(d_llm, k * dq)
         # std 1.0: with 0.02 the query's attention starts uniform and never learns to look
@@ -85,6 +105,15 @@ class FoveatedVLM(nn.Module):
             raise ValueError("model.frames_at 'user_turn' needs the tokenizer, whose chat template places the frames")
         head = user_turn_head(tokenizer) if config.frames_at == "user_turn" else []
         self.register_buffer("head_ids", torch.tensor(head, dtype=torch.long), persistent=False)  # (H,)
+
+    def checkpoint_activations(self) -> None:
+        """Recompute activations in backward instead of keeping them: DINO layer by layer, the LLM through
+        transformers' checkpointed layers, told to keep the KV cache since every call that feeds one writes
+        through a replay-safe StepCache (without it the autoregressive loop's text would not see the frames)."""
+        self.encoder.gradient_checkpointing = True
+        self.llm.activation_checkpointing_enable({"use_reentrant": False})
+        for layer in self.llm.get_decoder().layers:
+            layer._can_checkpoint_with_cache = True
 
     # ---- visual side -------------------------------------------------------------------
 
@@ -101,7 +130,7 @@ class FoveatedVLM(nn.Module):
         b, t, k, _ = queries.shape
         mt = frame_mask.T  # (T, B)
         tok, attn = self.encoder.query_attend(queries.transpose(0, 1)[mt], cache)  # (N, k, D), (N, k, 1+P)
-        tok = self.dino_to_llm(self.token_norm(tok.flatten(0, 1)).view(tok.shape)) * self.config.visual_scale
+        tok = self.dino_to_llm(tok) * self.config.visual_scale
         tokens = tok.new_zeros(t, b, k, tok.shape[-1])
         tokens[mt] = tok
         attention = attn.new_zeros(t, b, k, attn.shape[-1])
@@ -115,29 +144,43 @@ class FoveatedVLM(nn.Module):
     def _slot_mask(self, frame_mask: Tensor) -> Tensor:
         return frame_mask.repeat_interleave(self.config.glimpses, dim=1).long()  # (B, T*k)
 
+    def _last_slot(self, frame_mask: Tensor) -> Tensor:
+        """(B,) index among the T*k frame slots of each clip's last real slot (-1 for a clip without frames)."""
+        b, t = frame_mask.shape
+        if t == 0:
+            return frame_mask.new_full((b,), -1, dtype=torch.long)
+        last_frame = (frame_mask.long() * torch.arange(1, t + 1, device=frame_mask.device)).amax(1) - 1
+        return torch.where(last_frame >= 0, last_frame * self.config.glimpses + self.config.glimpses - 1, -1)
+
+    def _head(self, b: int) -> Tensor:
+        """(b, H, D) embeddings of the text that goes before the frames (empty with frames_at start)."""
+        return self.llm.get_input_embeddings()(self.head_ids)[None].expand(b, -1, -1)
+
     def _llm(self, embeds: Tensor, mask: Tensor, past: DynamicCache | None = None) -> Tensor:
-        """Run the decoder over `embeds` (B, S_new, D), `mask` covering past + new; final-norm hidden states."""
+        """Run the decoder over `embeds` (B, S_new, D), `mask` covering past + new; final-norm hidden states.
+
+        With `past`, the call writes through a StepCache, so activation checkpointing can replay it."""
+        step = StepCache(past) if past is not None else None
         out = self.llm.get_decoder()(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=_positions(mask, embeds.shape[1]),
-            past_key_values=past,
-            use_cache=past is not None,
+            past_key_values=step,
+            use_cache=step is not None,
         )
+        if step is not None:
+            step.commit(past)
         return out.last_hidden_state
 
-    def visual_tokens(
-        self, cache: PatchCache, frame_mask: Tensor, mode: str, head: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Parallel modes, after the `head` embeddings (B, H, D): tokens (B, T*k, D_llm) and attention
-        (B, T, k, 1+P) of the final read."""
+    def visual_tokens(self, cache: PatchCache, frame_mask: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+        """Parallel modes: tokens (B, T*k, D_llm) and attention (B, T, k, 1+P) of the final read."""
         b, t = frame_mask.shape
         coarse, attn = self._read(cache, self.q_static.expand(b, t, *self.q_static.shape), frame_mask)
         if mode == "coarse_only" or t == 0:
             return coarse, attn
         # pass 1: under causal attention the text after the frames cannot influence the visual positions,
         # so the LLM over [head, coarse tokens] alone gives each frame's query for the next frame
-        head = coarse[:, :0] if head is None else head
+        head = self._head(b)
         h = head.shape[1]
         mask = torch.cat([frame_mask.new_ones(b, h, dtype=torch.long), self._slot_mask(frame_mask)], dim=1)
         hidden = self._llm(torch.cat([head, coarse], dim=1), mask)[:, h:]  # (B, T*k, D)
@@ -156,20 +199,33 @@ class FoveatedVLM(nn.Module):
         attention_mask: Tensor,
         mode: str = "coarse_fine",
         kv_cache: bool = False,
+        rows: Tensor | None = None,
     ) -> Prefix:
-        """Run the LLM over [frame tokens, text]; `kv_cache` keeps its state for continuing."""
+        """Run the LLM over [frame tokens, text]; `kv_cache` keeps its state for continuing.
+
+        `rows` (R,) names the clip of each text row (default: row i reads clip i): several texts about one
+        clip (DPO's chosen and rejected answers) share its encoding and its read, which the text cannot change.
+        """
         if mode not in MODES:
             raise ValueError(f"unknown forward mode '{mode}'; expected one of {MODES}")
         h = self._head_length(input_ids, attention_mask)
-        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
-        head, text, text_mask = embeds[:, :h], embeds[:, h:], attention_mask[:, h:].long()
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (R, L, D)
+        text, text_mask = embeds[:, h:], attention_mask[:, h:].long()
         past = DynamicCache() if kv_cache else None
+        framed, last_slot = frame_mask.any(1), self._last_slot(frame_mask)  # (B,), (B,)
+        if rows is not None:
+            framed, last_slot = framed[rows], last_slot[rows]
         if mode == "autoregressive":
-            return self._autoregressive(cache, frame_mask, head, text, text_mask, past)
-        vis, attn = self.visual_tokens(cache, frame_mask, mode, head)
-        mask = torch.cat([attention_mask[:, :h].long(), self._slot_mask(frame_mask), text_mask], dim=1)
-        hidden = self._llm(torch.cat([head, vis, text], dim=1), mask, past)
-        return Prefix(torch.cat([hidden[:, :h], hidden[:, h + vis.shape[1] :]], dim=1), mask, past, attn)
+            return self._autoregressive(cache, frame_mask, rows, text, text_mask, past, framed, last_slot)
+        vis, attn = self.visual_tokens(cache, frame_mask, mode)
+        slots = self._slot_mask(frame_mask)
+        if rows is not None:
+            vis, slots = vis[rows], slots[rows]
+        mask = torch.cat([attention_mask[:, :h].long(), slots, text_mask], dim=1)
+        hidden = self._llm(torch.cat([embeds[:, :h], vis, text], dim=1), mask, past)
+        last_visual = hidden[torch.arange(len(hidden), device=hidden.device), h + last_slot.clamp(min=0)]
+        text_hidden = torch.cat([hidden[:, :h], hidden[:, h + vis.shape[1] :]], dim=1)
+        return Prefix(text_hidden, mask, past, attn, last_visual, framed, h)
 
     def _head_length(self, input_ids: Tensor, attention_mask: Tensor) -> int:
         """H, the number of leading text tokens that go before the frames: every row must start with them."""
@@ -187,25 +243,28 @@ class FoveatedVLM(nn.Module):
         self,
         cache: PatchCache,
         frame_mask: Tensor,
-        head: Tensor,
+        rows: Tensor | None,
         text: Tensor,
         text_mask: Tensor,
         past: DynamicCache | None,
+        framed: Tensor,
+        last_slot: Tensor,
     ) -> Prefix:
-        """After the `head` (B, H, D), frame t is read with the query from the fine tokens of frames < t,
-        one LLM step per frame; then the `text` (B, L', D).
+        """After the head, frame t is read with the query from the fine tokens of frames < t, one LLM step per
+        frame (over the B clips); then the `text` (R, L', D) of every row.
 
         With `past` the LLM advances on its KV cache; without, every step reruns the whole
         sequence so far (the reference the cache must match).
         """
         b, t = frame_mask.shape
-        k, h = self.config.glimpses, head.shape[1]
+        k, head = self.config.glimpses, self._head(b)
+        h = head.shape[1]
         counts = frame_mask.sum(0).tolist()  # real frames at each step, contiguous in the cache
         mask = frame_mask.new_ones(b, h, dtype=torch.long)
         seq = head  # (B, S, D), only needed without cache
         head_hidden = self._llm(head, mask, past) if past is not None and h else head[:, :0]
         queries = self.q_init.expand(b, 1, *self.q_init.shape)
-        start, attns = 0, []
+        start, attns, steps = 0, [], []
         for step in range(t):
             step_cache = cache.narrow(start, counts[step])
             start += counts[step]
@@ -217,7 +276,14 @@ class FoveatedVLM(nn.Module):
             else:
                 seq = torch.cat([seq, tok], dim=1)
                 hidden = self._llm(seq, mask)[:, -k:]
+            steps.append(hidden)  # (B, k, D)
             queries = self._next_queries(hidden[:, -1])
+        visual = torch.cat(steps, dim=1) if steps else head.new_zeros(b, 1, head.shape[-1])  # (B, T*k, D)
+        if rows is not None:
+            visual, mask, seq, head_hidden = visual[rows], mask[rows], seq[rows], head_hidden[rows]
+            if past is not None:
+                past.batch_select_indices(rows)
+        last_visual = visual[torch.arange(len(visual), device=visual.device), last_slot.clamp(min=0)]
         mask = torch.cat([mask, text_mask], dim=1)
         if past is not None:
             hidden = self._llm(text, mask, past)
@@ -225,7 +291,7 @@ class FoveatedVLM(nn.Module):
             full = self._llm(torch.cat([seq, text], dim=1), mask)
             head_hidden, hidden = full[:, :h], full[:, seq.shape[1] :]
         attention = torch.cat(attns, dim=1) if attns else None
-        return Prefix(torch.cat([head_hidden, hidden], dim=1), mask, past, attention)
+        return Prefix(torch.cat([head_hidden, hidden], dim=1), mask, past, attention, last_visual, framed, h)
 
     def forward(
         self,
@@ -236,17 +302,23 @@ class FoveatedVLM(nn.Module):
         labels: Tensor | None = None,
         mode: str = "coarse_fine",
         cache: PatchCache | None = None,
+        rows: Tensor | None = None,
     ) -> FVLMOutput:
-        """frames (B, T, 3, H, W), frame_mask (B, T) bool, input_ids/attention_mask/labels (B, L).
+        """frames (B, T, 3, H, W), frame_mask (B, T) bool, input_ids/attention_mask/labels (R, L); `rows` (R,)
+        the clip each text row reads (default R = B, row i reads clip i).
 
         A precomputed `cache` (from `encode`) lets several modes or options share one DINO pass.
         """
         if cache is None:
             cache = self.encode(frames, frame_mask)
-        pre = self.prefix(cache, frame_mask, input_ids, attention_mask, mode, kv_cache=mode == "autoregressive")
-        logits = self.llm.get_output_embeddings()(pre.hidden)
-        loss = lm_loss(logits, labels) if labels is not None else None
-        return FVLMOutput(logits=logits, loss=loss, attention=pre.attention)
+        pre = self.prefix(cache, frame_mask, input_ids, attention_mask, mode, mode == "autoregressive", rows)
+        head = self.llm.get_output_embeddings()
+        logits = head(pre.hidden)
+        if labels is None:
+            return FVLMOutput(logits=logits, attention=pre.attention)
+        nll, count = sequence_nll(logits, labels, head(pre.last_visual), pre.framed, pre.cut)
+        loss = nll.sum() / count.sum().clamp(min=1)
+        return FVLMOutput(logits=logits, loss=loss, nll=nll, count=count, attention=pre.attention)
 
     @torch.no_grad()
     def generate(

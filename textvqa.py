@@ -7,10 +7,9 @@ Layout (ROOT = data.textvqa):
 Each question trains on its most frequent answer, asked with the short-answer prompt the benchmark
 harness evaluates with. Batches follow data.py's contract: collated tensors plus `keys` (question ids)
 and `skipped` (per-reason counts of samples lost since the previous batch: an undecodable or missing
-image is dropped from its batch and counted as bad_media), and a loader reopened with
-`skip_batches = N` continues exactly after the epoch's first N batches. That holds for any number of
-workers, since an epoch's batches are fixed lists of questions; only a batch whose every image failed
-is never yielded, which shifts a resumed epoch by one batch (as in data.py).
+image is dropped from its batch and counted as bad_media; a batch that loses every image stays in the
+sequence as an empty marker), and a loader reopened with `skip_batches = N` continues exactly after the
+epoch's first N batches, for any number of workers, since an epoch's batches are fixed lists of questions.
 """
 
 from __future__ import annotations
@@ -121,15 +120,9 @@ def _collate(items: list[dict[str, Any] | None], pad_id: int) -> dict[str, Any]:
     return {**batch, "keys": [s["key"] for s in samples], "skipped": {"bad_media": len(items) - len(samples)}}
 
 
-def _nonempty(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Drop batches that lost every sample, carrying their skipped counts to the next batch."""
-    carried: Counter = Counter()
-    for batch in batches:
-        carried.update(batch["skipped"])
-        if batch["keys"]:
-            batch["skipped"] = dict(carried)
-            carried.clear()
-            yield batch
+def _indexed(batches: Iterator[dict[str, Any]], start: int) -> Iterator[dict[str, Any]]:
+    for index, batch in enumerate(batches, start):
+        yield {**batch, "index": index}
 
 
 def make_loader(
@@ -156,7 +149,7 @@ def make_loader(
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
     )
-    return _nonempty(iter(loader))
+    return _indexed(iter(loader), skip_batches)
 
 
 def show_example(model: Any, processor: Any, root: str | Path, index: int = 0) -> dict[str, Any]:

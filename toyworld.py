@@ -14,7 +14,7 @@ Written as WebDataset shards in the project's training format (data.py), one fol
   val/NNNNNN.tar      held-out clips as stage-2 samples, for validation loss
   eval/NNNNNN.tar     the same held-out clips as multiple-choice questions in benchmarks.py's schema
                       (`question`, `options`, `answer`, `task`: whether the ball keeps near the centre):
-                      `python benchmark.py --bench toy --data-root DIR/eval`
+                      `python benchmark.py --model runs/toy/final --bench toy --data-root DIR/eval`
 Every JSON also carries `scene`, the clip's full description, from which it is rendered and from which
 the answer can be recomputed (`answer_of`). Same seed and sizes, same bytes; `ensure` regenerates only
 when the manifest (toyworld.json) records other settings or another version of the generator (`WORLD`,
@@ -296,7 +296,7 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), clips: i
     out = Path(cfg.train.out_dir)
     shutil.rmtree(out / "eval", ignore_errors=True)  # predictions of an earlier model must not be reused
     bench = benchmark.load_benchmark("toy", root / "eval")
-    adapter = FoveatedAdapter(model, cfg.data.max_frames, size=cfg.data.frame_size)
+    adapter = FoveatedAdapter(model)  # the frame settings it was trained with
     summary = benchmark.evaluate(adapter, bench, "likelihood", list(MODES), out / "eval")
     benchmark.print_summary(summary)
     print("  by where the ball is (off-centre is the harder look):")

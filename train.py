@@ -74,11 +74,12 @@ def init_dist() -> Dist:
 
 
 class Stream:
-    """The training batches, epoch after epoch, keeping state.epoch / state.batches (the data position)
-    current and counting the samples the loader skipped as undecodable.
+    """This rank's training batches, epoch after epoch, keeping state.epoch / state.batches (this rank's data
+    position) current and counting the samples the loader skipped as undecodable.
 
-    All ranks move to the next epoch together as soon as one of them runs dry, so DDP never waits on a
-    rank without a batch.
+    Each rank moves to its next epoch when its own loader runs dry: ranks may hold different numbers of
+    samples, and moving them together would drop (or repeat) what the others still had. Every call takes
+    part in one collective, so a rank that cannot produce a batch stops all of them instead of hanging them.
     """
 
     def __init__(self, open_epoch: Callable[[int, int], Iterator[dict]], d: Dist, state: ckpt.TrainState) -> None:
@@ -91,17 +92,28 @@ class Stream:
         with torch.random.fork_rng(devices=[]):  # the DataLoader's seed draw must not move the training RNG
             return self.open_epoch(self.state.epoch, self.state.batches)
 
-    def next(self) -> dict[str, Tensor]:
-        for _ in range(2):
-            batch = next(self.it, None)
-            if self.d.sum([batch is None])[0] == 0:
-                self.state.batches += 1
-                self.skipped += sum(batch.pop("skipped").values())
-                del batch["keys"]
+    def _take(self) -> dict | None:
+        """The next batch of this epoch, passing over (and counting) empty markers; None at the epoch's end."""
+        for batch in self.it:
+            self.state.batches += 1
+            self.skipped += sum(batch.pop("skipped").values())
+            if batch.pop("keys"):
+                batch.pop("index", None)
                 return batch
+        return None
+
+    def next(self) -> dict[str, Tensor]:
+        batch = self._take()
+        if batch is None:  # this rank's epoch is over: the next one starts at once
             self.state.epoch, self.state.batches = self.state.epoch + 1, 0
             self.it = self._open()
-        raise RuntimeError(f"epoch {self.state.epoch} of the training data yields no batch on some rank")
+            batch = self._take()
+        if self.d.sum([batch is None])[0]:
+            raise RuntimeError(
+                f"a whole epoch of the training data yields no usable batch on {'this' if batch is None else 'another'}"
+                " process: its shards are empty or every sample fails to decode (see the warnings above)"
+            )
+        return batch
 
 
 def set_seed(seed: int) -> None:
@@ -219,7 +231,8 @@ class Trainer:
         total, count = 0.0, 0
         with torch.random.fork_rng(devices=[]):
             loader = self.family.loader(self.processor, self.d.rank, self.d.world_size, split="val")
-            for batch in itertools.islice(loader, self.cfg.train.val_batches):
+            batches = (batch for batch in loader if batch["keys"])  # empty markers carry no sample
+            for batch in itertools.islice(batches, self.cfg.train.val_batches):
                 batch = {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
                 total, count = total + self.loss(self.raw, batch).item(), count + 1
         self.raw.train()
@@ -227,11 +240,14 @@ class Trainer:
         return total / max(count, 1)
 
     def save(self) -> None:
-        """Checkpoint (rank 0 writes, with every rank's RNG state) and prune old checkpoints."""
-        rngs = [ckpt.rng_state()]
+        """Checkpoint (rank 0 writes, with every rank's RNG state and data position) and prune old checkpoints."""
+        local = (ckpt.rng_state(), [self.state.epoch, self.state.batches])
+        gathered = [local]
         if self.d.world_size > 1:
-            local, rngs = rngs[0], [None] * self.d.world_size
-            dist.all_gather_object(rngs, local)
+            gathered = [None] * self.d.world_size
+            dist.all_gather_object(gathered, local)
+        rngs = [rng for rng, _ in gathered]
+        self.state.positions = [position for _, position in gathered]  # every rank's own place in its data
         if self.d.rank == 0:
             tc = self.cfg.train
             path = ckpt.checkpoint_dir(tc.out_dir, self.state.step)

@@ -206,7 +206,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path, tokeniz
     orders = []
     for epoch in (0, 1):
         keys = [[k for b in run(cfg, tokenizer, rank=r, world_size=2, epoch=epoch) for k in b["keys"]] for r in (0, 1)]
-        assert len(keys[0]) == len(keys[1]) == 20  # 8 shards over 4 slots: 2 shards each
+        assert len(keys[0]) == len(keys[1]) == 20  # 8 shards over 2 ranks: 4 shards each
         assert sorted(keys[0] + keys[1]) == sorted(f"s{s * 100 + j:04d}" for s in range(8) for j in range(5))
         orders.append(keys[0])
     assert orders[0] != orders[1]  # shards and samples reshuffled by epoch
@@ -245,8 +245,9 @@ def resume_config(tmp_path, **kw):
 def same(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        assert x["keys"] == y["keys"]
-        assert all(torch.equal(x[k], y[k]) for k in ("frames", "frame_mask", "input_ids", "labels"))
+        assert x["keys"] == y["keys"] and x["index"] == y["index"] and x["skipped"] == y["skipped"]
+        if x["keys"]:
+            assert all(torch.equal(x[k], y[k]) for k in ("frames", "frame_mask", "input_ids", "labels"))
 
 
 def test_resume_without_workers_is_exact_and_skips_without_decoding(tmp_path, tokenizer, monkeypatch):
@@ -263,12 +264,40 @@ def test_resume_without_workers_is_exact_and_skips_without_decoding(tmp_path, to
     assert len(decoded) == len(full[-1]["keys"]) + full[-1]["skipped"].get("bad_media", 0)
 
 
-def test_resume_with_two_workers_is_exact(tmp_path, tokenizer):
-    cfg = resume_config(tmp_path, num_workers=2)
-    full = run(cfg, tokenizer, epoch=1)
-    assert len(full) >= 12
-    for n in (1, 4, 7):  # each worker holds > 4 batches: inside the exact region
-        same(run(cfg, tokenizer, epoch=1, skip_batches=n), full[n:])
+def test_workers_change_nothing_and_resume_anywhere_is_exact(tmp_path, tokenizer):
+    """Workers split a rank's batches by index, so 0, 2 or 3 workers give one sequence, and a loader reopened at
+    any position continues it exactly, the epoch's ragged end included."""
+    full = run(resume_config(tmp_path), tokenizer, epoch=1)
+    assert len(full) >= 12 and [b["index"] for b in full] == list(range(len(full)))
+    for workers in (2, 3):
+        cfg = resume_config(tmp_path, num_workers=workers)
+        same(run(cfg, tokenizer, epoch=1), full)
+        for n in range(len(full) + 1):
+            same(run(cfg, tokenizer, epoch=1, skip_batches=n), full[n:])
+
+
+def test_a_batch_that_loses_every_sample_keeps_its_place(tmp_path, tokenizer):
+    bad = {"jpg": b"broken"}
+    write_shard(tmp_path / "a.tar", [chat(0), chat(1, bad), chat(2, bad), chat(3)])
+    cfg = config(str(tmp_path / "a.tar"), batch_size=1, num_workers=2)
+    batches = run(cfg, tokenizer)
+    assert [b["keys"] for b in batches] == [["s0000"], [], [], ["s0003"]]
+    assert [b["skipped"] for b in batches] == [{}, {"bad_media": 1}, {"bad_media": 1}, {}]
+    same(run(cfg, tokenizer, skip_batches=2), batches[2:])
+
+
+def test_numbered_frames_are_sampled_at_data_fps_when_the_sample_states_its_rate(tmp_path, tokenizer):
+    """12 frames extracted at 4 fps are 3 s: at data.fps 1 that is 3 frames; without a stated rate all 12
+    are taken as already at the training rate (capped at max_frames)."""
+    frames = {f"{f:03d}.jpg": jpeg((20 * f, 0, 0)) for f in range(12)}
+    timed = {"__key__": "timed", "json": {"user": "q", "assistant": "a", "fps": 4}, **frames}
+    plain = {"__key__": "plain", "json": {"user": "q", "assistant": "a"}, **frames}
+    write_shard(tmp_path / "f.tar", [timed, plain])
+    by = by_key(run(config(str(tmp_path / "f.tar"), batch_size=1, fps=1.0, max_frames=8), tokenizer))
+    reds = [round(float(by["timed"][0]["frames"][0, t, 0].mean() * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255 / 20)
+            for t in range(3)]
+    assert int(by["timed"][0]["frame_mask"].sum()) == 3 and reds == [2, 6, 10]  # centres of three 4-frame seconds
+    assert int(by["plain"][0]["frame_mask"].sum()) == 8
 
 
 def test_expand_shards_and_errors(tmp_path, tokenizer):

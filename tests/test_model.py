@@ -228,7 +228,7 @@ def test_frames_in_the_user_turn_sit_after_the_head(tokenizer, mode):
         assert (logits[i, :n] - alone[0]).abs().max() <= 1e-5, (mode, i)
     if mode == "coarse_only":  # the same numbers as the LLM run by hand over [head, tokens, rest]
         h, cache = len(head), model.encode(fr[:1], fm[:1])
-        vis, _ = model.visual_tokens(cache, fm[:1], mode, head=None)
+        vis, _ = model.visual_tokens(cache, fm[:1], mode)
         n = int(am[0].sum())
         embeds = model.llm.get_input_embeddings()(ids[:1, :n])
         out = model.llm(inputs_embeds=torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1)).logits
@@ -258,27 +258,77 @@ def test_frames_in_the_user_turn_reject_text_without_the_template(tokenizer):
         tiny_model(frames_at="user_turn")
 
 
-def test_token_norm_standardises_real_frames_and_is_per_sample_after_training(tmp_path):
-    """token_norm batch: in training the read tokens of the real frames (padding excluded) are standardised per
-    feature; after training (running statistics) a padded batch still equals each sample alone, and
-    save/load keeps the statistics."""
-    model = tiny_model(glimpses=2, token_norm="batch").train()
-    fr, fm, ids, am = batch([3, 1, 2], [4, 6, 2])
-    seen = []
-    model.dino_to_llm.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    model(fr, fm, ids, am, mode="coarse_only")
-    x = seen[0].flatten(0, -2)  # (real frames * glimpses, D): 6 frames * 2, padding never read
-    assert x.shape[0] == 12
-    assert x.mean(0).abs().max() < 1e-5 and (x.var(0, unbiased=False) - 1).abs().max() < 1e-2  # eps
-    for _ in range(3):
-        model(fr, fm, ids, am, mode="coarse_fine")
-    model.eval()
-    for mode in MODES:
-        logits = model(fr, fm, ids, am, mode=mode).logits
-        for i, (t, n) in enumerate(zip([3, 1, 2], [4, 6, 2], strict=True)):
-            alone = model(fr[i : i + 1, :t], fm[i : i + 1, :t], ids[i : i + 1, :n], am[i : i + 1, :n], mode=mode)
-            assert (logits[i, :n] - alone.logits[0]).abs().max() <= 1e-5, (mode, i)
-    model.save_pretrained(tmp_path / "m")
-    loaded = FoveatedVLM.from_pretrained(tmp_path / "m")
-    assert torch.equal(loaded.token_norm.running_var, model.token_norm.running_var)
-    assert torch.equal(loaded(fr, fm, ids, am).logits, model(fr, fm, ids, am).logits)
+def _loss_and_grads(model, batch, mode):
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = model(*batch, mode=mode).loss
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_activation_checkpointing_changes_no_loss_and_no_gradient(mode):
+    """transformers' checkpointed layers drop the KV cache in training; the autoregressive loop writes through a
+    replay-safe cache instead, so with checkpointing the text still reads the frames."""
+    fr, fm, ids, am = batch([3, 1, 2], [5, 4, 6])
+    labels = ids.masked_fill(am == 0, -100)
+    plain = tiny_model(glimpses=2).train()
+    checkpointed = tiny_model(glimpses=2).train()
+    checkpointed.checkpoint_activations()
+    loss, grads = _loss_and_grads(plain, (fr, fm, ids, am, labels), mode)
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, (fr, fm, ids, am, labels), mode)
+    assert (loss - loss_ckpt).abs() <= 1e-5
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 10
+    for name, g in grads.items():
+        assert (g - grads_ckpt[name]).abs().max() <= 1e-5 * max(1.0, g.abs().max().item()), name
+    # the frames reach the loss: other pixels, another loss
+    other, _ = _loss_and_grads(checkpointed, (fr + 1.0, fm, ids, am, labels), mode)
+    assert (other - loss_ckpt).abs() > 1e-4
+
+
+@pytest.mark.parametrize("frames_at", ["start", "user_turn"])
+@pytest.mark.parametrize("mode", ["coarse_only", "coarse_fine"])
+def test_loss_predicts_each_token_from_the_slot_before_it(tokenizer, frames_at, mode):
+    """The loss equals a plain LLM loss over the sequence the LLM read, [head, frame slots, rest], with the
+    slots' labels ignored: the first token after the frames is predicted by the last frame slot."""
+    model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at=frames_at)
+    fr, fm, ids, am = user_turn_batch(tokenizer, [3, 1, 0], USERS)
+    labels = ids.masked_fill(am == 0, -100)  # stage 1: every text token
+    out = model(fr, fm, ids, am, labels=labels, mode=mode)
+    h = len(model.head_ids)
+    for i, (t, n) in enumerate(zip(fm.sum(1).tolist(), am.sum(1).tolist(), strict=True)):
+        vis, _ = model.visual_tokens(model.encode(fr[i : i + 1, :t], fm[i : i + 1, :t]), fm[i : i + 1, :t], mode)
+        embeds = model.llm.get_input_embeddings()(ids[i : i + 1, :n])
+        seq = torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1)
+        full = torch.cat([labels[i : i + 1, :h], torch.full((1, vis.shape[1]), -100), labels[i : i + 1, h:n]], dim=1)
+        logits = model.llm(inputs_embeds=seq).logits
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], full[0, 1:], ignore_index=-100, reduction="sum")
+        assert out.count[i] == (full[0, 1:] != -100).sum()
+        assert (out.nll[i] - nll).abs() <= 1e-4, (i, out.nll[i], nll)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_share_one_clip_as_if_each_had_its_own(mode):
+    """Two text rows over one clip (DPO's chosen and rejected) give the numbers of two clips repeated, with one
+    DINO pass per clip. In float64, so that only a real difference (not fp32's summation order) shows."""
+    model = tiny_model(glimpses=2).train().double()
+    fr, fm, ids, am = batch([3, 1], [5, 4])
+    fr = fr.double()
+    ids2, am2 = torch.cat([ids, ids.flip(1)]), torch.cat([am, am])
+    labels = ids2.masked_fill(am2 == 0, -100)
+    encoded = []
+    model.encoder.dino.embeddings.register_forward_hook(lambda m, args, out: encoded.append(out.shape[0]))
+    with torch.enable_grad():
+        shared = model(fr, fm, ids2, am2, labels, mode=mode, rows=torch.tensor([0, 1, 0, 1]))
+        shared.nll.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert encoded == [4]  # 3 + 1 real frames, once
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        repeated = model(fr.repeat(2, 1, 1, 1, 1), fm.repeat(2, 1), ids2, am2, labels, mode=mode)
+        repeated.nll.sum().backward()
+    assert (shared.nll - repeated.nll).abs().max() <= 1e-6
+    assert (shared.logits - repeated.logits).abs().max() <= 1e-6
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert (grads[name] - p.grad).abs().max() <= 1e-6 * max(1.0, p.grad.abs().max().item()), name

@@ -22,12 +22,16 @@ from safetensors.torch import load_file
 
 import checkpoint as ckpt
 import train
-from config import Config, OptimConfig, from_dict, to_dict
-from model import FoveatedVLM
+from adapters import load_adapter
+from collate import pad_text
+from config import Config, OptimConfig, from_dict, load_config, to_dict
+from frames import FrameSpec
+from losses import batch_loss, pair_batch
+from model import MODES, FoveatedVLM
 from optim import build_optimizer
 from runlog import RunLog
 from schedule import Schedule
-from tests.tiny import IMAGE, tiny_model
+from tests.tiny import IMAGE, frames, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,7 +159,12 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, mon
         # lr 0 froze DINO bit for bit, while the other groups moved
         init = load_file(str(start_model / ckpt.WEIGHTS))
         assert all(torch.equal(init[k], a[k]) == k.startswith("encoder.dino.") for k in init if "norm" not in k)
-        assert FoveatedVLM.from_pretrained(Path(cfg.train.out_dir) / "final").tokenizer is not None
+        final = FoveatedVLM.from_pretrained(Path(cfg.train.out_dir) / "final")
+        assert final.tokenizer is not None
+        # the model remembers how it was fed, and the commands that load it default to that
+        assert final.frames == FrameSpec(size=IMAGE, max_frames=4, image_frames=8, fps=None)
+        adapter = load_adapter(Path(cfg.train.out_dir) / "final")
+        assert (adapter.size, adapter.max_frames, adapter.image_frames) == (IMAGE, 4, 8)
 
 
 def test_gradient_checkpointing_changes_no_number(tmp_path, start_model):
@@ -220,35 +229,83 @@ def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path, start_model):
     assert sum(int(r["skipped"]) for r in rows) >= 3  # the bad sample, once per epoch (3 batches each)
 
 
-def test_two_process_torchrun_agrees_on_the_weights(tmp_path, start_model):
-    cfg = make_config(tmp_path, start_model, train={"max_steps": 3, "save_every": 3})
+DDP_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from safetensors.torch import save_model
+import data, train
+rank = os.environ["RANK"]
+served, runs, real = [], [], data.make_loader
+def recorded(cfg, tokenizer, rank=0, world_size=1, epoch=0, skip_batches=0, split="train"):
+    for batch in real(cfg, tokenizer, rank, world_size, epoch, skip_batches, split):
+        if split == "train":
+            served.append([epoch, list(batch["keys"])])  # taken by the training stream, in order
+        yield batch
+data.make_loader = recorded
+class Crash(Exception):
+    pass
+class Recorded(train.Trainer):
+    def __init__(self, *args):
+        super().__init__(*args)
+        runs.append(self)
+    def step(self):
+        if self.state.step == {crash}:
+            raise Crash
+        return super().step()
+train.Trainer = Recorded
+try:
+    train.main(["--config", {config!r}])
+except Crash:
+    sys.exit(3)
+save_model(runs[0].raw, os.path.join({out!r}, "rank" + rank + ".safetensors"))
+with open(os.path.join({out!r}, "served" + rank + ".json"), "w") as f:
+    json.dump(served, f)
+"""
+
+
+def torchrun(tmp_path: Path, cfg: Config, crash: int = -1) -> subprocess.CompletedProcess:
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))
-    driver = tmp_path / "ranks.py"  # trains, then every rank writes its own copy of the weights
-    driver.write_text(
-        textwrap.dedent(f"""
-        import os, sys
-        sys.path.insert(0, {str(REPO)!r})
-        from safetensors.torch import save_model
-        import train
-        runs = []
-        class Recorded(train.Trainer):
-            def __init__(self, *args):
-                super().__init__(*args)
-                runs.append(self)
-        train.Trainer = Recorded
-        train.main(["--config", {str(config_file)!r}])
-        save_model(runs[0].raw, os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".safetensors"))
-        """)
-    )
+    driver = tmp_path / "ranks.py"
+    out = str(cfg.train.out_dir)
+    driver.write_text(DDP_DRIVER.format(repo=str(REPO), config=str(config_file), out=out, crash=crash))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
-    proc = subprocess.run(cmd, cwd=REPO, env=SINGLE_THREAD, capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, cwd=REPO, env=SINGLE_THREAD, capture_output=True, text=True, timeout=240)
+
+
+def test_two_processes_train_every_sample_once_per_epoch_and_resume_exactly(tmp_path, start_model):
+    """2 gloo processes x 2 workers over 5 shards of unequal sizes: rank 0 holds more samples than rank 1, and
+    each rank runs through its own epochs. Every sample is trained on exactly once per epoch, both ranks end
+    with the same weights, and a run killed mid-way resumes to the same losses and weights."""
+    sizes = [3, 7, 2, 5, 4]
+    data_cfg = {"train_shards": write_sized_shards(tmp_path, sizes), "num_workers": 2, "batch_size": 2}
+    train_cfg = {"max_steps": 14, "accumulate": 1, "save_every": 3}
+    cfg = make_config(tmp_path, start_model, "whole", data=data_cfg, train=train_cfg)
+    proc = torchrun(tmp_path, cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
-    init = load_file(str(start_model / ckpt.WEIGHTS))
+    out = Path(cfg.train.out_dir)
+    r0, r1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    init = load_file(str(start_model / ckpt.WEIGHTS))
     assert not torch.equal(r0["dino_to_llm.weight"], init["dino_to_llm.weight"])
-    assert [r["step"] for r in log_rows(cfg.train.out_dir)] == ["1", "2", "3"]
+    served = [json.loads((out / f"served{r}.json").read_text()) for r in (0, 1)]
+    every = sorted(f"k{s}-{i}" for s, n in enumerate(sizes) for i in range(n))
+    done = min(max(e for e, _ in ranks) for ranks in served)  # epochs every rank has finished
+    assert done >= 2
+    for epoch in range(done):
+        keys = [k for ranks in served for e, batch in ranks if e == epoch for k in batch]
+        assert sorted(keys) == every, epoch  # each sample exactly once, none lost at a rank's epoch end
+    assert len({len([k for e, b in served[r] if e == 0 for k in b]) for r in (0, 1)}) == 2  # unequal shares
+    whole = losses(out)
+
+    cut = make_config(tmp_path, start_model, "cut", data=data_cfg, train=train_cfg)
+    proc = torchrun(tmp_path, cut, crash=8)  # last checkpoint at step 6
+    assert proc.returncode != 0 and len(log_rows(cut.train.out_dir)) == 8
+    proc = torchrun(tmp_path, cut)  # resume: auto
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(cut.train.out_dir) == whole
+    a, b = (load_file(str(Path(c.train.out_dir) / "final" / ckpt.WEIGHTS)) for c in (cfg, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_unknown_config_key_fails_before_any_work(tmp_path):
@@ -318,3 +375,55 @@ def test_wandb_is_needed_only_when_enabled(tmp_path):
     with pytest.raises(RuntimeError, match="pip install wandb"):
         RunLog(from_dict(Config, {"train": {"out_dir": str(tmp_path), "wandb": "offline"}}))
     RunLog(from_dict(Config, {"train": {"out_dir": str(tmp_path)}}))  # disabled: wandb is never imported
+
+
+SHIPPED_OPTIONS = sorted(
+    {
+        (m.frames_at, m.glimpses, m.deep_query)
+        for m in (load_config(p).model for p in sorted((REPO / "configs").glob("*.yaml")))
+        if m.family == "foveated"
+    }
+)
+
+
+@pytest.mark.parametrize("frames_at, glimpses, deep", SHIPPED_OPTIONS)
+def test_shipped_model_options_train_on_ragged_batches_and_dpo_starts_at_log2(tokenizer, frames_at, glimpses, deep):
+    """Every model option a shipped config sets: a training step on ragged batches (T = [3, 1] and T = [1]) in
+    every mode, and DPO's log-ratios exactly 0 at the start (the policy in train mode, its reference in eval)."""
+    from tokenization import chat_ids
+
+    policy = tiny_model(glimpses, deep, tokenizer=tokenizer, frames_at=frames_at).train()
+    reference = tiny_model(glimpses, deep, tokenizer=tokenizer, frames_at=frames_at).eval().requires_grad_(False)
+    rows = [chat_ids(tokenizer, f"What is in clip {i}?", f"Colour {i}.", stage=2) for i in range(2)]
+    text = pad_text([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id)
+    for lengths in ([3, 1], [1]):
+        b, t = len(lengths), max(lengths)
+        fm = torch.arange(t)[None] < torch.tensor(lengths)[:, None]
+        batch = {"frames": frames(b, t), "frame_mask": fm, **{k: v[:b] for k, v in text.items()}}
+        pairs = {"frames": batch["frames"], "frame_mask": fm}
+        for name in ("input_ids", "attention_mask", "labels"):
+            pairs[f"chosen_{name}"] = pairs[f"rejected_{name}"] = batch[name]
+        for mode in MODES:
+            policy.zero_grad(set_to_none=True)
+            loss = batch_loss(policy, batch, mode)
+            loss.backward()
+            assert torch.isfinite(loss) and policy.dino_to_llm.weight.grad.abs().sum() > 0, (lengths, mode)
+            dpo = batch_loss(policy, pairs, mode, reference, beta=0.1)
+            assert dpo.item() == pytest.approx(math.log(2), abs=1e-7), (lengths, mode)
+            paired = pair_batch(pairs)
+            keys = ("frames", "frame_mask", "input_ids", "attention_mask", "labels")
+            with torch.no_grad():
+                mine = policy(*(paired[k] for k in keys), mode=mode, rows=paired["rows"]).nll
+                theirs = reference(*(paired[k] for k in keys), mode=mode, rows=paired["rows"]).nll
+            assert torch.equal(mine, theirs), (lengths, mode)  # the log-ratio is exactly 0
+
+
+def write_sized_shards(root: Path, sizes: list[int]) -> str:
+    """Shards of unequal sizes, samples with 0-2 frames: keys k<shard>-<i>."""
+    for s, n in enumerate(sizes):
+        with wds.TarWriter(str(root / f"uneven-{s}.tar")) as sink:
+            for i in range(n):
+                sample = {"__key__": f"k{s}-{i}", "json": {"user": f"Clip {s}.{i}?", "assistant": f"Answer {i}."}}
+                sample.update({f"{f:03d}.jpg": jpeg((30 * s % 256, 40 * i % 256, 90)) for f in range(i % 3)})
+                sink.write(sample)
+    return str(root / "uneven-*.tar")

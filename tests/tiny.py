@@ -6,6 +6,7 @@ import torch
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
 from config import ModelConfig
+from frames import FrameSpec
 from model import FoveatedVLM
 
 IMAGE = 16  # px; patch 4 -> 16 patches + CLS
@@ -55,7 +56,6 @@ def tiny_model(
     seed: int = 0,
     tokenizer=None,
     frames_at: str = "start",
-    token_norm: str = "none",
 ) -> FoveatedVLM:
     """With a tokenizer (e.g. the real SmolLM2 one), the LLM's vocabulary is sized to it and the model carries it."""
     torch.manual_seed(seed)
@@ -67,10 +67,9 @@ def tiny_model(
         deep_query=deep,
         glimpses=glimpses,
         frames_at=frames_at,
-        token_norm=token_norm,
     )
     llm = tiny_llm(seed + 1, vocab=len(tokenizer) if tokenizer is not None else 64)
-    return FoveatedVLM(cfg, tiny_dino(seed), llm, tokenizer).eval()
+    return FoveatedVLM(cfg, tiny_dino(seed), llm, tokenizer, FrameSpec(size=IMAGE, max_frames=4, image_frames=2)).eval()
 
 
 def frames(b: int, t: int, seed: int = 0) -> torch.Tensor:
