@@ -8,14 +8,17 @@
 Multiple-choice protocols (DESIGN §7; numbers compare only within one protocol):
   likelihood  every option scored as the assistant answer "X. option" (mean token cross-entropy over the
               answer and its end-of-turn token); the lowest wins. The default.
-  generate    a greedy reply of at most 16 tokens to lmms-eval's prompt, the letter read from it with
-              lmms-eval's rule for that benchmark (metrics.py).
+  generate    a greedy reply of at most 16 tokens to lmms-eval 0.7.3's default prompt, the letter read from it
+              with lmms-eval's rule for that benchmark (metrics.py); --prompt-variant picks a model-specific
+              prompt instead (benchmarks.PROMPT_VARIANTS), named in the results.
 Open questions (TextVQA) are always generated and scored with the VQA accuracy. Every question counts in
-the accuracy, an empty reply as wrong (lmms-eval's MVBench aggregate leaves empty replies out instead).
+the accuracy, an empty reply as wrong, except in MVBench's generate figures: there `overall` and the task
+groups are lmms-eval's, which leave empty replies out, with ours beside them under `all_questions`.
 
 Each question's media is decoded and encoded once and reused by every mode; options share one prefix.
-Writes OUT/<bench>_<protocol>.jsonl (one line per question holding every mode) and the summary
-OUT/<bench>_<protocol>.json; run again and only the questions the predictions file lacks are answered.
+Writes OUT/<bench>_<protocol>.jsonl (one line per question holding every mode; `_<variant>` added to the name
+for a prompt variant) and the summary OUT/<bench>_<protocol>.json; run again and only the questions the
+predictions file lacks are answered.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import torch
 from tqdm import tqdm
 
 from adapters import Adapter, load_adapter
-from benchmarks import LETTERS, NAMES, Benchmark, DatasetMissing, Question, load_benchmark
+from benchmarks import LETTERS, NAMES, PROMPT_VARIANTS, Benchmark, DatasetMissing, Question, load_benchmark
 from frames import MediaError
-from metrics import vqa_accuracy
+from metrics import LMMS_EVAL_VERSION, mvbench_summary, vqa_accuracy
 
 PROTOCOLS = ("likelihood", "generate")
 MAX_NEW_TOKENS = 16  # lmms-eval's setting for these benchmarks
@@ -98,7 +101,8 @@ def summarize(records: list[dict], modes: list[str]) -> dict:
 def evaluate(adapter: Adapter, bench: Benchmark, protocol: str, modes: list[str], out: Path) -> dict:
     """Answer the questions the predictions file lacks (appending as it goes), then write the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{bench.name}_{protocol}"
+    variant = "" if bench.variant == "default" else f"_{bench.variant}"  # a variant never resumes another's answers
+    stem = out / f"{bench.name}_{protocol}{variant}"
     done = read_predictions(stem.with_suffix(".jsonl"))
     todo = [q for q in bench.questions if not set(modes) <= set(done.get(q.id, {}).get("modes", {}))]
     with stem.with_suffix(".jsonl").open("a") as f:
@@ -111,10 +115,17 @@ def evaluate(adapter: Adapter, bench: Benchmark, protocol: str, modes: list[str]
         "protocol": "generate" if all(not q.options for q in bench.questions) else protocol,
         "metric": "vqa_accuracy" if any(not q.options for q in bench.questions) else "accuracy",
         "modes": modes,
+        "lmms_eval": LMMS_EVAL_VERSION,
+        "prompt_variant": bench.variant,
         "questions": len(bench.questions),
         "answered_now": len(todo),
         **summarize([done[q.id] for q in bench.questions], modes),
     }
+    if bench.name == "mvbench" and protocol == "generate":  # lmms-eval's figures first, ours beside them
+        lmms = mvbench_summary([done[q.id] for q in bench.questions], modes)
+        summary["all_questions"] = {"overall": summary["overall"], "task": summary["groups"].get("task", {})}
+        summary["overall"], summary["groups"]["task"] = lmms["overall"], lmms["tasks"]
+        summary["empty_replies"] = lmms["empty_replies"]
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -135,6 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bench", required=True, choices=NAMES)
     p.add_argument("--data-root", required=True, help="the benchmark's directory (shards: a directory, glob or list)")
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: likelihood, or generate for textvqa")
+    p.add_argument(
+        "--prompt-variant",
+        default="default",
+        choices=list(PROMPT_VARIANTS),
+        help="default: lmms-eval 0.7.3's default prompts; llava_vid, legacy: Video-MME's model-specific 'The best "
+        "answer is:' prompt, legacy with the letter reader lmms-eval used before 0.7.2",
+    )
     p.add_argument("--modes", help="comma-separated forward modes (default: all the model has)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--out", type=Path, help="default: runs/eval/<model directory name>")
@@ -146,8 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = args.protocol or ("generate" if args.bench == "textvqa" else "likelihood")
     if args.bench == "textvqa" and protocol != "generate":
         p.error("TextVQA has open answers: only the generate protocol applies")
+    if args.bench not in PROMPT_VARIANTS[args.prompt_variant]:
+        p.error(f"prompt variant {args.prompt_variant} applies to {', '.join(PROMPT_VARIANTS[args.prompt_variant])}")
     try:
-        bench = load_benchmark(args.bench, args.data_root, args.limit)
+        bench = load_benchmark(args.bench, args.data_root, args.limit, args.prompt_variant)
     except DatasetMissing as e:
         sys.exit(str(e))
     adapter = load_adapter(args.model, args.device, args.max_frames, args.image_frames, args.frame_size)

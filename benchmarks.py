@@ -1,9 +1,10 @@
 """Evaluation sets read from each benchmark's own published layout into one list-of-questions form.
 
-Every loader returns `Question`s: the user turn (lmms-eval's prompt for that benchmark, used by both
-scoring protocols), where the pixels are (`Media`, decoded later by the model's adapter, which alone
-knows its input format), the options' texts, the right answer and the summary groups. A missing file
-is reported once, with the expected layout, before any model runs.
+Every loader returns `Question`s: the user turn (lmms-eval 0.7.3's default prompt for that benchmark, or a
+named model-specific variant of it, see PROMPT_VARIANTS; used by both scoring protocols), where the pixels
+are (`Media`, decoded later by the model's adapter, which alone knows its input format), the options' texts,
+the right answer and the summary groups. A missing file is reported once, with the expected layout, before
+any model runs.
 
 Evaluation shards (`--bench shards`, and `--bench toy` for the toy world's held-out split) use the
 project's WebDataset format (DESIGN §6): `KEY.json` plus the media members training shards use
@@ -36,7 +37,7 @@ from webdataset.tariterators import tarfile_samples
 import textvqa
 from data import expand_shards, media_of  # media_of: the training reader's rule for media members
 from frames import load_image, load_video, read_image, sample_indices, to_tensor
-from metrics import mvbench_letter, scienceqa_letter, videomme_letter
+from metrics import mvbench_letter, scienceqa_letter, videomme_letter, videomme_letter_legacy
 
 LETTERS = string.ascii_uppercase
 LETTER_PROMPT = "\nAnswer with the option's letter from the given choices directly."
@@ -45,7 +46,15 @@ VIDEOMME_PROMPT = (
     "Select the best answer to the following multiple-choice question based on the video and the subtitles. "
     "Respond with only the letter (A, B, C, or D) of the correct option."
 )  # lmms-eval sends this sentence, subtitles or not
+VIDEOMME_BEST_ANSWER = "The best answer is:"  # lmms-eval's Video-MME post-prompt for llava_vid, not its default
 NAMES = ("mvbench", "videomme", "scienceqa", "textvqa", "toy", "shards")
+# Prompt variant -> the benchmarks it applies to. Only "default" (lmms-eval 0.7.3's default prompt and verdict)
+# gives numbers comparable with lmms-eval's defaults; the others are model-specific and must be asked for.
+PROMPT_VARIANTS: dict[str, tuple[str, ...]] = {
+    "default": NAMES,
+    "llava_vid": ("videomme",),  # Video-MME ending "\nThe best answer is:", letters read as in 0.7.3
+    "legacy": ("videomme",),  # that prompt and lmms-eval's letter reader before 0.7.2: this repo's old numbers
+}
 
 # MVBench task -> where its clips are, as (folder under the root or root/video, whether the JSON's
 # start/end still apply). First the pre-cut segments of the hub copy that lmms-eval reads, then the
@@ -134,11 +143,32 @@ class Benchmark:
     name: str
     questions: list[Question]
     letter: Callable[[str, int], str]  # generated reply, option count -> chosen letter ("" = none)
+    variant: str = "default"  # the prompt variant (PROMPT_VARIANTS) the prompts and `letter` follow
 
 
 def options_block(options: list[str]) -> str:
     """Lettered option lines ("A. first", "B. second", …), each ending in a newline."""
     return "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options))
+
+
+def mvbench_prompt(question: str, options: list[str]) -> str:
+    """lmms-eval 0.7.3's MVBench prompt: options as "(A) first" lines, then "Only give the best option.\n"."""
+    lines = "".join(f"({LETTERS[i]}) {o}\n" for i, o in enumerate(options))
+    return "Question:" + question + "\nOption:\n" + lines + MVBENCH_PROMPT
+
+
+def videomme_prompt(question: str, option_lines: list[str], variant: str = "default") -> str:
+    """lmms-eval 0.7.3's Video-MME prompt, options as given ("A. …"). Its default post-prompt starts with a
+    newline of its own, so a blank line comes before it; the llava_vid one ("The best answer is:") has none."""
+    post = LETTER_PROMPT if variant == "default" else VIDEOMME_BEST_ANSWER
+    return VIDEOMME_PROMPT + "\n" + question + "\n" + "\n".join(option_lines) + "\n" + post
+
+
+def scienceqa_prompt(hint: str | None, question: str, options: list[str]) -> str:
+    """lmms-eval 0.7.3's ScienceQA prompt: "Context: hint" when there is one, the question, "A. …" lines."""
+    # lmms-eval keeps a falsy hint as it is, so a missing (None) one is written out as "None"
+    context = f"Context: {hint}\n" if hint else f"{hint}"
+    return context + question + "\n" + options_block(options).rstrip("\n") + LETTER_PROMPT
 
 
 def _need(path: Path, name: str) -> Path:
@@ -179,7 +209,7 @@ def load_mvbench(root: Path) -> list[Question]:
         task = path.stem
         for i, item in enumerate(json.loads(path.read_text())):
             options = [str(c) for c in item["candidates"]]
-            prompt = "Question:" + item["question"] + "\nOption:\n" + options_block(options) + MVBENCH_PROMPT
+            prompt = mvbench_prompt(item["question"], options)
             answer = LETTERS[options.index(str(item["answer"]))]
             media = _mvbench_media(root, task, item)
             questions.append(Question(f"{task}/{i}", prompt, media, options, answer, {"task": task}))
@@ -200,12 +230,12 @@ def _parquet(root: Path, name: str, pattern: str = "*.parquet") -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def load_videomme(root: Path) -> list[Question]:
+def load_videomme(root: Path, variant: str = "default") -> list[Question]:
     questions = []
     for row in _parquet(root, "videomme").to_dict("records"):
         lines = [str(o) for o in row["options"]]  # "A. text"
         options = [re.sub(r"^[A-Z]\.\s*", "", o) for o in lines]
-        prompt = VIDEOMME_PROMPT + "\n" + row["question"] + "\n" + "\n".join(lines) + "\nThe best answer is:"
+        prompt = videomme_prompt(row["question"], lines, variant)
         groups = {k: str(row[k]) for k in ("duration", "domain", "sub_category", "task_type")}
         media = Media("video", [_video_path(root, str(row["videoID"]))])
         questions.append(Question(str(row["question_id"]), prompt, media, options, str(row["answer"]), groups))
@@ -214,8 +244,8 @@ def load_videomme(root: Path) -> list[Question]:
 
 def _scienceqa_question(qid: str, row: dict, media: Media) -> Question:
     options = [str(c) for c in row["choices"]]
-    context = f"Context: {row['hint']}\n" if row.get("hint") else ""
-    prompt = context + row["question"] + "\n" + options_block(options).rstrip("\n") + LETTER_PROMPT
+    hint = row.get("hint", "")
+    prompt = scienceqa_prompt(None if pd.isna(hint) else hint, row["question"], options)
     groups = {k: str(row[k]) for k in ("subject", "category") if row.get(k)}
     return Question(qid, prompt, media, options, LETTERS[int(row["answer"])], groups)
 
@@ -292,21 +322,32 @@ LOADERS: dict[str, Callable[[Path], list[Question]]] = {
 }
 LETTER_RULES: dict[str, Callable[[str, int], str]] = {
     "mvbench": lambda reply, n: mvbench_letter(reply),
-    "videomme": lambda reply, n: videomme_letter(reply),
+    "videomme": lambda reply, n: videomme_letter(reply),  # A-D whatever the count, as lmms-eval
     "scienceqa": lambda reply, n: scienceqa_letter(reply, LETTERS[:n]),
+    "videomme/legacy": lambda reply, n: videomme_letter_legacy(reply),
 }
 
 
-def load_benchmark(name: str, root: str | Path, limit: int | None = None) -> Benchmark:
-    """The first `limit` questions of a benchmark in its file order, their media checked to exist."""
+def load_benchmark(name: str, root: str | Path, limit: int | None = None, variant: str = "default") -> Benchmark:
+    """The first `limit` questions of a benchmark in its file order, their media checked to exist; prompts
+    and letter rule as the prompt `variant` says (PROMPT_VARIANTS)."""
     if name not in NAMES:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {NAMES}")
-    questions = load_shards(str(root)) if name in ("toy", "shards") else LOADERS[name](Path(root))
+    if name not in PROMPT_VARIANTS.get(variant, ()):
+        usable = [v for v, names in PROMPT_VARIANTS.items() if name in names]
+        raise ValueError(f"prompt variant {variant!r} does not apply to {name}; expected one of {usable}")
+    if name in ("toy", "shards"):
+        questions = load_shards(str(root))
+    elif name == "videomme":
+        questions = load_videomme(Path(root), variant)
+    else:
+        questions = LOADERS[name](Path(root))
     questions = questions[:limit] if limit is not None else questions
     _check_media(name, questions)
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{name}: question ids are not unique, so results could not be resumed by id")
-    # toy/shards: Video-MME's rule, over as many letters as the question has options
-    rule = LETTER_RULES.get(name, lambda reply, n: videomme_letter(reply, LETTERS[:n]))
-    return Benchmark(name, questions, rule)
+    # toy/shards: lmms-eval's shared reader (Video-MME's), over as many letters as the question has options
+    default_rule = LETTER_RULES.get(name, lambda reply, n: videomme_letter(reply, LETTERS[:n]))
+    rule = LETTER_RULES.get(f"{name}/{variant}", default_rule)
+    return Benchmark(name, questions, rule, variant)

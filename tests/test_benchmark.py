@@ -87,7 +87,10 @@ def test_mvbench_layouts_and_windows(mvbench):
     q = {x.id: x for x in bench.questions}
     assert list(q) == ["action_sequence/0", "episodic_reasoning/0", "episodic_reasoning/1", "object_interaction/0"]
     assert q["action_sequence/0"].answer == "B" and q["action_sequence/0"].groups == {"task": "action_sequence"}
-    assert "Question:What is shown?\nOption:\nA. a red ball\nB. a green cube\n" in q["action_sequence/0"].prompt
+    assert q["action_sequence/0"].prompt == (
+        "Question:What is shown?\nOption:\n(A) a red ball\n(B) a green cube\n(C) a blue cone\n(D) nothing\n"
+        "Only give the best option.\n"
+    )  # lmms-eval 0.7.3's MVBench prompt
     assert (q["action_sequence/0"].media.start, q["action_sequence/0"].media.end) == (0.25, 0.75)
     assert q["object_interaction/0"].media.start is None  # a pre-cut segment is already the window
     frames = q["episodic_reasoning/0"].media
@@ -129,6 +132,16 @@ def test_mvbench_end_to_end_encodes_once_and_resumes(fvlm_dir, mvbench, tmp_path
             assert len(m["losses"]) == r["options"] if protocol == "likelihood" else isinstance(m["reply"], str)
     saved = json.loads((out / f"mvbench_{protocol}.json").read_text())
     assert saved["overall"] == summary["overall"]
+    assert saved["lmms_eval"] == "0.7.3" and saved["prompt_variant"] == "default"
+    if protocol == "generate":  # lmms-eval's MVBench figures leave empty replies out; ours are beside them
+        empty = {m: sum(r["modes"][m]["reply"] == "" for r in records) for m in MODES}
+        assert saved["empty_replies"] == empty and saved["all_questions"]["overall"]["n"] == 3
+        assert set(saved["all_questions"]["task"]) == set(saved["groups"]["task"])
+        for m in MODES:
+            correct = sum(r["modes"][m]["score"] for r in records)
+            assert saved["all_questions"]["overall"][m] == pytest.approx(100 * correct / 3)
+    else:
+        assert "all_questions" not in saved
 
     summary = run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol)  # resume: only the 4th question
     assert calls["encode"] == 4 and summary["answered_now"] == 1 and summary["overall"]["n"] == 4
@@ -186,13 +199,29 @@ def test_videomme(fvlm_dir, tmp_path):
     root = videomme_root(tmp_path)
     q = load_benchmark("videomme", root).questions[0]
     assert q.options == ["one", "two", "three", "four"] and q.answer == "B"
-    assert q.prompt.endswith("How many balls?\nA. one\nB. two\nC. three\nD. four\nThe best answer is:")
+    assert q.prompt == (
+        "Select the best answer to the following multiple-choice question based on the video and the subtitles. "
+        "Respond with only the letter (A, B, C, or D) of the correct option.\nHow many balls?\nA. one\nB. two\n"
+        "C. three\nD. four\n\nAnswer with the option's letter from the given choices directly."
+    )  # lmms-eval 0.7.3's default: its post-prompt brings a newline of its own
+    bench = load_benchmark("videomme", root, variant="legacy")
+    assert bench.questions[0].prompt.endswith("C. three\nD. four\nThe best answer is:")
+    assert (bench.letter("Answer: B", 4), load_benchmark("videomme", root).letter("Answer: B", 4)) == ("A", "B")
     assert q.groups == {"duration": "short", "domain": "Knowledge", "sub_category": "Astronomy",
                         "task_type": "Counting Problem"}  # fmt: skip
     summary = run(fvlm_dir, "videomme", root, tmp_path / "out", "--protocol", "generate", "--modes", "autoregressive")
     assert summary["groups"]["duration"]["short"]["n"] == 2 and summary["groups"]["domain"]["Knowledge"]["n"] == 2
     assert set(summary["groups"]) == {"duration", "domain", "sub_category", "task_type"}
     assert summary["modes"] == ["autoregressive"] and summary["overall"]["n"] == 3
+    assert summary["prompt_variant"] == "default" and summary["lmms_eval"] == "0.7.3"
+    out = tmp_path / "out"
+    variant = run(fvlm_dir, "videomme", root, out, "--protocol", "generate", "--modes", "autoregressive",
+                  "--prompt-variant", "llava_vid")  # fmt: skip
+    assert variant["prompt_variant"] == "llava_vid" and variant["answered_now"] == 3  # never resumes the default's
+    assert json.loads((out / "videomme_generate_llava_vid.json").read_text())["prompt_variant"] == "llava_vid"
+    assert json.loads((out / "videomme_generate.json").read_text())["prompt_variant"] == "default"
+    with pytest.raises(SystemExit):
+        run(fvlm_dir, "textvqa", textvqa_root(tmp_path), out, "--prompt-variant", "llava_vid")
 
 
 def test_scienceqa_parquet_and_json_layouts(fvlm_dir, tmp_path):

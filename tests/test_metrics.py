@@ -1,10 +1,18 @@
-"""Answer normalisation, VQA accuracy and lmms-eval's letter extraction on hand-checked cases."""
+"""Answer normalisation, VQA accuracy and lmms-eval 0.7.3's letter extraction on hand-checked cases
+(tests/test_lmms_eval_parity.py checks the same rules against lmms-eval's own code)."""
 
 from __future__ import annotations
 
 import pytest
 
-from metrics import mvbench_letter, normalize_answer, scienceqa_letter, videomme_letter, vqa_accuracy
+from metrics import (
+    mvbench_letter,
+    normalize_answer,
+    scienceqa_letter,
+    videomme_letter,
+    videomme_letter_legacy,
+    vqa_accuracy,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,33 +53,47 @@ def test_vqa_accuracy_normalises_both_sides():
 
 
 @pytest.mark.parametrize(
-    "reply, videomme, mvbench, scienceqa",
+    "reply, videomme, mvbench, scienceqa, legacy",
     [
-        ("B", "B", "B", "B"),
-        ("(B)", "B", "B", ""),
-        ("B.", "B", "B", "B"),
-        ("B. a red ball", "B", "B", "B"),
-        ("The answer is C", "C", "C", ""),
-        ("The best answer is: D", "D", "D", ""),
-        ("", "", "", ""),
-        ("b", "", "B", ""),  # lowercase: only MVBench lowercases before searching
-        ("b. a red ball", "", "B", ""),
-        ("Because it rolls", "B", "", ""),  # a letter inside a word: Video-MME takes any capital
-        ("Answer: C", "A", "C", ""),  # ... even the A of "Answer"
-        ("Best answer: C", "B", "C", ""),  # lmms-eval's prefix list joins "Best answer:Best option:" into one
-        ("a dog", "", "A", ""),  # MVBench reads the article as option A
-        ("(c) dog", "", "C", ""),
-        ("Option: (D) red", "D", "D", ""),
-        ("F", "", "", ""),  # not an option letter
-        (" C ", "C", "C", "C"),
+        ("B", "B", "B", "B", "B"),
+        ("(B)", "B", "B", "", "B"),
+        ("B.", "B", "B", "B", "B"),
+        ("B. a red ball", "B", "B", "B", "B"),
+        ("The answer is C", "C", "C", "", "C"),
+        ("The best answer is: D", "D", "D", "", "D"),
+        ("", "", "", "", ""),
+        ("b", "", "B", "B", ""),  # lowercase: MVBench lowercases before searching, ScienceQA compares in any case
+        ("b. a red ball", "", "B", "", ""),  # ... but ScienceQA's "X." rule wants a capital
+        ("Because it rolls", "B", "", "", "B"),  # no letter standing alone: Video-MME takes a capital in a word
+        ("Answer: C", "C", "C", "", "A"),  # the end of the reply beats the A of "Answer"; the old reader took it
+        ("Answer: B", "B", "B", "", "A"),
+        ("Best answer: C", "C", "C", "", "B"),  # the old prefix list joins "Best answer:Best option:" into one
+        ("Best option: (C)", "C", "C", "", "B"),
+        ("The answer is (d)", "", "D", "", ""),
+        ("I think A is wrong, B", "B", "A", "", "A"),  # Video-MME: the last, MVBench: the first standalone letter
+        ("a dog", "", "A", "", ""),  # MVBench reads the article as option A
+        ("(c) dog", "", "C", "", ""),
+        ("Option: (D) red", "D", "D", "", "D"),
+        ("F", "", "F", "", ""),  # not an option of four; MVBench's rule would still match an F option
+        (" C ", "C", "C", "C", "C"),
     ],
 )
-def test_letter_extraction_matches_lmms_eval(reply, videomme, mvbench, scienceqa):
+def test_letter_extraction_matches_lmms_eval(reply, videomme, mvbench, scienceqa, legacy):
     assert videomme_letter(reply) == videomme
     assert mvbench_letter(reply) == mvbench
     assert scienceqa_letter(reply, "ABCD") == scienceqa
+    assert videomme_letter_legacy(reply) == legacy
 
 
 def test_videomme_rule_over_more_letters():
     assert videomme_letter("E", "ABCDE") == "E"
     assert videomme_letter("E", "ABCD") == ""
+    assert videomme_letter_legacy("E", "ABCDE") == "E"
+
+
+def test_only_the_first_32_periods_are_dropped():
+    """EvalAI passes re.UNICODE (32) where re.sub takes its count."""
+    assert normalize_answer("." * 40) == "." * 8
+    assert normalize_answer("wait" + "." * 33) == "wait."
+    assert mvbench_letter("x" + "." * 32 + "b") == ""  # "xb": no letter stands alone
+    assert mvbench_letter("x" + "." * 33 + "b") == "B"  # "x.b": the 33rd period stays and parts them
