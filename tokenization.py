@@ -8,6 +8,12 @@ A conversation is tokenised in three pieces — the prompt up to the generation 
 (`<|im_start|>assistant\\n`), the answer text, and the template's end-of-turn suffix (`<|im_end|>\\n`) —
 so the prompt tokens are exactly those `prompt_ids` gives at inference and the answer's tokens never
 merge with the template's. Stage 2 and DPO label the answer and the end-of-turn token only.
+
+A multi-turn conversation (`turns`) is cut the same way at every assistant turn: the rendering of the whole
+conversation is split at the start and end of each assistant content, and the pieces are tokenised
+separately, so every answer starts on a token boundary exactly where generation would start. The result
+equals tokenising the whole rendering at once unless an answer begins with whitespace that BPE would merge
+with the template's newline; the shard writer strips contents, so converted data never hits that case.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 IGNORE_INDEX = -100
 DESCRIBE_PROMPT = "Describe this video."  # the user turn given to legacy caption-only samples
+ROLES = ("system", "user", "assistant")
 
 
 def _render(tokenizer: Any, user: str, assistant: str | None = None) -> str:
@@ -66,6 +73,50 @@ def chat_ids(tokenizer: Any, user: str, assistant: str, stage: int) -> tuple[lis
     return ids, list(ids) if stage == 1 else answer_labels(prompt, answer, suffix)
 
 
+def check_turns(turns: Any) -> list[dict[str, str]]:
+    """Checked role/content messages: an optional leading system message, then user first, at least one answer.
+    Raises ValueError otherwise; the shard writer checks converted conversations with it."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'turns' must be a non-empty list of {role, content} messages")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("role") not in ROLES or not isinstance(t.get("content"), str):
+            raise ValueError(f"turn {i} must be {{role: {'|'.join(ROLES)}, content: str}}, got {t!r}")
+        if t["role"] == "system" and i:
+            raise ValueError(f"turn {i}: a system message may only open the conversation")
+        out.append({"role": t["role"], "content": t["content"]})
+    talk = out[1:] if out[0]["role"] == "system" else out
+    if not talk or talk[0]["role"] != "user":
+        raise ValueError("a conversation must open with a user turn (after an optional system message)")
+    if not any(t["role"] == "assistant" for t in talk):
+        raise ValueError("a conversation needs at least one assistant turn")
+    return out
+
+
+def turns_ids(tokenizer: Any, turns: list[dict[str, str]], stage: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a whole conversation through the chat template: stage 1 learns every token,
+    later stages each assistant content and the end-of-turn token after it, nothing else."""
+    messages = check_turns(turns)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    cuts = []  # (start, end) character spans of the assistant contents in the full rendering
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        if not full.startswith(prompt + m["content"]):
+            raise ValueError(f"the chat template does not place turn {i}'s answer right after its generation prompt")
+        cuts.append((len(prompt), len(prompt) + len(m["content"])))
+    ids, labels, pos = [], [], 0
+    for start, end in [*cuts, (len(full), len(full))]:  # the sentinel closes the text after the last answer
+        context, answer = _ids(tokenizer, full[pos:start]), _ids(tokenizer, full[start:end])
+        # A context that follows an answer opens with that answer's end-of-turn token: learned (chat_ids' suffix[:1]).
+        learned = 1 if pos and context else 0
+        ids += context + answer
+        labels += context[:learned] + [IGNORE_INDEX] * (len(context) - learned) + answer
+        pos = end
+    return ids, list(ids) if stage == 1 else labels
+
+
 def _text(meta: dict, key: str) -> str:
     value = meta.get(key)
     if not isinstance(value, str):
@@ -86,9 +137,10 @@ def encode_sample(tokenizer: Any, meta: dict, stage: int, max_len: int) -> dict[
     """A shard sample's JSON → token lists, truncated on the right to max_len.
 
     Accepted forms: pre-tokenized `token_ids` + `loss_mask` (labels follow the mask whatever the
-    stage), `user` + `assistant`, a legacy `caption` (asked for with DESCRIBE_PROMPT), and in stage 3
-    `user` + `chosen` + `rejected` (both answers after the same prompt). Returns `input_ids`/`labels`,
-    or for DPO `chosen_input_ids`/`chosen_labels`/`rejected_input_ids`/`rejected_labels`.
+    stage), `user` + `assistant`, a multi-turn `turns` list of {role, content} messages (an optional leading
+    system message replaces the template's default one), a legacy `caption` (asked for with
+    DESCRIBE_PROMPT), and in stage 3 `user` + `chosen` + `rejected` (both answers after the same prompt).
+    Returns `input_ids`/`labels`, or for DPO `chosen_input_ids`/`chosen_labels`/`rejected_input_ids`/`rejected_labels`.
     Raises ValueError for a sample that fits none of these or does not suit the stage.
     """
     if not isinstance(meta, dict):
@@ -107,10 +159,14 @@ def encode_sample(tokenizer: Any, meta: dict, stage: int, max_len: int) -> dict[
         raise ValueError(f"a preference pair (chosen/rejected) needs stage 3, not stage {stage}")
     if "token_ids" in meta:
         ids, labels = _pretokenized(meta)
+    elif "turns" in meta:
+        if "user" in meta or "assistant" in meta:
+            raise ValueError("a sample holds either 'turns' or 'user'/'assistant', not both")
+        ids, labels = turns_ids(tokenizer, meta["turns"], stage)
     elif "user" in meta or "assistant" in meta:
         ids, labels = chat_ids(tokenizer, _text(meta, "user"), _text(meta, "assistant"), stage)
     elif "caption" in meta:
         ids, labels = chat_ids(tokenizer, DESCRIBE_PROMPT, _text(meta, "caption"), stage)
     else:
-        raise ValueError("sample JSON has none of token_ids, user/assistant, caption")
+        raise ValueError("sample JSON has none of token_ids, turns, user/assistant, caption")
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
