@@ -107,8 +107,9 @@ def save_attention(
 
 
 @torch.no_grad()
-def read_attention(model, frames: Tensor, input_ids: Tensor, mode: str = "autoregressive") -> Tensor:
-    """The attention of `model` (a FoveatedVLM) over one clip (T, 3, H, W) in `mode` -> (T, k, 1+P).
+def read_attention(model, frames: Tensor, input_ids: Tensor, read: str = "autoregressive") -> Tensor | None:
+    """The attention of `model` over one clip (T, 3, H, W) in the named read (a foveated mode) -> (T, k, 1+P),
+    or None for a kind whose read has none.
 
     `input_ids` (L,) is the prompt; under causal attention it cannot change where the queries look,
     but the autoregressive loop runs the whole sequence.
@@ -116,5 +117,6 @@ def read_attention(model, frames: Tensor, input_ids: Tensor, mode: str = "autore
     device = next(model.parameters()).device
     frames, ids = frames[None].to(device), input_ids[None].to(device)
     frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
-    cache = model.encode(frames, frame_mask)
-    return model.prefix(cache, frame_mask, ids, torch.ones_like(ids), mode).attention[0].cpu()
+    visual = model.prepare(frames, frame_mask)
+    attention = model.prefix(visual, ids, torch.ones_like(ids), **model.reads[read]).attention
+    return None if attention is None else attention[0].cpu()

@@ -1,8 +1,9 @@
 """Speed benchmark: prints a table of measured timings and ratios, with the device named.
 
-    python bench.py                      # all sections, real architectures with random weights
+    python bench.py                      # all sections, the foveated model's real architecture, random weights
     python bench.py --only inference --frames 8,64 --out bench.json
     python bench.py --only benchmark     # option scoring: shared encoding + prefix vs naive
+    python bench.py --kind pixel_shuffle --only inference   # any kind of model (registry.py)
 
 Timings do not depend on weight values, so by default the backbones are the real
 DINOv2-small / SmolLM2-135M architectures with random weights (`--backbones packaged` loads
@@ -20,16 +21,20 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
+from transformers import Dinov2Config, LlamaConfig
 
 import data
-from adapters import option_nll
+import registry
 from config import ModelConfig
-from model import MODES, FoveatedVLM, token_nll
-from train import throughput
+from frames import FrameSpec
+from losses import batch_loss
+from processors import ChatProcessor
+from vlm import VLM, token_nll
 from weights import DINOV2_SMALL, LLM_HUB_ID, load_tokenizer
 
 # SmolLM2-135M's shape, for weight-free timing (DINOv2-small's comes from weights.py)
@@ -73,71 +78,96 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return statistics.median(times)
 
 
-def build_model(backbones: str) -> FoveatedVLM:
+def build_model(kind: str = "foveated", backbones: str = "random") -> VLM:
+    """A model of `kind` on DINOv2-small + SmolLM2-135M: random weights of the real shapes, or loaded ones."""
+    config = ModelConfig.kinds[kind]()
     if backbones == "random":
         torch.manual_seed(0)
-        dino = Dinov2Model(Dinov2Config(**DINOV2_SMALL))
-        llm = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
-        return FoveatedVLM(ModelConfig(dino="random", llm="random"), dino, llm)
-    return FoveatedVLM.from_backbones(ModelConfig(dino=backbones, llm=backbones))
+        shapes = {
+            "dino": Dinov2Config(**DINOV2_SMALL).to_dict(),
+            "tower": {"family": "dinov2", "config": Dinov2Config(**DINOV2_SMALL).to_dict()},
+            "llm": LlamaConfig(**SMOLLM2_135M).to_dict(),
+        }
+        return registry.model_class(kind).from_configs(config, shapes, None, FrameSpec())
+    for key in ("dino", "tower", "llm"):
+        if hasattr(config, key):
+            setattr(config, key, backbones)
+    return registry.new_model(config)
+
+
+def train_step_speed(
+    model: VLM, batch: dict[str, Tensor], steps: int = 10, warmup: int = 2, bf16: bool = False, **read: Any
+) -> dict[str, float]:
+    """Training speed of forward + backward on one batch (already on the model's device), repeated.
+
+    The optimizer step is left out: it costs the same for every read, and leaving it out keeps
+    the model unchanged, so several reads can be timed on one model and one batch.
+    """
+    model.train()
+    samples, tokens = model.counts(batch)
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+    def step() -> None:
+        with autocast:
+            loss = batch_loss(model, batch, read or model.train_read)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "step_s": seconds}
+
+
+def _row(section: str, what: str, seconds: float, base: float, vs: str) -> dict:
+    return {"section": section, "what": what, "ms": 1000 * seconds, "ratio": seconds / base, "vs": vs}
 
 
 def bench_inference(
-    model: FoveatedVLM,
+    model: VLM,
     device: torch.device,
     frame_counts: list[int],
     repeats: int,
     size: int = 224,
     prompt_len: int = 32,
 ) -> list[dict]:
-    """Latency of [frames + prompt] through each mode, and the query read's per-frame cost vs DINO's."""
+    """Latency of [frames + prompt] in each read, and for the foveated model the query read's per-frame cost
+    against a DINO pass."""
     rows = []
     ids = torch.randint(0, model.llm.config.vocab_size, (1, prompt_len), device=device)
     am = torch.ones_like(ids)
+    first = next(iter(model.reads))
     for t in frame_counts:
         frames = torch.randn(1, t, 3, size, size, device=device)
         fm = torch.ones(1, t, dtype=torch.bool, device=device)
         base = None
-        for mode in MODES:
-            sec = timed(partial(model, frames, fm, ids, am, mode=mode), device, repeats)
+        for name, read in model.reads.items():
+            sec = timed(partial(model, frames, fm, ids, am, **read), device, repeats)
             base = base or sec
-            rows.append(
-                {
-                    "section": "inference",
-                    "what": f"{mode}, {t} frames + {prompt_len} text tokens",
-                    "ms": 1000 * sec,
-                    "ratio": sec / base,
-                    "vs": "coarse_only",
-                }
-            )
-        pixels = frames[0]
-        cache = model.encoder.encode_patches(pixels)
-        queries = torch.randn(t, model.config.glimpses, model.config.query_dim, device=device)
-        dino = timed(partial(model.encoder.encode_patches, pixels), device, repeats) / t
-        read = timed(partial(model.encoder.query_attend, queries, cache), device, repeats) / t
-        rows.append(
-            {
-                "section": "inference",
-                "what": f"DINO pass + patch cache, per frame ({t} batched)",
-                "ms": 1000 * dino,
-                "ratio": 1.0,
-                "vs": "DINO pass",
-            }
-        )
-        rows.append(
-            {
-                "section": "inference",
-                "what": f"query_attend, per frame ({t} batched)",
-                "ms": 1000 * read,
-                "ratio": read / dino,
-                "vs": "DINO pass",
-            }
-        )
+            tokens = t * model.tokens_per_frame + prompt_len
+            what = f"{model.kind} {name}, {t} frames + {prompt_len} text tokens ({tokens} LLM tokens)"
+            rows.append(_row("inference", what, sec, base, first))
+        if model.kind == "foveated":
+            pixels = frames[0]
+            cache = model.encoder.encode_patches(pixels)
+            queries = torch.randn(t, model.config.glimpses, model.config.query_dim, device=device)
+            dino = timed(partial(model.encoder.encode_patches, pixels), device, repeats) / t
+            read = timed(partial(model.encoder.query_attend, queries, cache), device, repeats) / t
+            rows.append(_row("inference", f"DINO pass + patch cache, per frame ({t} batched)", dino, dino, "DINO pass"))
+            rows.append(_row("inference", f"query_attend, per frame ({t} batched)", read, dino, "DINO pass"))
     return rows
 
 
 def bench_benchmark(
-    model: FoveatedVLM,
+    model: VLM,
     device: torch.device,
     repeats: int,
     questions: int = 2,
@@ -147,9 +177,9 @@ def bench_benchmark(
     prompt_len: int = 48,
     answer_len: int = 8,
 ) -> list[dict]:
-    """Likelihood scoring of `options` answers in every mode, per question: benchmark.py's way (encode once,
-    one prefix per mode, the options batched on its KV cache) vs naively re-encoding and re-running the
-    full sequence for each option and mode. Decoding the media is left out of both."""
+    """Likelihood scoring of `options` answers in every read, per question: benchmark.py's way (encode once,
+    one prefix per read, the options batched on its KV cache) vs naively re-encoding and re-running the
+    full sequence for each option and read. Decoding the media is left out of both."""
     g = torch.Generator().manual_seed(0)
     vocab = model.llm.config.vocab_size
     items = [
@@ -164,28 +194,26 @@ def bench_benchmark(
 
     def shared() -> None:
         for pixels, prompt, answers in items:
-            cache = model.encode(pixels, fm)
-            for mode in MODES:
-                option_nll(model, cache, fm, prompt, answers, answers, mode)
+            visual = model.prepare(pixels, fm)
+            for read in model.reads.values():
+                model.option_nll(visual, prompt, answers, answers, **read)
 
     def naive() -> None:
         for pixels, prompt, answers in items:
-            for mode in MODES:
+            for read in model.reads.values():
                 for answer in answers:
                     ids = torch.tensor([prompt + answer], device=device)
                     labels = ids.clone()
                     labels[:, : len(prompt)] = -100
-                    token_nll(model(pixels, fm, ids, torch.ones_like(ids), mode=mode).logits, labels)
+                    token_nll(model(pixels, fm, ids, torch.ones_like(ids), **read).logits, labels)
 
     fast = timed(shared, device, repeats) / questions
     base = timed(naive, device, repeats, warmup=0) / questions  # the same kernels, already warm: save minutes
-    what = f"{options} options x {len(MODES)} modes, {frames} frames"
+    what = f"{options} options x {len(model.reads)} reads, {frames} frames"
     return [
-        {"section": "benchmark", "what": f"naive, {what} ({1 / base:.2f} q/s)", "ms": 1000 * base,
-         "ratio": 1.0, "vs": "naive"},
-        {"section": "benchmark", "what": f"shared, {what} ({1 / fast:.2f} q/s)", "ms": 1000 * fast,
-         "ratio": fast / base, "vs": "naive"},
-    ]  # fmt: skip
+        _row("benchmark", f"naive, {what} ({1 / base:.2f} q/s)", base, base, "naive"),
+        _row("benchmark", f"shared, {what} ({1 / fast:.2f} q/s)", fast, base, "naive"),
+    ]
 
 
 # dense bf16 peak FLOP/s, for FLOP utilisation on the GPUs this project meets
@@ -193,7 +221,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def bench_train(
-    model: FoveatedVLM,
+    model: VLM,
     device: torch.device,
     repeats: int,
     frames: int = 8,
@@ -201,7 +229,7 @@ def bench_train(
     text: int = 64,
     size: int = 224,
 ) -> list[dict]:
-    """Training forward+backward per mode on one batch; on CUDA also bf16 + torch.compile and FLOP utilisation
+    """Training forward+backward per read on one batch; on CUDA also bf16 + torch.compile and FLOP utilisation
     (FLOPs counted by torch's FlopCounterMode on the real step, not estimated)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.llm.config.vocab_size, (batch, text), generator=g)
@@ -217,45 +245,32 @@ def bench_train(
     if device.type == "cuda":
         variants += [("bf16", model, True), ("bf16+compile", torch.compile(model), True)]
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in device_name(device)), None)
-    rows, base = [], None
+    reads = {k: v for k, v in model.reads.items() if k != "autoregressive"}  # the parallel reads train
+    rows, base, first = [], None, None
     for name, m, bf16 in variants:
-        for mode in ("coarse_only", "coarse_fine"):
-            r = throughput(m, b, mode, steps=repeats, warmup=2 if "compile" in name else 1, bf16=bf16)
+        for read_name, read in reads.items():
+            r = train_step_speed(m, b, steps=repeats, warmup=2 if "compile" in name else 1, bf16=bf16, **read)
             with FlopCounterMode(display=False) as counter:
-                throughput(model, b, mode, steps=1, warmup=0, bf16=bf16)
+                train_step_speed(model, b, steps=1, warmup=0, bf16=bf16, **read)
             flops = counter.get_total_flops() / r["step_s"]
             mfu = f", MFU {100 * flops / peak:.1f}%" if peak and bf16 else ""
-            base = base or r["step_s"]
-            rows.append(
-                {
-                    "section": "train",
-                    "what": f"{name} {mode}: {r['samples_per_s']:.2f} samples/s, "
-                    f"{r['tokens_per_s']:.0f} tok/s, {flops / 1e12:.2f} TFLOP/s{mfu}",
-                    "ms": 1000 * r["step_s"],
-                    "ratio": r["step_s"] / base,
-                    "vs": "fp32 coarse_only",
-                }
-            )
+            base, first = base or r["step_s"], first or f"fp32 {read_name}"
+            what = (f"{name} {model.kind} {read_name}: {r['samples_per_s']:.2f} samples/s, "
+                    f"{r['tokens_per_s']:.0f} tok/s, {flops / 1e12:.2f} TFLOP/s{mfu}")  # fmt: skip
+            rows.append(_row("train", what, r["step_s"], base, first))
     model.eval()
     return rows
 
 
 def bench_data(workers: list[int]) -> list[dict]:
     """Data loader speed on 64-frame JPEG samples (decode + resize + normalise), per worker count."""
-    tokenizer = load_tokenizer(LLM_HUB_ID)
+    processor = ChatProcessor(load_tokenizer(LLM_HUB_ID), FrameSpec(size=224, max_frames=64))
     rows = []
     for w in workers:
-        r = data.throughput(tokenizer, num_workers=w)
-        rows.append(
-            {
-                "section": "data",
-                "what": f"64-frame JPEG samples, {w} workers: "
-                f"{r['samples_per_s']:.2f} samples/s ({r['samples_per_s_per_worker']:.2f}/worker)",
-                "ms": 1000 / r["samples_per_s"],
-                "ratio": 1.0,
-                "vs": "per sample",
-            }
-        )
+        r = data.throughput(processor, num_workers=w)
+        what = f"64-frame JPEG samples, {w} workers: {r['samples_per_s']:.2f} samples/s " \
+            f"({r['samples_per_s_per_worker']:.2f}/worker)"
+        rows.append(_row("data", what, 1 / r["samples_per_s"], 1 / r["samples_per_s"], "per sample"))
     return rows
 
 
@@ -278,11 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", default="8,64", help="frame counts for the inference section")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backbones", default="random", help="random (real shapes), packaged, or a hub id / dir")
+    p.add_argument("--kind", default="foveated", help="the kind of model (registry.py), e.g. pixel_shuffle")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    model = build_model(args.backbones).to(device).eval()
+    model = build_model(args.kind, args.backbones).to(device).eval()
     rows: list[dict] = []
     with torch.inference_mode():
         if "inference" in args.only.split(","):

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adapters import Adapter, load_adapter
+import registry
+from answering import Answerer
 from benchmarks import LETTERS, NAMES, PROMPT_VARIANTS, Benchmark, DatasetMissing, Question, load_benchmark
 from frames import MediaError
 from metrics import LMMS_EVAL_VERSION, mvbench_summary, vqa_accuracy
@@ -41,11 +42,12 @@ PROTOCOLS = ("likelihood", "generate")
 MAX_NEW_TOKENS = 16  # lmms-eval's setting for these benchmarks
 
 
-def answer_question(adapter: Adapter, bench: Benchmark, q: Question, protocol: str, modes: list[str]) -> dict:
-    """One question in every mode from one `prepare`: the JSONL record (score 1/0, or VQA accuracy)."""
+def answer_question(answerer: Answerer, bench: Benchmark, q: Question, protocol: str, modes: list[str]) -> dict:
+    """One question in every read (the foveated model's modes) from one `prepare`: the JSONL record (score 1/0,
+    or VQA accuracy)."""
     record: dict = {"id": q.id, "groups": q.groups, "answer": q.answer, "options": len(q.options), "modes": {}}
     try:
-        state = adapter.prepare(q.media)
+        state = answerer.prepare(q.media)
     except MediaError as e:  # counted as wrong in every mode, and reported
         record["error"] = str(e)
         record["modes"] = {m: {"pred": "", "score": 0.0} for m in modes}
@@ -54,11 +56,11 @@ def answer_question(adapter: Adapter, bench: Benchmark, q: Question, protocol: s
     for mode in modes:
         if q.options and protocol == "likelihood":
             answers = [f"{x}. {o}" for x, o in zip(letters, q.options, strict=True)]
-            losses = adapter.score(state, q.prompt, answers, mode)
+            losses = answerer.score(state, q.prompt, answers, mode)
             pred = letters[min(range(len(losses)), key=losses.__getitem__)]
             result = {"pred": pred, "losses": [round(v, 5) for v in losses]}
         else:
-            reply = adapter.generate(state, q.prompt, mode, MAX_NEW_TOKENS)
+            reply = answerer.generate(state, q.prompt, mode, MAX_NEW_TOKENS)
             pred = bench.letter(reply, len(q.options)) if q.options else reply
             result = {"reply": reply, "pred": pred}
         result["score"] = float(pred == q.answer) if q.options else vqa_accuracy(pred, q.answer)
@@ -98,7 +100,7 @@ def summarize(records: list[dict], modes: list[str]) -> dict:
     }
 
 
-def evaluate(adapter: Adapter, bench: Benchmark, protocol: str, modes: list[str], out: Path) -> dict:
+def evaluate(answerer: Answerer, bench: Benchmark, protocol: str, modes: list[str], out: Path) -> dict:
     """Answer the questions the predictions file lacks (appending as it goes), then write the summary."""
     out.mkdir(parents=True, exist_ok=True)
     variant = "" if bench.variant == "default" else f"_{bench.variant}"  # a variant never resumes another's answers
@@ -107,7 +109,7 @@ def evaluate(adapter: Adapter, bench: Benchmark, protocol: str, modes: list[str]
     todo = [q for q in bench.questions if not set(modes) <= set(done.get(q.id, {}).get("modes", {}))]
     with stem.with_suffix(".jsonl").open("a") as f:
         for q in tqdm(todo, desc=f"{bench.name} ({protocol})", unit="q", disable=not todo):
-            done[q.id] = answer_question(adapter, bench, q, protocol, modes)
+            done[q.id] = answer_question(answerer, bench, q, protocol, modes)
             f.write(json.dumps(done[q.id]) + "\n")
             f.flush()
     summary = {
@@ -142,7 +144,7 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a saved FoveatedVLM or SmolVLM directory")
+    p.add_argument("--model", required=True, help="a saved model directory (any kind)")
     p.add_argument("--bench", required=True, choices=NAMES)
     p.add_argument("--data-root", required=True, help="the benchmark's directory (shards: a directory, glob or list)")
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: likelihood, or generate for textvqa")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="default: lmms-eval 0.7.3's default prompts; llava_vid, legacy: Video-MME's model-specific 'The best "
         "answer is:' prompt, legacy with the letter reader lmms-eval used before 0.7.2",
     )
-    p.add_argument("--modes", help="comma-separated forward modes (default: all the model has)")
+    p.add_argument("--modes", help="comma-separated reads, e.g. the foveated model's modes (default: all it has)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--out", type=Path, help="default: runs/eval/<model directory name>")
     p.add_argument("--image-frames", type=int, help="copies that make an image a clip (default: the model's)")
@@ -170,12 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
         bench = load_benchmark(args.bench, args.data_root, args.limit, args.prompt_variant)
     except DatasetMissing as e:
         sys.exit(str(e))
-    adapter = load_adapter(args.model, args.device, args.max_frames, args.image_frames, args.frame_size)
-    modes = args.modes.split(",") if args.modes else list(adapter.modes)
-    if unknown := [m for m in modes if m not in adapter.modes]:
-        p.error(f"modes {unknown} are not among this model's {list(adapter.modes)}")
+    model = registry.load(args.model).to(args.device)
+    answerer = Answerer(model, args.max_frames, args.image_frames, args.frame_size)
+    modes = args.modes.split(",") if args.modes else list(answerer.reads)
+    if unknown := [m for m in modes if m not in answerer.reads]:
+        p.error(f"modes {unknown} are not among this model's {list(answerer.reads)}")
     out = args.out or Path("runs/eval") / Path(args.model).resolve().name
-    summary = evaluate(adapter, bench, protocol, modes, out)
+    summary = evaluate(answerer, bench, protocol, modes, out)
     print_summary(summary)
     print(f"predictions and summary in {out}")
     return summary

@@ -29,15 +29,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 import textvqa
-from data import expand_shards, media_of  # media_of: the training reader's rule for media members
-from frames import load_image, load_video, read_image, sample_indices, to_tensor
+from frames import FrameSpec, read_image, sample_indices, video_frames
 from metrics import mvbench_letter, scienceqa_letter, videomme_letter, videomme_letter_legacy
+from processors import media_of  # the training reader's rule for media members
+from readers import expand_shards
 
 LETTERS = string.ascii_uppercase
 LETTER_PROMPT = "\nAnswer with the option's letter from the given choices directly."
@@ -111,16 +113,22 @@ class Media:
     end: float | None = None
     fps: float | None = None  # frame rate of a frame list (needed with start/end)
 
-    def frames(self, max_frames: int, image_frames: int, size: int) -> torch.Tensor:
-        """(T, 3, size, size) normalised; an image repeated `image_frames` times; uniform sampling."""
+    def pictures(self, spec: FrameSpec) -> list[Image.Image | np.ndarray]:
+        """The question's frames decoded as `spec` samples them: `max_frames` spread uniformly over the video (or
+        its window), an image repeated `image_frames` times; none for a text-only question."""
         if self.kind == "video":
-            return load_video(self.items[0], max_frames, start=self.start, end=self.end, size=size)
+            return video_frames(self.items[0], spec.max_frames, start=self.start, end=self.end)
         if self.kind == "image":
-            return load_image(self.items[0], size).repeat(image_frames, 1, 1, 1)
+            return [read_image(self.items[0], spec.size)] * spec.image_frames
         if self.kind == "frames":
-            idx = sample_indices(len(self.items), self.fps or 1.0, max_frames, start=self.start, end=self.end)
-            return to_tensor([read_image(self.items[i], size) for i in idx], size)
-        return torch.zeros(0, 3, size, size)
+            idx = sample_indices(len(self.items), self.fps or 1.0, spec.max_frames, start=self.start, end=self.end)
+            return [read_image(self.items[i], spec.size) for i in idx]
+        return []
+
+    def frames(self, spec: FrameSpec) -> torch.Tensor:
+        """(T, 3, size, size) as `spec` feeds a model (see `pictures`)."""
+        pictures = self.pictures(spec)
+        return spec.tensor(pictures) if pictures else torch.zeros(0, 3, spec.size, spec.size)
 
     def image(self) -> Image.Image:
         if self.kind != "image":

@@ -3,10 +3,16 @@
 A directory is written beside its final name and renamed into place, so a run killed mid-save
 leaves the previous directory intact.
 
+Model directory (any kind; `load_model` needs nothing else, and no sniffing):
+  config.json          {"kind", "model": the kind's options, "frames": how it is fed, "backbones": their configs}
+  model.safetensors    every weight but the LoRA adapters (tied weights stored once)
+  adapter.safetensors  the LoRA adapter weights, when the model has them
+  tokenizer/           the tokenizer (SmolVLM: processor/, its Idefics3 processor)
+
 Training checkpoint layout (out_dir/checkpoints/step-00000100/):
-  model/              the model as its family saves it (FoveatedVLM: write_model; SmolVLM: smolvlm.save_pretrained)
+  model/              the model directory above
   state.safetensors   optimizer tensors `optim.<param index>.<name>` and RNG states `rng.<rank>.<name>`
-  state.json          TrainState (step, data position, metric), optimizer hyperparameters, RNG scalars
+  state.json          TrainState (step, every rank's data position, metric), optimizer hyperparameters, RNG scalars
   config.yaml         the resolved run config
 A checkpoint directory exists under its final name only once complete, so the newest one is usable.
 """
@@ -25,18 +31,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from safetensors.torch import load_model as load_weights
-from safetensors.torch import save_model as save_weights
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Config, Dinov2Model
+from transformers import AutoTokenizer, Idefics3Processor
 
-from config import Config, ModelConfig, from_dict, save_config
+from config import Config, ConfigError, from_dict, model_config, save_config
 from frames import FrameSpec
-from model import FoveatedVLM
+from lora import is_lora_param
+from registry import model_class
+from vlm import VLM
 
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
+PROCESSOR = "processor"
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -54,17 +63,35 @@ def staging_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
 
 
-def write_model(model: FoveatedVLM, out: Path) -> None:
-    """Write weights, configs and tokenizer into an existing directory."""
+def _tensors(model: VLM) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base, adapter) state tensors; a tensor shared under several names (tied embeddings) is kept once."""
+    base, adapter, seen = {}, {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        (adapter if is_lora_param(name) else base)[name] = t.detach().cpu().contiguous()
+    return base, adapter
+
+
+def write_model(model: VLM, out: Path) -> None:
+    """Write weights, configs and tokenizer (or processor) into an existing directory."""
     config = {
+        "kind": model.kind,
         "model": asdict(model.config),
         "frames": asdict(model.frames),
-        "dino": model.encoder.dino.config.to_dict(),
-        "llm": model.llm.config.to_dict(),
+        "backbones": model.backbone_configs(),
     }
     (out / CONFIG).write_text(json.dumps(config, indent=2))
-    save_weights(model, str(out / WEIGHTS))
-    if model.tokenizer is not None:
+    base, adapter = _tensors(model)
+    save_file(base, str(out / WEIGHTS), metadata={"kind": model.kind})
+    if adapter:
+        save_file(adapter, str(out / ADAPTER))
+    processor = getattr(model, "processor", None)
+    if processor is not None:
+        processor.save_pretrained(out / PROCESSOR)
+    elif model.tokenizer is not None:
         model.tokenizer.save_pretrained(out / TOKENIZER)
 
 
@@ -79,29 +106,54 @@ def save_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(model: FoveatedVLM, path: str | Path) -> None:
+def save_model(model: VLM, path: str | Path) -> None:
     save_atomic(path, lambda out: write_model(model, out))
 
 
-def load_model(path: str | Path) -> FoveatedVLM:
+def _legacy(saved: dict) -> dict:
+    """A directory written before model kinds existed (a FoveatedVLM with "dino" / "llm" beside "model")."""
+    if "kind" in saved or "dino" not in saved:
+        return saved
+    options = {k: v for k, v in saved["model"].items() if k not in ("family", "token_norm")}
+    if saved["model"].get("token_norm", "none") != "none":
+        raise ValueError("this model was trained with model.token_norm: batch, which no longer exists")
+    return {"kind": "foveated", "model": {"kind": "foveated", **options}, "frames": saved.get("frames", {}),
+            "backbones": {"dino": saved["dino"], "llm": saved["llm"]}}  # fmt: skip
+
+
+def _read(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / name))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path / name} is damaged or incomplete ({e}): train again or use another checkpoint") from e
+
+
+def load_model(path: str | Path) -> VLM:
+    """Any saved model directory -> its model (eval mode, CPU), of the kind its config.json names."""
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path} is not a saved FoveatedVLM: expected {CONFIG} and {WEIGHTS} in it")
+        raise FileNotFoundError(f"{path} is not a saved model: expected {CONFIG} and {WEIGHTS} in it")
     try:
-        config = json.loads((path / CONFIG).read_text())
-        model_config = from_dict(ModelConfig, config["model"], "model.")
-        frames = from_dict(FrameSpec, config.get("frames", {}), "frames.")  # older directories: the defaults
-        dino = Dinov2Model(Dinov2Config.from_dict(config["dino"]))
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config["llm"]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        saved = _legacy(json.loads((path / CONFIG).read_text()))
+        cls = model_class(saved["kind"])
+        config = model_config(saved["model"])
+        frames = from_dict(FrameSpec, saved.get("frames", {}), "frames.")
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
         raise ValueError(f"{path / CONFIG} is malformed: {e}") from e
-    tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER) if (path / TOKENIZER).is_dir() else None
-    model = FoveatedVLM(model_config, dino, llm, tokenizer, frames)
-    missing, unexpected = load_weights(model, str(path / WEIGHTS), strict=False)
+    if (path / PROCESSOR).is_dir():  # SmolVLM: the Idefics3 processor, which holds the tokenizer
+        text = Idefics3Processor.from_pretrained(path / PROCESSOR)
+    else:
+        text = AutoTokenizer.from_pretrained(path / TOKENIZER) if (path / TOKENIZER).is_dir() else None
+    model = cls.from_configs(config, saved["backbones"], text, frames)
+    state = _read(path, WEIGHTS)
+    if (path / ADAPTER).is_file():
+        state.update(_read(path, ADAPTER))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [k for k in missing if k not in aliases]
     if missing or unexpected:
-        raise ValueError(
-            f"{path / WEIGHTS} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        problem = f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise ValueError(f"{path / WEIGHTS} does not fit its config: {problem}")
     return model.eval()
 
 

@@ -1,7 +1,11 @@
 """One typed configuration for every run, filled from YAML and `--set a.b=c` overrides.
 
-Unknown keys fail before any work starts, with the nearest valid key suggested, because a
-misspelt option that silently keeps its default wastes a whole training run.
+Unknown keys fail before any work starts, with the nearest valid key suggested, because a misspelt option
+that silently keeps its default wastes a whole training run. The `model:` section is a tagged union: it is
+parsed as the dataclass of the kind it names (`model.kind`), so an option of another kind is an unknown key
+too; the data sources (`data.train`, `data.val`) are tagged the same way by their `kind`.
+
+This module imports nothing of the project: every layer reads it.
 """
 
 from __future__ import annotations
@@ -12,58 +16,279 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from connectors import TokenLearnerQFormerConfig
+LLM_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DINO_HUB_ID = "facebook/dinov2-small"
+MODES = ("coarse_only", "coarse_fine", "autoregressive")  # the foveated model's ways to read
+SCHEDULES = ("constant", "linear", "cosine", "converging")
 
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used as written."""
 
 
-FAMILIES = ("foveated", "smolvlm")
+def _choice(where: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"'{where}' must be one of {valid}, got {value!r}")
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM's projections (trained in the llm group; the base LLM weights stay frozen)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module name suffixes
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"'model.lora.r' must be >= 1, got {self.r}")
+        if not self.targets:
+            raise ConfigError("'model.lora.targets' is empty: name at least one projection, e.g. [q_proj, v_proj]")
 
 
 @dataclass
 class ModelConfig:
-    """Which model family train.py trains (families.py) and, for the foveated model, which backbones and the
-    shape of the query loop."""
+    """What every kind has; a kind's own dataclass adds its options (see KINDS)."""
 
-    family: str = "foveated"  # foveated (FoveatedVLM on shards) | smolvlm (the `smolvlm` section, on TextVQA)
-    dino: str = "facebook/dinov2-small"  # hub id, local dir, or "packaged"
-    llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local dir, or "packaged"
+    kinds: ClassVar[dict[str, type[ModelConfig]]] = {}
+    kind: str = "foveated"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        default = cls.__dict__.get("kind")
+        if isinstance(default, str):  # a concrete kind: registered under its name
+            ModelConfig.kinds[default] = cls
+
+    def __post_init__(self) -> None:
+        expected = type(self).__dict__.get("kind")
+        if self.kind != expected:
+            raise ConfigError(f"'model.kind' {self.kind!r} given to the options of kind {expected!r}")
+
+
+@dataclass
+class ChatModelConfig(ModelConfig):
+    """Kinds whose visual tokens go before the text of a chat LLM (or inside its first user turn)."""
+
+    llm: str = LLM_HUB_ID  # hub id, local dir, or "packaged"
+    frames_at: str = "start"  # start: before all text (published) | user_turn: inside the first user turn
+    lora: LoraConfig | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("model.frames_at", self.frames_at, ("start", "user_turn"))
+
+
+@dataclass
+class FoveatedConfig(ChatModelConfig):
+    """The foveated model: one token per frame and glimpse, the LLM choosing where the next frame is read."""
+
+    kind: str = "foveated"
+    dino: str = DINO_HUB_ID  # hub id, local dir, or "packaged"
     query_dim: int = 384
     visual_scale: float = 0.14  # SmolLM2's input-embedding std: visual tokens enter at text scale
     deep_query: bool = True  # query through every DINO layer; False = one cross-attention (ablation)
     glimpses: int = 1  # queries (and so tokens) per frame
-    frames_at: str = "start"  # start: before all text (published) | user_turn: inside the first user turn
+    mode: str = "coarse_fine"  # the forward mode training uses; evaluation picks its own
+    coarse_weight: float = 0.0  # λ: loss = fine + λ·coarse (an extra LLM pass over the coarse tokens); 0 published
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ConfigError(f"'model.family' must be one of {FAMILIES}, got '{self.family}'")
-        if self.frames_at not in ("start", "user_turn"):
-            raise ConfigError(f"'model.frames_at' must be 'start' or 'user_turn', got '{self.frames_at}'")
+        super().__post_init__()
+        _choice("model.mode", self.mode, MODES)
+        if self.glimpses < 1:
+            raise ConfigError(f"'model.glimpses' must be >= 1, got {self.glimpses}")
+        if self.coarse_weight < 0:
+            raise ConfigError(f"'model.coarse_weight' must be >= 0, got {self.coarse_weight}")
 
 
 @dataclass
-class SmolVLMConfig:
-    """model.family smolvlm without train.init_from: a pretrained SmolVLM whose connector is replaced by a
-    new TokenLearner-QFormer (smolvlm.py). The remaining connector sizes keep their SmolVLM-256M defaults."""
+class TowerModelConfig(ChatModelConfig):
+    """A vision tower (DINOv2, CLIP, SigLIP or ViT) and a connector from its patches or pooled token to the LLM."""
 
-    hub: str = "HuggingFaceTB/SmolVLM-256M-Instruct"  # hub id or local dir of an Idefics3 model + processor
-    num_queries: int = TokenLearnerQFormerConfig.num_queries  # S tokens per image; the processor follows
-    num_tokens: int = TokenLearnerQFormerConfig.num_tokens  # T TokenLearner tokens the Q-Former reads
-    version: str = TokenLearnerQFormerConfig.version  # TokenLearner 1.1 (MLP + softmax) | 1 (convs + sigmoid)
-    num_layers: int = TokenLearnerQFormerConfig.num_layers  # Q-Former blocks
+    tower: str = DINO_HUB_ID  # hub id, local dir, or "packaged" (DINOv2-small)
+    image_prep: str = "resize"  # resize: squash to the frame size | letterbox: longest side to it on black
 
     def __post_init__(self) -> None:
-        if self.version not in ("1", "1.1"):
-            raise ConfigError(f"'smolvlm.version' must be '1' or '1.1', got '{self.version}'")
-        for key in ("num_queries", "num_tokens", "num_layers"):
+        super().__post_init__()
+        _choice("model.image_prep", self.image_prep, ("resize", "letterbox"))
+
+
+@dataclass
+class PixelShuffleConfig(TowerModelConfig):
+    """Space-to-depth by `scale` on the patch grid, then one linear map (Idefics3 / SmolVLM)."""
+
+    kind: str = "pixel_shuffle"
+    scale: int = 4  # r: r x r patches become one token (SmolVLM-256M: 4; 3 gives 9x fewer tokens)
+
+
+@dataclass
+class MlpConfig(TowerModelConfig):
+    """Linear -> GELU -> Linear over every patch token (LLaVA-1.5)."""
+
+    kind: str = "mlp"
+
+
+@dataclass
+class ClsGateConfig(TowerModelConfig):
+    """The CLS (pooled) embedding -> Linear -> Linear: one token per frame."""
+
+    kind: str = "cls_gate"
+    hidden: int = 512
+
+
+@dataclass
+class QFormerOptions:
+    """TokenLearner + LLaMA-style Q-Former sizes (defaults fit SmolLM2-135M's block shape)."""
+
+    num_queries: int = 64  # S tokens per frame (inside SmolVLM: the processor's image_seq_len)
+    num_tokens: int = 256  # T TokenLearner tokens the Q-Former reads; 0: it reads the patches directly
+    version: str = "1.1"  # TokenLearner 1.1 (MLP + softmax) | 1 (convs + sigmoid)
+    bottleneck: int = 64
+    hidden_size: int = 576
+    num_layers: int = 2
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    intermediate_size: int = 1536
+    rms_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _choice("version", self.version, ("1", "1.1"))
+        for key in ("num_queries", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"'smolvlm.{key}' must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class TokenLearnerQFormerConfig(TowerModelConfig, QFormerOptions):
+    """TokenLearner pools the patches, a LLaMA-style Q-Former's learned queries read them."""
+
+    kind: str = "tokenlearner_qformer"
+
+    def __post_init__(self) -> None:
+        TowerModelConfig.__post_init__(self)
+        QFormerOptions.__post_init__(self)
+
+
+@dataclass
+class SmolVLMConfig(ModelConfig):
+    """SmolVLM (Idefics3) with its own image-token prompt layout; its connector optionally swapped for a
+    TokenLearner-QFormer."""
+
+    kind: str = "smolvlm"
+    hub: str = "HuggingFaceTB/SmolVLM-256M-Instruct"  # hub id or local dir of an Idefics3 model + processor
+    connector: str = "tokenlearner_qformer"  # tokenlearner_qformer (a new one) | idefics3 (the pretrained one)
+    qformer: QFormerOptions = field(default_factory=QFormerOptions)
+    image_splitting: bool | None = None  # cut large images into tiles besides one global view; None: as the hub's
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("model.connector", self.connector, ("tokenlearner_qformer", "idefics3"))
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    """One data source; `weight` is its share of a mix (the first source of a list sets the epoch)."""
+
+    kinds: ClassVar[dict[str, type[SourceConfig]]] = {}
+    kind: str = "shards"
+    weight: float = 1.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        SourceConfig.kinds[cls.__dict__["kind"]] = cls
+
+    def __post_init__(self) -> None:
+        if self.kind != type(self).__dict__.get("kind"):
+            raise ConfigError(f"source kind {self.kind!r} given to a {type(self).__dict__.get('kind')!r} source")
+        if not self.weight > 0:
+            raise ConfigError(f"a source's 'weight' must be > 0, got {self.weight}")
+
+
+@dataclass
+class ShardSource(SourceConfig):
+    """WebDataset shards in the project's format: globs or brace lists ("a-{000..099}.tar")."""
+
+    kind: str = "shards"
+    path: str | list[str] = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.path:
+            raise ConfigError("a shards source needs 'path' (a glob, brace list or list of them)")
+
+
+@dataclass
+class TextVQASource(SourceConfig):
+    """TextVQA in its published layout (TextVQA_0.5.1_{train,val}.json + train_images/)."""
+
+    kind: str = "textvqa"
+    root: str = ""
+    split: str = "train"
+    subset: int = 0  # train on this many questions (a seeded choice, the same every epoch); 0 = all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("split", self.split, ("train", "val"))
+        if not self.root or self.subset < 0:
+            raise ConfigError("a textvqa source needs 'root' (and 'subset' >= 0)")
+
+
+@dataclass
+class CaptionSource(SourceConfig):
+    """Captions in the Karpathy-split JSON (dataset_flickr30k.json / dataset_coco.json) or COCO 2017's
+    annotations/captions_{train,val}2017.json (a directory `root`)."""
+
+    kind: str = "captions"
+    file: str = ""  # a Karpathy JSON, or a COCO root directory
+    images: str = ""  # the images root (default: beside the JSON)
+    split: str = "train"
+    per: str = "caption"  # caption: one sample per caption | image: one per image, a caption drawn per epoch
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("per", self.per, ("caption", "image"))
+        if not self.file:
+            raise ConfigError("a captions source needs 'file'")
+
+
+@dataclass
+class DataConfig:
+    """Sources → batches (data.py): every kind of model reads the same sources; its processor makes the batch."""
+
+    train: list[SourceConfig] = field(default_factory=list)
+    val: list[SourceConfig] = field(default_factory=list)
+    stage: int = 1  # 1: loss on all text, 2: answer-only loss, 3: DPO pairs (chosen/rejected)
+    batch_size: int = 8
+    frame_budget: int | None = None  # cap on batch_size × longest clip per batch; None = no cap
+    max_frames: int = 64
+    fps: float | None = None  # None: max_frames spread over the whole clip; else this rate, capped
+    frame_size: int = 224
+    replicate_image_frames: int = 8  # an image becomes a still clip of this many frames
+    max_text_len: int = 1024  # tokens; longer samples are truncated on the right
+    num_workers: int = 2
+    shuffle_buffer: int = 256  # samples per worker; 0 = none (shard order is still shuffled by epoch)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("data.stage", self.stage, (1, 2, 3))
+        if self.frame_budget is not None and self.frame_budget < self.max_frames:
+            raise ConfigError(f"'data.frame_budget' ({self.frame_budget}) is below 'data.max_frames'")
+        for key in ("batch_size", "max_frames", "frame_size", "replicate_image_frames", "max_text_len"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'data.{key}' must be >= 1, got {getattr(self, key)}")
+
+
+# ---- optimisation and the loop -------------------------------------------------------------------
 
 
 @dataclass
@@ -71,8 +296,8 @@ class OptimConfig:
     """AdamW with one learning rate per parameter group (connector, vision, llm); 0 freezes the group."""
 
     lr_connector: float = 1e-3
-    lr_vision: float = 1e-5  # the vision tower: DINOv2 (foveated) or SigLIP (smolvlm)
-    lr_llm: float = 1e-5
+    lr_vision: float = 1e-5  # the vision tower: DINOv2, CLIP, SigLIP, ViT
+    lr_llm: float = 1e-5  # the LLM, or only its LoRA adapters when model.lora is set
     schedule: str = "converging"  # constant | linear | cosine | converging (see schedule.py)
     warmup: float = 0.03  # fraction of max_steps spent warming up linearly
     target_lr: float = 3e-5  # converging: the rate every group ends at
@@ -81,10 +306,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
 
     def __post_init__(self) -> None:
-        from schedule import SCHEDULES
-
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"'optim.schedule' must be one of {SCHEDULES}, got '{self.schedule}'")
+        _choice("optim.schedule", self.schedule, SCHEDULES)
         if min(self.lr_connector, self.lr_vision, self.lr_llm) < 0:
             raise ConfigError("'optim.lr_*' must be >= 0 (0 freezes the group)")
         if not 0.0 <= self.warmup < 1.0:
@@ -95,10 +317,9 @@ class OptimConfig:
 class TrainConfig:
     """The training loop, its validation, checkpoints and logs."""
 
-    mode: str = "coarse_fine"  # forward mode of the foveated model (model.MODES)
-    init_from: str = ""  # a saved model dir (e.g. stage 1's final/); empty = new connector on `model`'s backbones
+    init_from: str = ""  # a saved model dir (e.g. stage 1's final/); empty = a new model from `model`'s backbones
     max_steps: int = 1000  # optimizer steps; the data is read in as many epochs as that takes
-    epochs: int = 0  # > 0: instead of max_steps, this many passes over a dataset of known size (TextVQA)
+    epochs: int = 0  # > 0: instead of max_steps, this many passes over data of known size (not shards)
     accumulate: int = 1  # micro-batches per optimizer step (per process)
     bf16: bool = True  # bf16 autocast, on CUDA only
     compile: bool = False  # torch.compile the model
@@ -117,12 +338,8 @@ class TrainConfig:
     wandb_project: str = "fvlm"
 
     def __post_init__(self) -> None:
-        from model import MODES  # imported here: model.py imports this module
-
-        choices = {"mode": MODES, "best_metric": ("val_loss", "loss"), "wandb": ("disabled", "offline", "online")}
-        for key, valid in choices.items():
-            if getattr(self, key) not in valid:
-                raise ConfigError(f"'train.{key}' must be one of {valid}, got '{getattr(self, key)}'")
+        _choice("train.best_metric", self.best_metric, ("val_loss", "loss"))
+        _choice("train.wandb", self.wandb, ("disabled", "offline", "online"))
         for key in ("max_steps", "accumulate", "save_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'train.{key}' must be >= 1, got {getattr(self, key)}")
@@ -134,49 +351,24 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
-    """WebDataset shards → batches (data.py; shard specs are globs or brace lists: "a-{000..099}.tar"), or
-    for the smolvlm family TextVQA → batches (textvqa.py)."""
-
-    textvqa: str = ""  # TextVQA root in its published layout (smolvlm family): JSONs + train_images/
-    subset: int = 0  # TextVQA: train on this many questions (a seeded choice, the same every epoch); 0 = all
-
-    train_shards: str | list[str] = ""
-    val_shards: str | list[str] | None = None
-    text_shards: str | list[str] | None = None  # text-only retention data mixed into training
-    text_ratio: float = 0.0  # fraction of training samples drawn from text_shards (published: 0.14)
-    stage: int = 1  # 1: loss on all text, 2: answer-only loss, 3: DPO pairs (chosen/rejected)
-    batch_size: int = 8
-    frame_budget: int | None = None  # cap on batch_size × longest clip per batch; None = no cap
-    max_frames: int = 64
-    fps: float | None = None  # None: max_frames spread over the whole clip; else this rate, capped
-    frame_size: int = 224
-    replicate_image_frames: int = 8  # an image becomes a still clip of this many frames
-    max_text_len: int = 1024  # tokens; longer samples are truncated on the right
-    num_workers: int = 2
-    shuffle_buffer: int = 256  # samples per worker; 0 = none (shard order is still shuffled by epoch)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.stage not in (1, 2, 3):
-            raise ConfigError(f"'data.stage' must be 1, 2 or 3, got {self.stage}")
-        if not 0.0 <= self.text_ratio < 1.0:
-            raise ConfigError(f"'data.text_ratio' must be in [0, 1), got {self.text_ratio}")
-        if self.text_ratio > 0 and not self.text_shards:
-            raise ConfigError("'data.text_ratio' > 0 needs 'data.text_shards'")
-        if self.subset < 0:
-            raise ConfigError(f"'data.subset' must be >= 0, got {self.subset}")
-        if self.frame_budget is not None and self.frame_budget < self.max_frames:
-            raise ConfigError(f"'data.frame_budget' ({self.frame_budget}) is below 'data.max_frames'")
-
-
-@dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    smolvlm: SmolVLMConfig = field(default_factory=SmolVLMConfig)
+    model: ModelConfig = field(default_factory=lambda: FoveatedConfig())
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        """The checks that span sections."""
+        d, t = self.data, self.train
+        if t.val_every and not d.val:
+            raise ConfigError("'train.val_every' > 0 needs 'data.val' sources")
+        if isinstance(self.model, SmolVLMConfig) and d.stage == 3:
+            raise ConfigError("model.kind smolvlm trains stages 1 and 2 (DPO needs a frames-first kind)")
+        if t.epochs and any(isinstance(s, ShardSource) for s in d.train):
+            raise ConfigError("shards have no known size: set 'train.max_steps', not 'train.epochs'")
+
+
+# ---- YAML to dataclasses -------------------------------------------------------------------------
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -184,11 +376,24 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
 
+def _tagged(base: type, value: Any, where: str) -> type:
+    """The subclass of `base` (ModelConfig, SourceConfig) that `value`'s `kind` names."""
+    kinds = base.kinds
+    kind = value.get("kind", base.kind) if isinstance(value, dict) else None
+    if kind not in kinds:
+        raise ConfigError(f"'{where}.kind' must be one of {sorted(kinds)}, got {kind!r}")
+    return kinds[kind]
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint is SourceConfig and isinstance(value, str):  # a bare string is a shards source
+        value = {"kind": "shards", "path": value}
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"'{where}' must be a mapping, got {value!r}")
+        if hint in (ModelConfig, SourceConfig):
+            hint = _tagged(hint, value, where)
         return from_dict(hint, value, where + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -203,9 +408,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(errors[0])
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"'{where}' must be a list, got {value!r}")
+            if typing.get_args(hint) == (SourceConfig,):  # one source need not be a list
+                value = [value]
+            else:
+                raise ConfigError(f"'{where}' must be a list, got {value!r}")
         (item,) = typing.get_args(hint) or (Any,)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # fixed-length, e.g. (r, g, b)
+        items = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise ConfigError(f"'{where}' must be a list of {len(items)}, got {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -226,8 +439,16 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown config key '{where}{key}'{_suggest(key, names)}")
-    return cls(**{k: _coerce(v, hints[k], where + k) for k, v in data.items()})
+            kind = f" (model.kind {data.get('kind', cls.kind)})" if issubclass(cls, ModelConfig) else ""
+            raise ConfigError(f"unknown config key '{where}{key}'{kind}{_suggest(key, names)}")
+    try:
+        obj = cls(**{k: _coerce(v, hints[k], where + k) for k, v in data.items()})
+    except ConfigError as e:
+        if where and not str(e).startswith("'"):
+            raise ConfigError(f"{where.rstrip('.')}: {e}") from None
+        raise
+    object.__setattr__(obj, "given", frozenset(data))  # the keys the YAML set (not a field: never saved)
+    return obj
 
 
 def to_dict(cfg: Any) -> dict:
@@ -245,7 +466,10 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{assignment}': '{p}' is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{assignment}': the value is not valid YAML ({e})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -253,8 +477,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must hold a mapping at the top level")
     for o in overrides:
@@ -267,3 +495,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def model_config(data: dict, where: str = "model") -> ModelConfig:
+    """A saved model's options (checkpoint JSON) as the dataclass of its kind."""
+    return _coerce(data, ModelConfig, where)

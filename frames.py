@@ -2,7 +2,8 @@
 
 Everything (training shards, benchmarks, the demo) goes through these functions so that a frame is
 resized and normalised the same way everywhere: squashed to size×size with PIL's bilinear filter
-(antialiased when shrinking) and ImageNet-normalised, as DINOv2 was trained and fVLM was published.
+(antialiased when shrinking), or letterboxed (longest side to `size`, centred on black), then normalised
+with the vision tower's mean and std (ImageNet's by default, as DINOv2 was trained and fVLM was published).
 Videos are decoded with decord when it imports and opens the clip, else with PyAV (decord has no
 wheels for several platforms and rejects some containers PyAV reads).
 """
@@ -42,6 +43,13 @@ class FrameSpec:
     max_frames: int = 64
     image_frames: int = 8
     fps: float | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # the vision tower's normalisation
+    std: tuple[float, float, float] = IMAGENET_STD
+    letterbox: bool = False  # longest side to `size` on a black square instead of squashing
+
+    def tensor(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        """Images → (T, 3, size, size) as this model is fed."""
+        return to_tensor(images, self.size, self.mean, self.std, self.letterbox)
 
 
 class MediaError(ValueError):
@@ -56,17 +64,33 @@ def _open(src: Source):
     return io.BytesIO(src) if isinstance(src, bytes) else str(src)
 
 
-def to_tensor(images: Sequence[Image.Image | np.ndarray], size: int = 224) -> torch.Tensor:
-    """PIL images or HWC uint8 arrays → (T,3,size,size) float32, ImageNet-normalised."""
+def letterboxed(image: Image.Image, size: int) -> Image.Image:
+    """The image with its longest side scaled to `size`, centred on a black size×size square."""
+    w, h = image.size
+    scale = size / max(w, h)
+    inner = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(inner, ((size - inner.size[0]) // 2, (size - inner.size[1]) // 2))
+    return canvas
+
+
+def to_tensor(
+    images: Sequence[Image.Image | np.ndarray],
+    size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    letterbox: bool = False,
+) -> torch.Tensor:
+    """PIL images or HWC uint8 arrays → (T,3,size,size) float32, normalised with `mean` / `std`."""
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, im in enumerate(images):
-        im = Image.fromarray(im) if isinstance(im, np.ndarray) else im
-        out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+        im = (Image.fromarray(im) if isinstance(im, np.ndarray) else im).convert("RGB")
+        out[i] = np.asarray(letterboxed(im, size) if letterbox else im.resize((size, size), Image.BILINEAR))
     # Transpose while still uint8 (a quarter of the bytes), then normalise in one fused pass: x·a + b.
     x = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().float()  # (T,3,S,S)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x.mul_(1 / (255 * std)).add_(-mean / std)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return x.mul_(1 / (255 * s)).add_(-m / s)
 
 
 def sample_indices(
@@ -161,16 +185,15 @@ def probe_video(src: Source, backend: str | None = None) -> tuple[int, float]:
     raise MediaError(f"cannot read video {_name(src)}: {'; '.join(errors)}")
 
 
-def load_video(
+def video_frames(
     src: Source,
     max_frames: int = 64,
     fps: float | None = None,
     start: float | None = None,
     end: float | None = None,
-    size: int = 224,
     backend: str | None = None,
-) -> torch.Tensor:
-    """A video file or its bytes → (T,3,size,size), T ≤ max_frames sampled as `sample_indices` says.
+) -> list[np.ndarray]:
+    """A video file or its bytes → its T ≤ max_frames sampled frames (RGB HWC uint8), as `sample_indices` says.
 
     `backend` forces "decord" or "pyav"; by default decord is tried first and PyAV takes over on any
     failure, so a clip is rejected (MediaError) only when neither can decode it.
@@ -190,23 +213,29 @@ def load_video(
                 arrays = _pyav_frames(src, idx) if idx else []
             if not arrays:
                 raise MediaError("no frames")
-            return to_tensor(arrays, size)
+            return arrays
         except Exception as e:  # decord and FFmpeg raise many unrelated types
             errors.append(f"{name}: {e}")
     raise MediaError(f"cannot decode video {_name(src)}: {'; '.join(errors)}")
 
 
-def load_media(
-    path: str | Path,
+def load_video(
+    src: Source,
     max_frames: int = 64,
-    replicate_image_frames: int = 8,
-    size: int = 224,
     fps: float | None = None,
     start: float | None = None,
     end: float | None = None,
+    size: int = 224,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """An image or video file → (T,3,size,size); an image is repeated to look like a still video,
-    the distribution fVLM was trained on (one frame alone degrades its answers)."""
+    """A video file or its bytes → (T,3,size,size) ImageNet-normalised (see `video_frames`)."""
+    return to_tensor(video_frames(src, max_frames, fps, start, end, backend), size)
+
+
+def load_media(path: str | Path, spec: FrameSpec | None = None) -> torch.Tensor:
+    """An image or video file → (T,3,size,size) as `spec` feeds a model; an image is repeated to look like a
+    still video, the distribution fVLM was trained on (one frame alone degrades its answers)."""
+    spec = spec or FrameSpec()
     if Path(path).suffix.lower().lstrip(".") in IMAGE_EXTS:
-        return load_image(path, size).repeat(replicate_image_frames, 1, 1, 1)
-    return load_video(path, max_frames, fps, start, end, size)
+        return spec.tensor([read_image(path, spec.size)] * spec.image_frames)
+    return spec.tensor(video_frames(path, spec.max_frames, spec.fps))

@@ -10,6 +10,8 @@ through the (possibly DDP-wrapped) model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,22 +26,20 @@ def _pad_cat(a: Tensor, b: Tensor, value: int) -> Tensor:
 
 
 def pair_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A DPO batch -> one batch of B clips and 2B text rows: the chosen answers, then the rejected ones."""
-    b = batch["frames"].shape[0]
-    return {
-        "frames": batch["frames"],
-        "frame_mask": batch["frame_mask"],
-        "rows": torch.arange(b, device=batch["frames"].device).repeat(2),  # (2B,) the clip of each row
-        "input_ids": _pad_cat(batch["chosen_input_ids"], batch["rejected_input_ids"], 0),
-        "attention_mask": _pad_cat(batch["chosen_attention_mask"], batch["rejected_attention_mask"], 0),
-        "labels": _pad_cat(batch["chosen_labels"], batch["rejected_labels"], IGNORE_INDEX),
-    }
+    """A DPO batch -> one batch of B clips and 2B text rows: the chosen answers, then the rejected ones. The
+    clips' own tensors (frames, or a SmolVLM batch's pixels) pass through; `rows` (2B,) names each row's clip."""
+    text = ("input_ids", "attention_mask", "labels")
+    pairs = {k: v for k, v in batch.items() if not k.startswith(("chosen_", "rejected_"))}
+    b = batch["chosen_input_ids"].shape[0]
+    pairs["rows"] = torch.arange(b, device=batch["chosen_input_ids"].device).repeat(2)
+    for key, pad in zip(text, (0, 0, IGNORE_INDEX), strict=True):
+        pairs[key] = _pad_cat(batch[f"chosen_{key}"], batch[f"rejected_{key}"], pad)
+    return pairs
 
 
-def answer_logp(model: nn.Module, batch: dict[str, Tensor], mode: str) -> Tensor:
+def answer_logp(model: nn.Module, batch: dict[str, Tensor], read: dict[str, Any]) -> Tensor:
     """Summed log-probability of the labelled tokens of each row: (R,)."""
-    keys = ("frames", "frame_mask", "input_ids", "attention_mask", "labels")
-    return -model(*(batch[k] for k in keys), mode=mode, rows=batch["rows"]).nll
+    return -model(**batch, **read).nll
 
 
 def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> Tensor:
@@ -49,14 +49,21 @@ def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> Tensor:
 
 
 def batch_loss(
-    model: nn.Module, batch: dict[str, Tensor], mode: str, reference: nn.Module | None = None, beta: float = 0.1
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    read: dict[str, Any] | None = None,
+    reference: nn.Module | None = None,
+    beta: float = 0.1,
 ) -> Tensor:
-    """Cross-entropy over the labelled tokens, or with a `reference` model the DPO loss of a pair batch."""
+    """Cross-entropy over the labelled tokens, or with a `reference` model the DPO loss of a pair batch.
+
+    `model` may be DDP-wrapped: it is only ever called, with the batch's tensors as keyword arguments and the
+    read's options (the foveated model's mode), so DDP sees every forward."""
+    read = read or {}
     if reference is None:
-        keys = ("frames", "frame_mask", "input_ids", "attention_mask", "labels")
-        return model(*(batch[k] for k in keys), mode=mode).loss
+        return model(**batch, **read).loss
     pairs = pair_batch(batch)
-    policy = answer_logp(model, pairs, mode)
+    policy = answer_logp(model, pairs, read)
     with torch.no_grad():
-        ref = answer_logp(reference, pairs, mode)
+        ref = answer_logp(reference, pairs, read)
     return dpo_loss(policy, ref, beta)

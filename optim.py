@@ -2,7 +2,8 @@
 
 The published recipe trains the fresh connector 100× faster than the pretrained backbones. A group
 whose rate is 0 is frozen outright (requires_grad False, no optimizer slot), so it costs no gradient
-memory and stays bit-identical.
+memory and stays bit-identical; so is the fourth group, "frozen" (the base LLM weights under LoRA).
+The model names each parameter's group (VLM.group_of).
 """
 
 from __future__ import annotations
@@ -17,26 +18,18 @@ from config import OptimConfig
 GROUPS = ("connector", "vision", "llm")
 
 
-def group_of(name: str) -> str:
-    """Which group a FoveatedVLM parameter belongs to, by its name."""
-    if name.startswith("encoder.dino."):
-        return "vision"
-    if name.startswith("llm."):
-        return "llm"
-    return "connector"
-
-
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, fused: bool = False, group_of: Callable[[str], str] = group_of
+    model: nn.Module, cfg: OptimConfig, fused: bool = False, group_of: Callable[[str], str] | None = None
 ) -> torch.optim.AdamW:
-    """Freeze the groups with lr 0 and return AdamW over the rest; each group keeps `name` and `peak_lr`.
-    `group_of` names each parameter's group (the default is FoveatedVLM's naming)."""
-    rates = {"connector": cfg.lr_connector, "vision": cfg.lr_vision, "llm": cfg.lr_llm}
-    params: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
+    """Freeze the groups with lr 0 (and the "frozen" group) and return AdamW over the rest; each group keeps
+    `name` and `peak_lr`. `group_of` names each parameter's group (default: the model's own)."""
+    group_of = group_of or model.group_of
+    rates = {"connector": cfg.lr_connector, "vision": cfg.lr_vision, "llm": cfg.lr_llm, "frozen": 0.0}
+    params: dict[str, list[nn.Parameter]] = {g: [] for g in (*GROUPS, "frozen")}
     for name, p in model.named_parameters():
         params[group_of(name)].append(p)
     groups = []
-    for name in GROUPS:
+    for name in (*GROUPS, "frozen"):
         for p in params[name]:
             p.requires_grad_(rates[name] > 0)
         if rates[name] > 0 and params[name]:

@@ -22,6 +22,7 @@ from typing import Any
 
 IGNORE_INDEX = -100
 DESCRIBE_PROMPT = "Describe this video."  # the user turn given to legacy caption-only samples
+CAPTION_PROMPT = "Describe this image."  # the user turn of the caption sets (Flickr30k, COCO)
 ROLES = ("system", "user", "assistant")
 
 

@@ -248,7 +248,7 @@ def ensure(
     return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames)
 
 
-def look_and_draw(adapter: Any, bench: Any, out: Path, seed: int, frames: int, pictures: int) -> dict[str, float]:
+def look_and_draw(answerer: Any, bench: Any, out: Path, seed: int, frames: int, pictures: int) -> dict[str, float]:
     """Where the queries look, apart from whether the answer is read: the mean share of attention on the ball
     over the first LOOK_CLIPS held-out clips, for the static query (coarse_only), the queries written by the LLM
     (autoregressive) and a uniform look (also written to out/look.json); and attention pictures of the first
@@ -256,11 +256,11 @@ def look_and_draw(adapter: Any, bench: Any, out: Path, seed: int, frames: int, p
     from attention_viz import read_attention, save_attention
     from tokenization import prompt_ids
 
-    model, modes = adapter.model, ("coarse_only", "autoregressive")
+    model, modes = answerer.model, ("coarse_only", "autoregressive")
     patch, look, uniform = model.encoder.dino.config.patch_size, {m: [] for m in modes}, []
     for i, q in enumerate(bench.questions[: max(LOOK_CLIPS, pictures)]):
-        scene = sample(seed, "eval", int(q.id.removeprefix("eval")), adapter.size, frames)["scene"]
-        clip = adapter.prepare(q.media)[0][0]  # (T, 3, H, W)
+        scene = sample(seed, "eval", int(q.id.removeprefix("eval")), answerer.frames.size, frames)["scene"]
+        clip = q.media.frames(answerer.frames)  # (T, 3, H, W)
         ids = torch.tensor(prompt_ids(model.tokenizer, q.prompt))
         uniform.append(np.mean([ball_patches(scene, t, patch).mean() for t in range(scene["frames"])]))
         for mode in modes:
@@ -276,33 +276,33 @@ def look_and_draw(adapter: Any, bench: Any, out: Path, seed: int, frames: int, p
 def run(config: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), clips: int = TRAIN_CLIPS, pictures: int = 4):
     """The toy run: write the world if missing, train, evaluate the held-out split in every mode, draw attention.
 
-    The shards live where the config's `data.train_shards` points (ROOT/qa/*.tar); the clips are drawn
+    The shards live where the config's first training source points (ROOT/qa/*.tar); the clips are drawn
     at the config's frame size and frame count. Returns the evaluation summary (benchmark.py's).
     """
     import shutil
 
     import benchmark
     import train
-    from adapters import FoveatedAdapter
-    from config import load_config
-    from model import MODES, FoveatedVLM
+    from answering import Answerer
+    from config import MODES, load_config
+    from model import FoveatedVLM
 
     start = time.perf_counter()
     cfg = load_config(config, list(overrides))
-    root = Path(cfg.data.train_shards).parent.parent
+    root = Path(cfg.data.train[0].path).parent.parent
     ensure(root, seed=cfg.train.seed, train=clips, size=cfg.data.frame_size, frames=cfg.data.max_frames)
     final = train.train(cfg)
     model = FoveatedVLM.from_pretrained(final)
     out = Path(cfg.train.out_dir)
     shutil.rmtree(out / "eval", ignore_errors=True)  # predictions of an earlier model must not be reused
     bench = benchmark.load_benchmark("toy", root / "eval")
-    adapter = FoveatedAdapter(model)  # the frame settings it was trained with
-    summary = benchmark.evaluate(adapter, bench, "likelihood", list(MODES), out / "eval")
+    answerer = Answerer(model)  # the frame settings it was trained with
+    summary = benchmark.evaluate(answerer, bench, "likelihood", list(MODES), out / "eval")
     benchmark.print_summary(summary)
     print("  by where the ball is (off-centre is the harder look):")
     for task, row in summary["groups"]["task"].items():
         print(f"    {task:<22} n={row['n']:<4}" + "".join(f"{m} {row[m]:5.1f}  " for m in MODES))
-    looks = look_and_draw(adapter, bench, out, cfg.train.seed, cfg.data.max_frames, pictures)
+    looks = look_and_draw(answerer, bench, out, cfg.train.seed, cfg.data.max_frames, pictures)
     print(f"attention on the ball, {LOOK_CLIPS} held-out clips (a uniform look: {100 * looks['uniform']:.0f} %):")
     print("  " + "  ".join(f"{m} {100 * v:.0f} %" for m, v in looks.items() if m != "uniform"))
     print(f"model: {final} (FoveatedVLM.from_pretrained), attention pictures: {out / 'attention'}")

@@ -1,11 +1,11 @@
 """Train a model: `python train.py --config configs/stage1.yaml [--set a.b=c ...]`.
 
-`model.family` picks what is trained (families.py): the foveated VLM on WebDataset shards, any stage,
-or the SmolVLM TokenLearner-QFormer variant on TextVQA (configs/smolvlm_textvqa.yaml). Stages 1-2
-minimise next-token cross-entropy over the labelled tokens (data.stage decides which tokens are
-labelled), stage 3 the DPO loss against a frozen copy of the starting model. Several
-processes: `torchrun --nproc_per_node N train.py ...` (DDP; NCCL on GPU, gloo on CPU; each rank reads
-its own slice of the shards).
+`model.kind` picks what is trained (registry.py): the foveated VLM, a vision tower with any connector
+(pixel_shuffle, mlp, cls_gate, tokenlearner_qformer), or SmolVLM, all on the same data sources (data.py)
+through each model's processor (processors.py). Stages 1-2 minimise next-token cross-entropy over the labelled
+tokens (data.stage decides which tokens are labelled), stage 3 the DPO loss against a frozen copy of the
+starting model. Several processes: `torchrun --nproc_per_node N train.py ...` (DDP; NCCL on GPU, gloo on
+CPU; each rank reads its own slice of the data). The loop knows only the base model interface (vlm.py).
 
 A run is a pure function of its config: `train.resume: auto` continues from the newest checkpoint in
 out_dir with the same weights, optimizer moments, RNG states and position in the data stream, so the
@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import math
 import os
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,13 +38,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from config import Config, ConfigError, load_config, save_config
-from families import Family, batch_counts, for_config
+import data
+import registry
+from answering import Answerer
+from config import Config, ConfigError, ModelConfig, load_config, save_config
+from frames import MediaError
 from losses import batch_loss
-from model import FoveatedVLM
 from optim import build_optimizer
+from processors import exchange, meta_of, processor_for
+from readers import open_reader
 from runlog import RunLog
 from schedule import Schedule
+from vlm import VLM
 
 
 @dataclass
@@ -86,6 +92,7 @@ class Stream:
         """`open_epoch(epoch, skip_batches)`: this rank's loader for an epoch, after its first skip_batches."""
         self.open_epoch, self.d, self.state = open_epoch, d, state
         self.skipped = 0
+        self.drawn: Counter = Counter()  # samples trained on, by source index: the mix's realised shares
         self.it = self._open()
 
     def _open(self) -> Iterator[dict]:
@@ -97,6 +104,7 @@ class Stream:
         for batch in self.it:
             self.state.batches += 1
             self.skipped += sum(batch.pop("skipped").values())
+            self.drawn.update(batch.pop("sources", []))
             if batch.pop("keys"):
                 batch.pop("index", None)
                 return batch
@@ -122,16 +130,55 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_models(cfg: Config, family: Family, resume: Path | None) -> tuple[nn.Module, Any, nn.Module | None]:
-    """(policy, processor, reference): the starting model, or the checkpoint's when resuming, with what
-    prepares its inputs; stage 3 also keeps a frozen copy of the starting model as the DPO reference."""
-    start = None
-    if resume is None or cfg.data.stage == 3:
-        init = cfg.train.init_from
-        start = family.load(Path(init)) if init else family.new()
-    policy, processor = family.load(resume / ckpt.MODEL_DIR) if resume else copy.deepcopy(start)
-    reference = start[0].eval().requires_grad_(False) if cfg.data.stage == 3 else None
-    return policy.train(), processor, reference
+TRAINING_KEYS = frozenset({"kind", "mode", "coarse_weight"})  # model keys a run reads when it starts from a saved model
+
+
+def start_model(cfg: Config) -> VLM:
+    """The model a run starts from: train.init_from (its architecture as saved: of the model section only the
+    kind and the training options apply, and any other key it sets must agree with the saved model), or a new
+    one around pretrained backbones. Its frame settings are the run's."""
+    init = cfg.train.init_from
+    if not init:
+        return feed(registry.new_model(cfg.model), cfg)
+    model = with_training_options(registry.load(init), cfg.model, f"train.init_from {init}")
+    for key in sorted(getattr(cfg.model, "given", frozenset()) - TRAINING_KEYS):
+        if getattr(cfg.model, key) != getattr(model.config, key, None):
+            raise ConfigError(
+                f"model.{key} is {getattr(cfg.model, key)!r}, but train.init_from {init} was saved with "
+                f"{getattr(model.config, key, None)!r}: the model keeps its architecture (only {sorted(TRAINING_KEYS)}"
+                " apply); remove the key or make it agree"
+            )
+    return feed(model, cfg)
+
+
+def with_training_options(model: VLM, wanted: ModelConfig, where: str) -> VLM:
+    """The saved model with the run's training options (mode, coarse_weight) where its kind has them."""
+    if model.kind != wanted.kind:
+        raise ConfigError(f"{where} holds a {model.kind} model, but model.kind is {wanted.kind}")
+    keys = {k: getattr(wanted, k) for k in TRAINING_KEYS - {"kind"} if hasattr(wanted, k)}
+    model.config = dataclasses.replace(model.config, **keys)
+    return model
+
+
+def feed(model: VLM, cfg: Config) -> VLM:
+    """Stamp the run's frame settings on the model, so that it is saved with them."""
+    d = cfg.data
+    model.frames = dataclasses.replace(
+        model.frames, size=d.frame_size, max_frames=d.max_frames, image_frames=d.replicate_image_frames, fps=d.fps
+    )
+    return model
+
+
+def build_models(cfg: Config, resume: Path | None) -> tuple[VLM, VLM | None]:
+    """(policy, reference): the starting model, or the checkpoint's when resuming; stage 3 also keeps a frozen
+    copy of the starting model as the DPO reference."""
+    start = start_model(cfg) if resume is None or cfg.data.stage == 3 else None
+    if resume is None:
+        policy = copy.deepcopy(start) if cfg.data.stage == 3 else start
+    else:
+        policy = feed(with_training_options(registry.load(resume / ckpt.MODEL_DIR), cfg.model, str(resume)), cfg)
+    reference = start.eval().requires_grad_(False) if cfg.data.stage == 3 else None
+    return policy.train(), reference
 
 
 def find_resume(cfg: Config) -> Path | None:
@@ -153,15 +200,16 @@ class Trainer:
 
     def __init__(self, cfg: Config, d: Dist, resume: Path | None) -> None:
         tc = cfg.train
-        self.cfg, self.d, self.family = cfg, d, for_config(cfg)
+        self.cfg, self.d = cfg, d
         set_seed(tc.seed)
-        self.raw, self.processor, self.reference = build_models(cfg, self.family, resume)
+        self.raw, self.reference = build_models(cfg, resume)
+        self.processor = processor_for(self.raw, cfg.data.stage, cfg.data.max_text_len)
         self.raw.to(d.device)
         if self.reference is not None:
             self.reference.to(d.device)
         if tc.gradient_checkpointing:
-            self.family.checkpoint_activations(self.raw)
-        self.optimizer = build_optimizer(self.raw, cfg.optim, d.device.type == "cuda", self.family.group_of)
+            self.raw.checkpoint_activations()
+        self.optimizer = build_optimizer(self.raw, cfg.optim, d.device.type == "cuda", self.raw.group_of)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.state = ckpt.TrainState(world_size=d.world_size)
         if resume is not None:
@@ -178,14 +226,19 @@ class Trainer:
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=tc.bf16 and d.device.type == "cuda")
         self.max_steps = tc.max_steps
         if tc.epochs:  # rounded up: the last step may reach into the next epoch, so all of the last one is seen
-            self.max_steps = math.ceil(tc.epochs * self.family.epoch_batches(d.world_size) / tc.accumulate)
+            batches = data.epoch_batches(cfg.data, self.processor, d.world_size)
+            self.max_steps = math.ceil(tc.epochs * batches / tc.accumulate)
         o = cfg.optim
         self.schedule = Schedule(o.schedule, self.max_steps, o.warmup, o.target_lr, o.min_lr_ratio)
-        self.stream = Stream(partial(self.family.loader, self.processor, d.rank, d.world_size), d, self.state)
+        self.stream = Stream(partial(self.loader, split="train"), d, self.state)
+
+    def loader(self, epoch: int = 0, skip_batches: int = 0, split: str = "train") -> Iterator[dict]:
+        d = self.d
+        return data.make_loader(self.cfg.data, self.processor, d.rank, d.world_size, epoch, skip_batches, split)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         with self.autocast:
-            return self.family.loss(model, batch, self.reference)
+            return batch_loss(model, batch, self.raw.train_read, self.reference, self.cfg.train.dpo_beta)
 
     def step(self) -> dict:
         """One optimizer step over `accumulate` micro-batches; returns its log row."""
@@ -196,7 +249,7 @@ class Trainer:
         for micro in range(tc.accumulate):
             t = time.perf_counter()
             batch = self.stream.next()
-            n, k = self.family.counts(self.raw, batch)
+            n, k = self.raw.counts(batch)
             batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
             data_s += time.perf_counter() - t
             sync = self.ddp is None or micro == tc.accumulate - 1
@@ -221,7 +274,14 @@ class Trainer:
             "data_s": data_s,
             "compute_s": seconds - data_s,
             "skipped": int(skipped),
+            "mix": self.mix(),
         }
+
+    def mix(self) -> str:
+        """The realised share of each data source so far (this process), e.g. "0.860/0.140"."""
+        drawn, n = self.stream.drawn, len(self.cfg.data.train)
+        total = sum(drawn.values()) or 1
+        return "/".join(f"{drawn[i] / total:.3f}" for i in range(n))
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -230,7 +290,7 @@ class Trainer:
         self.raw.eval()
         total, count = 0.0, 0
         with torch.random.fork_rng(devices=[]):
-            loader = self.family.loader(self.processor, self.d.rank, self.d.world_size, split="val")
+            loader = self.loader(split="val")
             batches = (batch for batch in loader if batch["keys"])  # empty markers carry no sample
             for batch in itertools.islice(batches, self.cfg.train.val_batches):
                 batch = {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
@@ -251,7 +311,7 @@ class Trainer:
         if self.d.rank == 0:
             tc = self.cfg.train
             path = ckpt.checkpoint_dir(tc.out_dir, self.state.step)
-            write = partial(self.family.write, self.raw, self.processor)
+            write = partial(ckpt.write_model, self.raw)
             ckpt.save_training(path, write, self.optimizer, self.state, rngs, self.cfg)
             ckpt.prune_checkpoints(tc.out_dir, tc.keep_last, tc.keep_best)
         if self.d.world_size > 1:
@@ -260,11 +320,11 @@ class Trainer:
 
 def train(cfg: Config) -> Path:
     """Run (or continue) the configured training; returns the directory of the final model."""
-    for_config(cfg)  # the checks that span config sections, before any work
     tc, out = cfg.train, Path(cfg.train.out_dir)
     d = init_dist()
     log = RunLog(cfg, enabled=d.rank == 0)  # fails here, before any work, if wandb is asked for but missing
     run = Trainer(cfg, d, find_resume(cfg))
+    cfg.model = run.raw.config  # the run config saved beside the model describes the model trained
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / ckpt.RUN_CONFIG)
@@ -284,49 +344,30 @@ def train(cfg: Config) -> Path:
     log.close()
     final = out / "final"
     if d.rank == 0:
-        ckpt.save_atomic(final, partial(run.family.write, run.raw, run.processor))
-        run.family.finish(run.raw, run.processor)
+        ckpt.save_atomic(final, partial(ckpt.write_model, run.raw))
+        if cfg.data.val:
+            show_example(run.raw, cfg)
     if d.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return final
 
 
-def throughput(
-    model: FoveatedVLM,
-    batch: dict[str, Tensor],
-    mode: str = "coarse_fine",
-    steps: int = 10,
-    warmup: int = 2,
-    bf16: bool = False,
-) -> dict[str, float]:
-    """Training speed of forward + backward on one batch (already on the model's device), repeated.
-
-    The optimizer step is left out: it costs the same in every forward mode, and leaving it out keeps
-    the model unchanged, so several modes can be timed on one model and one batch.
-    """
-    model.train()
-    samples, tokens = batch_counts(batch, model.config.glimpses)
-    device = batch["frames"].device
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
-
-    def step() -> None:
-        with autocast:
-            loss = batch_loss(model, batch, mode)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "step_s": seconds}
+def show_example(model: VLM, cfg: Config) -> dict[str, str]:
+    """Answer the first validation sample's question and print it beside the reference: a trained model's
+    first sign of life (the seed recipes end with one)."""
+    reader = open_reader(cfg.data.val[0], cfg.data.seed)
+    raw = next(reader.samples(reader.units()[0], Counter()))
+    question, reference = exchange(meta_of(raw))
+    answerer = Answerer(model.eval())
+    read = list(answerer.reads)[-1]  # the foveated model's autoregressive mode, else the one read
+    try:
+        state = answerer.prepare_pictures(answerer.processor.pictures(raw))
+        reply = answerer.generate(state, question, read, max_new_tokens=32)
+    except MediaError as e:
+        reply = f"(the sample's media cannot be decoded: {e})"
+    print(f"question:  {question}\nreply:     {reply or '(empty)'}\nreference: {reference}")
+    return {"question": question, "reply": reply, "reference": reference}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,10 +26,13 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    CLIPVisionModel,
     Dinov2Config,
     Dinov2Model,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    SiglipVisionModel,
+    ViTModel,
 )
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -212,3 +215,36 @@ def _convert_llm(gguf_path: Path, out: Path) -> None:
         raise RuntimeError(f"{gguf_path}: expected pad == eos == <|im_end|> as in SmolLM2's tokenizer")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# A checkpoint's config model_type → the vision class that reads it; a full CLIP or SigLIP checkpoint (image and
+# text towers) gives its vision half, whose weights `from_pretrained` picks out of the joint state dict.
+_TOWER_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "dinov2": Dinov2Model,
+    "clip_vision_model": CLIPVisionModel,
+    "clip": CLIPVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+    "siglip": SiglipVisionModel,
+    "vit": ViTModel,
+}
+
+
+def load_tower(source: str) -> PreTrainedModel:
+    """A vision tower (DINOv2, CLIP, SigLIP or ViT) in fp32, resolved like `load_dino`; its class follows the
+    checkpoint's config. DINOv2-small's hub id and "packaged" fall back to the packaged weights."""
+    return _resolve(source, DINO_HUB_ID, _tower_from_pretrained, _packaged_dino)
+
+
+def _tower_from_pretrained(source: str | Path, **kwargs) -> PreTrainedModel:
+    model_type = AutoConfig.from_pretrained(source, **kwargs).model_type
+    cls = _TOWER_CLASSES.get(model_type)
+    if cls is None:
+        raise ValueError(f"{source}: model_type {model_type!r} is not a vision tower ({sorted(_TOWER_CLASSES)})")
+    model, info = cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kwargs)
+    missing = set(info["missing_keys"])
+    if cls is ViTModel and missing and all(k.startswith("pooler.") for k in missing):
+        # a classifier checkpoint (e.g. google/vit-base-patch32-384) has no pooler: drop the random one
+        model.pooler, missing = None, set()
+    if missing:  # a tower with silently random weights would train and evaluate as if it were pretrained
+        raise RuntimeError(f"{source}: no weights for {sorted(missing)}")
+    return model.eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -10,18 +9,20 @@ import pandas as pd
 import pytest
 import torch
 import webdataset as wds
-from transformers import Idefics3Config
 
 import benchmark
-from adapters import FoveatedAdapter, SmolVLMAdapter, load_adapter
+import registry
+from answering import Answerer
 from benchmarks import Media, load_benchmark
+from config import MODES
 from encoder import FoveatedEncoder
-from frames import IMAGENET_MEAN, IMAGENET_STD
-from model import MODES, FoveatedVLM, token_nll
-from smolvlm import build_smolvlm, connector_config, offline_processor, save_pretrained
+from frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
+from model import FoveatedVLM
+from smolvlm import SmolVLM
 from tests.conftest import jpeg, mp4
-from tests.tiny import IMAGE, tiny_model
+from tests.tiny import IMAGE, tiny_model, tiny_smolvlm
 from tokenization import chat_ids
+from vlm import token_nll
 
 OPTIONS = ["a red ball", "a green cube", "a blue cone", "nothing"]
 
@@ -97,19 +98,19 @@ def test_mvbench_layouts_and_windows(mvbench):
     assert frames.kind == "frames" and len(frames.items) == 6 and frames.fps == 3.0
 
     def red(media):  # decoded red level (0-255) of each sampled frame
-        x = media.frames(8, 1, IMAGE)[:, 0].mean((1, 2))
+        x = media.frames(FrameSpec(size=IMAGE, max_frames=8, image_frames=1))[:, 0].mean((1, 2))
         return x * IMAGENET_STD[0] * 255 + IMAGENET_MEAN[0] * 255
 
     assert red(q["action_sequence/0"].media).min() > 50  # frames 3..9 of 12 (red = 20 i), not the ramp's start
     assert red(q["action_sequence/0"].media).max() < 200
     assert red(frames).max() < 130  # seconds 0-1 at 3 fps: frames 0-3 of 6 (red = 40 i)
-    assert len(q["episodic_reasoning/1"].media.frames(8, 1, IMAGE)) == 6
+    assert len(q["episodic_reasoning/1"].media.frames(FrameSpec(size=IMAGE, max_frames=8))) == 6
 
 
 @pytest.mark.parametrize("protocol", ["likelihood", "generate"])
 def test_mvbench_end_to_end_encodes_once_and_resumes(fvlm_dir, mvbench, tmp_path, monkeypatch, protocol):
-    calls = {"encode": 0, "encode_patches": 0}
-    for cls, name in ((FoveatedVLM, "encode"), (FoveatedEncoder, "encode_patches")):
+    calls = {"prepare": 0, "encode_patches": 0}
+    for cls, name in ((FoveatedVLM, "prepare"), (FoveatedEncoder, "encode_patches")):
         original = getattr(cls, name)
 
         def counted(self, *a, _original=original, _name=name, **k):
@@ -119,7 +120,7 @@ def test_mvbench_end_to_end_encodes_once_and_resumes(fvlm_dir, mvbench, tmp_path
         monkeypatch.setattr(cls, name, counted)
     out = tmp_path / "out"
     summary = run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol, "--limit", "3")
-    assert calls == {"encode": 3, "encode_patches": 3}  # 3 questions x 3 modes x (3-4 options): one pass each
+    assert calls == {"prepare": 3, "encode_patches": 3}  # 3 questions x 3 modes x (3-4 options): one pass each
     assert summary["protocol"] == protocol and summary["modes"] == list(MODES) and summary["questions"] == 3
     assert set(summary["groups"]["task"]) == {"action_sequence", "episodic_reasoning"}
     assert summary["chance"] == pytest.approx(100 * (1 / 4 + 2 / 3) / 3)
@@ -144,10 +145,10 @@ def test_mvbench_end_to_end_encodes_once_and_resumes(fvlm_dir, mvbench, tmp_path
         assert "all_questions" not in saved
 
     summary = run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol)  # resume: only the 4th question
-    assert calls["encode"] == 4 and summary["answered_now"] == 1 and summary["overall"]["n"] == 4
+    assert calls["prepare"] == 4 and summary["answered_now"] == 1 and summary["overall"]["n"] == 4
     assert len(lines(out / f"mvbench_{protocol}.jsonl")) == 4
     run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol, "--modes", "coarse_only")
-    assert calls["encode"] == 4  # every requested mode is already there
+    assert calls["prepare"] == 4  # every requested mode is already there
 
 
 def test_resume_ignores_a_line_cut_short(fvlm_dir, mvbench, tmp_path):
@@ -161,12 +162,12 @@ def test_resume_ignores_a_line_cut_short(fvlm_dir, mvbench, tmp_path):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_shared_prefix_scores_equal_full_sequences(fvlm, mode):
-    adapter = FoveatedAdapter(fvlm, max_frames=4, size=IMAGE)
+    answerer = Answerer(fvlm, max_frames=4, size=IMAGE)
     media = Media("video", [mp4(8, 32)])
     prompt = "Which object is it?\nA. a red ball\nB. a green cube\nC. a cone\nD. nothing at all, really"
     answers = ["A. a red ball", "B. a green cube", "C. a cone", "D. nothing at all, really"]
-    shared = torch.tensor(adapter.score(adapter.prepare(media), prompt, answers, mode))
-    frames = media.frames(4, 8, IMAGE)[None]
+    shared = torch.tensor(answerer.score(answerer.prepare(media), prompt, answers, mode))
+    frames = media.frames(answerer.frames)[None]
     fm = torch.ones(1, len(frames[0]), dtype=torch.bool)
     full = []
     with torch.no_grad():
@@ -323,41 +324,30 @@ def test_missing_files_give_one_message_with_the_layout(fvlm_dir, mvbench, tmp_p
 
 @pytest.fixture(scope="module")
 def smolvlm_dir(tokenizer, tmp_path_factory):
-    processor = offline_processor(copy.deepcopy(tokenizer), 8, 32, longest_edge=32)
-    tok = processor.tokenizer
-    config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=4),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    connector = connector_config(config, num_queries=8, num_tokens=8, bottleneck=16, hidden_size=32, num_heads=4,
-                                 num_kv_heads=2, intermediate_size=64)  # fmt: skip
     path = tmp_path_factory.mktemp("smolvlm")
-    save_pretrained(build_smolvlm(config, connector).eval(), processor, path)
+    tiny_smolvlm(tokenizer).save_pretrained(path)
     return path
 
 
 def test_smolvlm_textvqa_and_shared_prefix_scores(smolvlm_dir, tmp_path):
-    adapter = load_adapter(smolvlm_dir)
-    assert isinstance(adapter, SmolVLMAdapter)
+    model = registry.load(smolvlm_dir)
+    assert isinstance(model, SmolVLM)
     summary = run(smolvlm_dir, "textvqa", textvqa_root(tmp_path), tmp_path / "out")
     assert summary["modes"] == ["default"] and summary["overall"]["n"] == 2
 
-    images = adapter.prepare(Media("image", [jpeg((0, 90, 200), (40, 30))]))
-    answers = ["A. frog", "B. a cat", "C. shark"]
-    shared = torch.tensor(adapter.score(images, "Which is a mammal?", answers, "default"))
-    full = []
+    answerer = Answerer(model)
+    state = answerer.prepare(Media("image", [jpeg((0, 90, 200), (40, 30))]))
+    question, answers = "Which is a mammal?", ["A. frog", "B. a cat", "C. shark"]
+    shared = torch.tensor(answerer.score(state, question, answers, "default"))
+    processor, full = answerer.processor, []
+    prompt = processor.prompt(question, state.pictures)
+    continuations, _ = processor.answers(question, answers)
     with torch.no_grad():
-        for a in answers:
-            head, reply = adapter._turn(images, "Which is a mammal?", a)
-            inputs = adapter._inputs(images, head + reply)
-            n_head = adapter._inputs(images, head)["input_ids"].shape[1]
-            labels = inputs["input_ids"].clone()
-            labels[:, :n_head] = -100
-            nll, count = token_nll(adapter.model(**inputs).logits, labels)
-            full.append(nll / count)
+        for cont in continuations:
+            ids = torch.tensor([prompt + cont])
+            labels = ids.clone()
+            labels[:, : len(prompt)] = -100
+            out = model(ids, torch.ones_like(ids), **processor.visual(state.pictures), labels=labels)
+            full.append(out.nll / out.count)
     assert (shared - torch.cat(full)).abs().max() <= 1e-4
     assert np.ptp(shared.numpy()) > 1e-4

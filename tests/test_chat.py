@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chat import ask
-from config import ModelConfig
+from config import FoveatedConfig
 from model import FoveatedVLM
 from tests.conftest import jpeg, mp4
 
@@ -14,7 +14,7 @@ from tests.conftest import jpeg, mp4
 @pytest.fixture(scope="module")
 def real_model():
     torch.manual_seed(0)
-    return FoveatedVLM.from_backbones(ModelConfig(dino="packaged", llm="packaged")).eval()
+    return FoveatedVLM.from_backbones(FoveatedConfig(dino="packaged", llm="packaged")).eval()
 
 
 def test_text_only_question_is_the_plain_llm(real_model):
@@ -27,5 +27,5 @@ def test_image_and_video_files_run_end_to_end(real_model, tmp_path):
     (tmp_path / "clip.mp4").write_bytes(mp4(num_frames=6, size=32))
     for media in ("red.jpg", "clip.mp4"):
         for mode in ("coarse_only", "autoregressive"):
-            answer = ask(real_model, tmp_path / media, "What do you see?", mode=mode, max_new_tokens=4)
+            answer = ask(real_model, tmp_path / media, "What do you see?", read=mode, max_new_tokens=4)
             assert isinstance(answer, str)

@@ -7,8 +7,9 @@ from conftest import jpeg, mp4
 
 import data
 from collate import collate, group_batches
-from config import DataConfig
-from frames import IMAGENET_MEAN, IMAGENET_STD
+from config import DataConfig, ShardSource
+from frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
+from processors import ChatProcessor
 from tokenization import DESCRIBE_PROMPT, IGNORE_INDEX, chat_ids, encode_sample, prompt_ids
 
 RED, GREEN, BLUE = (250, 0, 0), (0, 250, 0), (0, 0, 250)
@@ -21,13 +22,25 @@ def write_shard(path, samples):
     return str(path)
 
 
-def config(shards, **kw):
-    base = dict(train_shards=shards, num_workers=0, shuffle_buffer=0, frame_size=16, max_frames=8)
-    return DataConfig(**{**base, "replicate_image_frames": 3, **kw})
+def sources(spec):
+    """A shard glob, or [(glob, weight), ...] -> shard sources."""
+    if not spec:
+        return []
+    return [ShardSource(path=spec)] if isinstance(spec, str) else [ShardSource(path=p, weight=w) for p, w in spec]
+
+
+def config(train, val=None, **kw):
+    base = dict(num_workers=0, shuffle_buffer=0, frame_size=16, max_frames=8, replicate_image_frames=3)
+    return DataConfig(train=sources(train), val=sources(val), **{**base, **kw})
+
+
+def processor(cfg, tokenizer):
+    frames = FrameSpec(cfg.frame_size, cfg.max_frames, cfg.replicate_image_frames, cfg.fps)
+    return ChatProcessor(tokenizer, frames, cfg.stage, cfg.max_text_len)
 
 
 def run(cfg, tokenizer, **kw):
-    return list(data.make_loader(cfg, tokenizer, **kw))
+    return list(data.make_loader(cfg, processor(cfg, tokenizer), **kw))
 
 
 def by_key(batches):
@@ -212,13 +225,15 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path, tokeniz
     assert orders[0] != orders[1]  # shards and samples reshuffled by epoch
 
 
-def test_text_interleave_is_exact(tmp_path, tokenizer):
+def test_a_weighted_mix_is_exact_and_the_first_source_sets_the_epoch(tmp_path, tokenizer):
     main = write_shard(tmp_path / "main.tar", [chat(i, {"jpg": jpeg(RED)}) for i in range(12)])
     text = write_shard(tmp_path / "text.tar", [{"__key__": f"t{i}", "json": {"caption": "x"}} for i in range(3)])
-    cfg = config(main, text_shards=text, text_ratio=0.25, batch_size=1, shuffle_buffer=2)
-    keys = [b["keys"][0] for b in run(cfg, tokenizer)]
-    assert [i for i, k in enumerate(keys) if k.startswith("t")] == [3, 7, 11, 15]  # text cycles past its 3
-    assert sorted(k for k in keys if k.startswith("s")) == [f"s{i:04d}" for i in range(12)]
+    cfg = config([(main, 0.75), (text, 0.25)], batch_size=1, shuffle_buffer=2)
+    batches = run(cfg, tokenizer)
+    keys = [b["keys"][0] for b in batches]
+    assert [i for i, k in enumerate(keys) if k.startswith("t")] == [2, 6, 10, 14]  # one in four; text cycles past 3
+    assert sorted(k for k in keys if k.startswith("s")) == [f"s{i:04d}" for i in range(12)]  # main read once
+    assert [b["sources"][0] for b in batches] == [int(k.startswith("t")) for k in keys]
 
 
 def resume_config(tmp_path, **kw):
@@ -232,9 +247,7 @@ def resume_config(tmp_path, **kw):
     shard_set(tmp_path, 4, 9, media)
     text = write_shard(tmp_path / "text.tar", [{"__key__": f"t{i}", "json": {"caption": f"c{i}"}} for i in range(5)])
     return config(
-        str(tmp_path / "train-*.tar"),
-        text_shards=text,
-        text_ratio=0.2,
+        [(str(tmp_path / "train-*.tar"), 0.8), (text, 0.2)],
         batch_size=3,
         frame_budget=8,
         shuffle_buffer=4,
@@ -258,8 +271,8 @@ def test_resume_without_workers_is_exact_and_skips_without_decoding(tmp_path, to
     for n in range(0, len(full) + 1, 3):
         same(run(cfg, tokenizer, epoch=3, skip_batches=n), full[n:])
     decoded = []
-    real = data.ShardDataset._decode
-    monkeypatch.setattr(data.ShardDataset, "_decode", lambda self, raw, c: decoded.append(1) or real(self, raw, c))
+    real = data.SourceDataset._decode
+    monkeypatch.setattr(data.SourceDataset, "_decode", lambda self, raw, c: decoded.append(1) or real(self, raw, c))
     same(run(cfg, tokenizer, epoch=3, skip_batches=len(full) - 1), full[-1:])
     assert len(decoded) == len(full[-1]["keys"]) + full[-1]["skipped"].get("bad_media", 0)
 
@@ -309,13 +322,13 @@ def test_expand_shards_and_errors(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError):
         data.expand_shards(str(tmp_path / "nope-*.tar"))
     with pytest.raises(ValueError, match="val"):
-        data.make_loader(config(str(tmp_path / "train-*.tar")), tokenizer, split="val")
-    val = run(config("", val_shards=str(tmp_path / "train-*.tar"), shuffle_buffer=100), tokenizer, split="val")
+        run(config(str(tmp_path / "train-*.tar")), tokenizer, split="val")
+    val = run(config("", val=str(tmp_path / "train-*.tar"), shuffle_buffer=100), tokenizer, split="val")
     assert [k for b in val for k in b["keys"]] == ["s0000", "s0100", "s0200"]  # in order, unshuffled
 
 
 def test_throughput_helper(tokenizer):
-    out = data.throughput(
-        tokenizer, num_workers=0, num_samples=4, frames_per_sample=4, source_size=(32, 24), frame_size=16, batch_size=2
-    )
+    cfg = config("x.tar")
+    out = data.throughput(processor(cfg, tokenizer), num_workers=0, num_samples=4, frames_per_sample=4,
+                          source_size=(32, 24), batch_size=2)  # fmt: skip
     assert out["samples_per_s"] > 0 and out["samples_per_s_per_worker"] == out["samples_per_s"]

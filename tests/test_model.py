@@ -99,9 +99,9 @@ def test_autoregressive_equals_coarse_fine_for_one_frame():
 def test_autoregressive_kv_cache_equals_recompute():
     model = tiny_model(glimpses=2)
     fr, fm, ids, am = batch([4, 2, 0], [3, 5, 4])
-    cache = model.encode(fr, fm)
-    cached = model.prefix(cache, fm, ids, am, "autoregressive", kv_cache=True)
-    fresh = model.prefix(cache, fm, ids, am, "autoregressive", kv_cache=False)
+    visual = model.prepare(fr, fm)
+    cached = model.prefix(visual, ids, am, kv_cache=True, mode="autoregressive")
+    fresh = model.prefix(visual, ids, am, kv_cache=False, mode="autoregressive")
     keep = am.bool()
     assert (cached.hidden[keep] - fresh.hidden[keep]).abs().max() <= 1e-5
     assert torch.equal(cached.mask, fresh.mask)
@@ -138,11 +138,10 @@ def test_loss_ignores_minus_100_and_gradients_reach_the_query_loop():
 def test_generate_batched_equals_single():
     model = tiny_model()
     fr, fm, ids, am = batch([3, 1], [4, 2], seed=3)
-    out = model.generate(fr, fm, ids, am, max_new_tokens=6, eos_token_id=[2, 9])
+    out = model.generate(model.prepare(fr, fm), ids, am, max_new_tokens=6, eos_token_id=[2, 9], mode="coarse_fine")
     for i, (t, n) in enumerate([(3, 4), (1, 2)]):
         alone = model.generate(
-            fr[i : i + 1, :t],
-            fm[i : i + 1, :t],
+            model.prepare(fr[i : i + 1, :t], fm[i : i + 1, :t]),
             ids[i : i + 1, :n],
             am[i : i + 1, :n],
             max_new_tokens=6,
@@ -155,7 +154,7 @@ def test_generate_batched_equals_single():
 def test_generate_matches_argmax_of_forward():
     model = tiny_model()
     fr, fm, ids, am = batch([2], [4], seed=5)
-    new = model.generate(fr, fm, ids, am, mode="coarse_fine", max_new_tokens=3, eos_token_id=63)
+    new = model.generate(model.prepare(fr, fm), ids, am, mode="coarse_fine", max_new_tokens=3, eos_token_id=63)
     seq = ids
     for j in range(new.shape[1]):
         logits = model(fr, fm, seq, torch.ones_like(seq), mode="coarse_fine").logits
@@ -227,8 +226,8 @@ def test_frames_in_the_user_turn_sit_after_the_head(tokenizer, mode):
         alone = model(fr[i : i + 1, :t], fm[i : i + 1, :t], ids[i : i + 1, :n], am[i : i + 1, :n], mode=mode).logits
         assert (logits[i, :n] - alone[0]).abs().max() <= 1e-5, (mode, i)
     if mode == "coarse_only":  # the same numbers as the LLM run by hand over [head, tokens, rest]
-        h, cache = len(head), model.encode(fr[:1], fm[:1])
-        vis, _ = model.visual_tokens(cache, fm[:1], mode)
+        h, visual = len(head), model.prepare(fr[:1], fm[:1])
+        vis, _ = model.visual_tokens(visual, mode=mode)
         n = int(am[0].sum())
         embeds = model.llm.get_input_embeddings()(ids[:1, :n])
         out = model.llm(inputs_embeds=torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1)).logits
@@ -239,9 +238,9 @@ def test_frames_in_the_user_turn_sit_after_the_head(tokenizer, mode):
 def test_frames_in_the_user_turn_kv_cache_and_one_frame(tokenizer):
     model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="user_turn")
     fr, fm, ids, am = user_turn_batch(tokenizer, [4, 2, 0], USERS)
-    cache = model.encode(fr, fm)
-    cached = model.prefix(cache, fm, ids, am, "autoregressive", kv_cache=True)
-    fresh = model.prefix(cache, fm, ids, am, "autoregressive", kv_cache=False)
+    visual = model.prepare(fr, fm)
+    cached = model.prefix(visual, ids, am, kv_cache=True, mode="autoregressive")
+    fresh = model.prefix(visual, ids, am, kv_cache=False, mode="autoregressive")
     keep = am.bool()
     assert (cached.hidden[keep] - fresh.hidden[keep]).abs().max() <= 1e-5 and torch.equal(cached.mask, fresh.mask)
     fr, fm, ids, am = user_turn_batch(tokenizer, [1, 1], USERS[:2])
@@ -297,7 +296,7 @@ def test_loss_predicts_each_token_from_the_slot_before_it(tokenizer, frames_at, 
     out = model(fr, fm, ids, am, labels=labels, mode=mode)
     h = len(model.head_ids)
     for i, (t, n) in enumerate(zip(fm.sum(1).tolist(), am.sum(1).tolist(), strict=True)):
-        vis, _ = model.visual_tokens(model.encode(fr[i : i + 1, :t], fm[i : i + 1, :t]), fm[i : i + 1, :t], mode)
+        vis, _ = model.visual_tokens(model.prepare(fr[i : i + 1, :t], fm[i : i + 1, :t]), mode=mode)
         embeds = model.llm.get_input_embeddings()(ids[i : i + 1, :n])
         seq = torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1)
         full = torch.cat([labels[i : i + 1, :h], torch.full((1, vis.shape[1]), -100), labels[i : i + 1, h:n]], dim=1)

@@ -19,10 +19,10 @@ from conftest import jpeg, mp4
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-import data
 import prepare
 import shardwriter
 from frames import load_video
+from processors import media_of
 from tokenization import IGNORE_INDEX, encode_sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +209,7 @@ def test_llava_multi_turn_and_bad_media(tmp_path, tokenizer):
     assert [s["samples"] for s in report["shards"]] == [2, 1]
     assert json.loads((out / "report.json").read_text()) == report
     first = got["000000000001"]
-    assert data.media_of(first) == ("image", [jpeg(RED)])  # the image as it came
+    assert media_of(first) == ("image", [jpeg(RED)])  # the image as it came
     m = meta(first)
     assert m["source"] == "llava" and "user" not in m
     assert m["turns"] == [
@@ -221,7 +221,7 @@ def test_llava_multi_turn_and_bad_media(tmp_path, tokenizer):
     assert labelled(tokenizer, first) == "The bus is red.<|im_end|>No, it is parked by the kerb.<|im_end|>"
     assert meta(got["000000000002"])["user"] == "Describe it."  # one exchange: the single-turn form
     assert labelled(tokenizer, got["000000000002"]) == "Green grass.<|im_end|>"
-    assert data.media_of(got["sharegpt_1"]) == ("text", [])  # no image in the entry: a text-only sample, kept
+    assert media_of(got["sharegpt_1"]) == ("text", [])  # no image in the entry: a text-only sample, kept
     log = (out / "prepare.log").read_text()
     assert "000000000003: missing_file" in log and "undecodable_image': 1" in log
 
@@ -240,10 +240,10 @@ def test_cauldron_turns_frames_and_formats(tmp_path, tokenizer):
         "user": "Colour?",
         "assistant": "Red.",
     }
-    assert data.media_of(one) == ("image", [jpeg(RED)])
-    assert "png" in two and data.media_of(two) == ("image", [png(GREEN)])  # the PNG stays a PNG
+    assert media_of(one) == ("image", [jpeg(RED)])
+    assert "png" in two and media_of(two) == ("image", [png(GREEN)])  # the PNG stays a PNG
     assert labelled(tokenizer, two) == "Green.<|im_end|>A rectangle.<|im_end|>"
-    assert data.media_of(many) == ("frames", [jpeg(RED), png(BLUE)])
+    assert media_of(many) == ("frames", [jpeg(RED), png(BLUE)])
     assert sorted(k for k in many if k[0].isdigit()) == ["000.jpg", "001.png"]
 
 
@@ -255,7 +255,7 @@ def test_openvid_videos_copied_checked_and_counted(tmp_path):
     raws = samples(out)
     assert sorted(raws) == ["000000000", "000000003"]  # keys are the CSV rows
     for key, name in (("000000000", "celebv_a_0.mp4"), ("000000003", "panda_b_1.mp4")):
-        assert data.media_of(raws[key]) == ("video", [clips[name]])
+        assert media_of(raws[key]) == ("video", [clips[name]])
         assert meta(raws[key])["id"] == name and meta(raws[key])["source"] == "openvid"
     assert meta(raws["000000003"])["caption"] == "A panda eats bamboo, slowly."
     assert {e["id"] for e in report["examples"]["missing_file"]} == {"gone_d_3.mp4"}
@@ -270,8 +270,8 @@ def test_webvid_reencoded_frames_are_what_training_would_decode(tmp_path):
     got = by_id(out)
     raw = got["1053841541"]
     assert meta(raw)["caption"] == "Red ramp, slow motion"
-    kind, frames = data.media_of(raw)
-    assert kind == "frames" and len(frames) == 4 and len(data.media_of(got["9999"])[1]) == 4
+    kind, frames = media_of(raw)
+    assert kind == "frames" and len(frames) == 4 and len(media_of(got["9999"])[1]) == 4
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(f))) for f in frames]).astype(float)  # (T,16,16,3)
     assert pixels.shape == (4, 16, 16, 3)
     expected = shardwriter._pixels(load_video(tmp_path / "videos/000001_000050/1053841541.mp4", 4, size=16))
@@ -279,7 +279,7 @@ def test_webvid_reencoded_frames_are_what_training_would_decode(tmp_path):
     assert np.round(pixels[:, 8, 12, 0] / 20).tolist() == [1, 4, 7, 10]  # frames 1, 4, 7, 10 of 12: uniform
     timed = run("webvid", webvid_fixture(tmp_path), tmp_path / "fps", "--images", tmp_path / "videos", "--fps", 3)
     assert timed["settings"]["frame_size"] is None  # defaults apply: 224 px, at most 64 frames
-    kind, frames = data.media_of(by_id(tmp_path / "fps")["1053841541"])
+    kind, frames = media_of(by_id(tmp_path / "fps")["1053841541"])
     assert kind == "frames" and len(frames) == 3  # 1 s at 3 fps
     assert Image.open(io.BytesIO(frames[0])).size == (224, 224)
 
@@ -312,7 +312,7 @@ def test_smoltalk_parquet_jsonl_and_system_messages(tmp_path, tokenizer):
     report = run("smoltalk", tmp_path / "data", out)
     assert report["skipped"] == {"bad_conversation": 1} and report["records"] == 4
     got = by_id(out)
-    assert all(data.media_of(r) == ("text", []) for r in got.values())
+    assert all(media_of(r) == ("text", []) for r in got.values())
     system = meta(got["all/train-00000-of-00001.parquet:0"])
     assert system["turns"][0] == {"role": "system", "content": "Be brief."} and system["subset"] == "systemchats-30k"
     ids = encode_sample(tokenizer, system, 2, 512)["input_ids"]
@@ -350,7 +350,7 @@ def test_vizwiz_and_textvqa_most_frequent_answer(tmp_path, tokenizer):
     (raw,) = by_id(tmp_path / "vw").values()
     assert meta(raw)["id"] == "VizWiz_train_00000000" and meta(raw)["answers"] == VIZWIZ_ANSWERS
     assert meta(raw)["assistant"] == "red"  # 4 × red against 4 × crimson: the first given wins the tie
-    assert labelled(tokenizer, raw) == "red<|im_end|>" and data.media_of(raw)[0] == "image"
+    assert labelled(tokenizer, raw) == "red<|im_end|>" and media_of(raw)[0] == "image"
 
     qs = [
         {
@@ -388,7 +388,7 @@ def test_vizwiz_and_textvqa_most_frequent_answer(tmp_path, tokenizer):
         "assistant": "nokia",
         "answers": qs[0]["answers"],
     }
-    assert data.media_of(raw) == ("image", [jpeg(GREEN)])
+    assert media_of(raw) == ("image", [jpeg(GREEN)])
 
 
 def test_rlaifv_preference_pairs(tmp_path, tokenizer):
@@ -419,7 +419,7 @@ def test_rlaifv_preference_pairs(tmp_path, tokenizer):
         "chosen": "A red cup.",
         "rejected": "A blue plate and two forks.",
     }
-    assert data.media_of(raw) == ("image", [jpeg(RED)])
+    assert media_of(raw) == ("image", [jpeg(RED)])
     pair = encode_sample(tokenizer, meta(raw), 3, 512)
     assert tokenizer.decode([y for y in pair["rejected_labels"] if y != IGNORE_INDEX]) == meta(raw)["rejected"] + (
         "<|im_end|>"

@@ -1,9 +1,8 @@
-"""SmolVLM TokenLearner-QFormer training through train.py on a tiny TextVQA fixture (published layout),
-and the TextVQA loader's labels, subset, rank split and resume contract."""
+"""SmolVLM with a TokenLearner-QFormer trained through train.py on a tiny TextVQA fixture (published layout),
+read by the shared data pipeline: labels, subset, rank split and exact resume."""
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -13,15 +12,18 @@ import pytest
 import torch
 from conftest import jpeg
 from safetensors.torch import load_file
-from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+from transformers import Idefics3ForConditionalGeneration
 
-import smolvlm
+import checkpoint as ckpt
+import data
+import registry
 import textvqa
 import train
-from config import FAMILIES, Config, ConfigError, DataConfig, from_dict, load_config
+from config import Config, ConfigError, DataConfig, QFormerOptions, SmolVLMConfig, TextVQASource, from_dict, load_config
 from connectors import TokenLearnerQFormer
-from families import BY_NAME, for_config
+from processors import processor_for
 from schedule import Schedule
+from tests.tiny import tiny_smolvlm
 from tokenization import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,29 +65,20 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory, tokenizer) -> Path:
     """A tiny SmolVLM-TokenLearner-QFormer with its offline processor, saved as train.init_from reads it."""
-    processor = smolvlm.offline_processor(copy.deepcopy(tokenizer), S, TILE, do_image_splitting=False)
-    vocab = processor.tokenizer
-    config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=TILE, patch_size=8),
-        text_config=dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        scale_factor=2,
-        image_token_id=vocab.convert_tokens_to_ids("<image>"),
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    connector = smolvlm.connector_config(config, num_queries=S, num_tokens=8, bottleneck=8, hidden_size=32,
-                                         num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)  # fmt: skip
     path = tmp_path_factory.mktemp("start") / "model"
-    smolvlm.save_pretrained(smolvlm.build_smolvlm(config, connector), processor, path)
+    tiny_smolvlm(tokenizer, S, TILE, patch=8).save_pretrained(path)
     return path
+
+
+def sources(root: Path, **train_source) -> dict:
+    return {"train": [{"kind": "textvqa", "root": str(root), **train_source}],
+            "val": [{"kind": "textvqa", "root": str(root), "split": "val"}]}  # fmt: skip
 
 
 def make_config(root: Path, start: Path, out: Path, **train_keys) -> Config:
     return from_dict(Config, {
-        "model": {"family": "smolvlm"},
-        "data": {"textvqa": str(root), "stage": 2, "batch_size": 2, "num_workers": 0},
+        "model": {"kind": "smolvlm"},
+        "data": {**sources(root), "stage": 2, "batch_size": 2, "num_workers": 0},
         "optim": {"lr_connector": 1e-2, "lr_vision": 0.0, "lr_llm": 1e-2, "schedule": "linear", "warmup": 0.1},
         "train": {"init_from": str(start), "epochs": 4, "val_every": 3, "val_batches": 2, "save_every": 3,
                   "out_dir": str(out), **train_keys},
@@ -114,20 +107,20 @@ def test_training_lowers_the_loss_and_leaves_the_vision_tower_untouched(run, sta
     assert sum(int(r["skipped"]) for r in rows) == 4  # the corrupt image, once per epoch
     assert all(r["lr_vision"] == "" for r in rows) and float(rows[1]["lr_llm"]) == pytest.approx(1e-2)
 
-    before, after = load_file(str(start_model / smolvlm.WEIGHTS)), load_file(str(run / "final" / smolvlm.WEIGHTS))
+    before, after = load_file(str(start_model / ckpt.WEIGHTS)), load_file(str(run / "final" / ckpt.WEIGHTS))
     assert before.keys() == after.keys()
-    vision = [k for k in before if k.startswith("model.vision_model.")]
+    vision = [k for k in before if k.startswith("llm.model.vision_model.")]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # bit-identical
-    for prefix in ("model.connector.", "model.text_model."):
+    for prefix in ("llm.model.connector.", "llm.model.text_model."):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
 
 
-def test_final_model_loads_with_connector_and_processor_and_answers(run, root, capsys):
-    model, processor = smolvlm.load_pretrained(run / "final")
-    assert isinstance(model.model.connector, TokenLearnerQFormer) and processor.image_seq_len == S
-    example = textvqa.show_example(model, processor, root)
-    assert "prediction:" in capsys.readouterr().out
-    assert example["question"] == "what colour is this image?" and len(example["answers"]) == 10
+def test_final_model_loads_with_connector_and_processor_and_answers(run, capsys, root, start_model, tmp_path):
+    model = registry.load(run / "final")
+    assert isinstance(model.llm.model.connector, TokenLearnerQFormer) and model.processor.image_seq_len == S
+    train.train(make_config(root, start_model, tmp_path / "again", epochs=1))
+    out = capsys.readouterr().out  # a run ends with one validation question answered, as an example
+    assert "question:" in out and "reply:" in out and "reference: red" in out
 
 
 class Crash(Exception):
@@ -154,13 +147,17 @@ def test_resumed_run_repeats_the_uninterrupted_losses(run, root, start_model, tm
 
 @pytest.fixture(scope="module")
 def processor(start_model):
-    return smolvlm.load_pretrained(start_model)[1]
+    return processor_for(registry.load(start_model))
+
+
+def loader(root, processor, split="train", rank=0, world=1, epoch=0, skip=0, **kw):
+    cfg = from_dict(DataConfig, {**sources(root, **kw.pop("source", {})), "stage": 2, "num_workers": 0, **kw})
+    return list(data.make_loader(cfg, processor, rank, world, epoch, skip, split))
 
 
 def test_batches_label_the_majority_answer_only(root, processor):
-    cfg = DataConfig(textvqa=str(root), stage=2, batch_size=3, num_workers=0)
-    batch = next(textvqa.make_loader(cfg, processor, split="val"))
-    assert batch["keys"] == ["20", "21", "22"] and batch["skipped"] == {"bad_media": 0}
+    (batch,) = loader(root, processor, "val", batch_size=3)
+    assert batch["keys"] == ["20", "21", "22"] and batch["skipped"] == {}
     assert batch["pixel_values"].shape == (3, 1, 3, TILE, TILE)
     assert batch["pixel_attention_mask"].shape == (3, 1, TILE, TILE)
     image = processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -175,58 +172,56 @@ def test_batches_label_the_majority_answer_only(root, processor):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_loader_resumes_after_skipped_batches_and_counts_bad_images(root, processor, workers):
-    cfg = DataConfig(textvqa=str(root), stage=2, batch_size=2, num_workers=workers, seed=3)
-    whole = list(textvqa.make_loader(cfg, processor, epoch=1))
-    assert sum(len(b["keys"]) for b in whole) == 7 and sum(b["skipped"]["bad_media"] for b in whole) == 1
+    whole = loader(root, processor, epoch=1, batch_size=2, num_workers=workers, seed=3)
+    assert sum(len(b["keys"]) for b in whole) == 7 and sum(b["skipped"].get("bad_media", 0) for b in whole) == 1
     for skip in (1, 3):
-        resumed = list(textvqa.make_loader(cfg, processor, epoch=1, skip_batches=skip))
+        resumed = loader(root, processor, epoch=1, skip=skip, batch_size=2, num_workers=workers, seed=3)
         assert [b["keys"] for b in resumed] == [b["keys"] for b in whole[skip:]]
         assert torch.equal(resumed[-1]["input_ids"], whole[-1]["input_ids"])
-    assert [b["keys"] for b in textvqa.make_loader(cfg, processor, epoch=2)] != [b["keys"] for b in whole]
+    again = loader(root, processor, epoch=2, batch_size=2, num_workers=workers, seed=3)
+    assert [b["keys"] for b in again] != [b["keys"] for b in whole]
 
 
 def test_subset_and_rank_split(root, processor):
-    cfg = DataConfig(textvqa=str(root), stage=2, batch_size=1, num_workers=0, subset=4)
-    epochs = [{k for b in textvqa.make_loader(cfg, processor, epoch=e) for k in b["keys"]} for e in range(3)]
+    kw = {"source": {"subset": 4}, "batch_size": 1}
+    epochs = [{k for b in loader(root, processor, epoch=e, **kw) for k in b["keys"]} for e in range(3)]
     assert epochs[0] == epochs[1] == epochs[2] and 3 <= len(epochs[0]) <= 4  # the bad image may be drawn
-    ranks = [[k for b in textvqa.make_loader(cfg, processor, r, 2) for k in b["keys"]] for r in range(2)]
-    assert set(ranks[0]).isdisjoint(ranks[1]) and textvqa.epoch_batches(cfg, 2) == 2
+    ranks = [[k for b in loader(root, processor, rank=r, world=2, **kw) for k in b["keys"]] for r in range(2)]
+    assert set(ranks[0]).isdisjoint(ranks[1])
+    cfg = from_dict(DataConfig, {**sources(root, subset=4), "batch_size": 1})
+    assert data.epoch_batches(cfg, processor, 2) == 2
     q = textvqa.Question("1", "what is it?", Path("x.jpg"), ("b", "a", "a", "b", "c"))
     assert q.answer == "b"  # a tie goes to the answer given first
 
 
-def test_config_keys_of_the_other_family_are_refused(root, tmp_path):
-    with pytest.raises(ConfigError, match="data.train_shards"):
-        for_config(from_dict(Config, {"model": {"family": "smolvlm"}, "data": {"train_shards": "a.tar"}}))
-    with pytest.raises(ConfigError, match="data.textvqa"):
-        for_config(from_dict(Config, {"data": {"textvqa": str(root), "train_shards": "a.tar"}}))
-    with pytest.raises(ConfigError, match="data.stage"):
-        for_config(from_dict(Config, {"model": {"family": "smolvlm"}, "data": {"textvqa": str(root)}}))
-    with pytest.raises(ConfigError, match="TextVQA_0.5.1_train.json"):
-        for_config(from_dict(Config, {"model": {"family": "smolvlm"}, "data": {"textvqa": str(tmp_path), "stage": 2}}))
+def test_keys_the_kind_would_not_read_are_refused(root):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.glimpses' \(model.kind smolvlm\)"):
+        from_dict(Config, {"model": {"kind": "smolvlm", "glimpses": 2}})
+    with pytest.raises(ConfigError, match="unknown config key 'data.train.*path'"):
+        from_dict(Config, {"data": {"train": [{"kind": "textvqa", "root": str(root), "path": "a.tar"}]}})
+    with pytest.raises(ConfigError, match="smolvlm trains stages 1 and 2"):
+        from_dict(Config, {"model": {"kind": "smolvlm"}, "data": {"stage": 3}})
+    with pytest.raises(FileNotFoundError, match="TextVQA_0.5.1_train.json"):
+        data.SourceDataset(DataConfig(train=[TextVQASource(root=str(root / "nowhere"))]), None)
 
 
-def test_new_model_from_a_stock_smolvlm_dir(root, start_model, tmp_path):
-    """smolvlm.hub may name a local Idefics3 directory: its connector is replaced and S set on both sides."""
-    model, processor = smolvlm.load_pretrained(start_model)
-    stock = Idefics3ForConditionalGeneration(model.config)  # the pixel-shuffle connector, as on the hub
+def test_new_model_from_a_stock_smolvlm_dir(start_model, tmp_path):
+    """model.hub may name a local Idefics3 directory: its connector is replaced and S set on both sides."""
+    saved = registry.load(start_model)
+    stock = Idefics3ForConditionalGeneration(saved.llm.config)  # the pixel-shuffle connector, as on the hub
     stock.save_pretrained(tmp_path / "stock")
-    processor.save_pretrained(tmp_path / "stock")
-    cfg = from_dict(Config, {
-        "model": {"family": "smolvlm"},
-        "smolvlm": {"hub": str(tmp_path / "stock"), "num_queries": 5, "num_tokens": 6},
-        "data": {"textvqa": str(root), "stage": 2},
-    })  # fmt: skip
-    new, new_processor = for_config(cfg).new()
-    connector = new.model.connector
-    assert isinstance(connector, TokenLearnerQFormer) and new.dtype == torch.float32
-    assert (connector.config.num_queries, connector.config.num_tokens, new_processor.image_seq_len) == (5, 6, 5)
+    saved.processor.save_pretrained(tmp_path / "stock")
+    config = SmolVLMConfig(hub=str(tmp_path / "stock"), qformer=QFormerOptions(num_queries=5, num_tokens=6))
+    new = registry.new_model(config)
+    connector = new.llm.model.connector
+    assert isinstance(connector, TokenLearnerQFormer) and next(new.parameters()).dtype == torch.float32
+    assert (connector.config.num_queries, connector.config.num_tokens, new.processor.image_seq_len) == (5, 6, 5)
 
 
 def test_shipped_config_and_linear_schedule():
     cfg = load_config(REPO / "configs" / "smolvlm_textvqa.yaml")
-    assert (cfg.model.family, cfg.optim.lr_vision, cfg.optim.lr_llm, cfg.train.epochs) == ("smolvlm", 0.0, 1e-5, 3)
-    assert cfg.smolvlm.hub == smolvlm.HUB_ID and tuple(BY_NAME) == FAMILIES
+    assert (cfg.model.kind, cfg.optim.lr_vision, cfg.optim.lr_llm, cfg.train.epochs) == ("smolvlm", 0.0, 1e-5, 3)
+    assert cfg.model.hub == "HuggingFaceTB/SmolVLM-256M-Instruct" and cfg.data.train[0].subset == 5000
     linear = Schedule("linear", max_steps=100, warmup=0.1, target_lr=0.0, min_lr_ratio=0.0)
     assert linear.lr(9, 1e-5) == pytest.approx(1e-5) and linear.lr(99, 1e-5) == 0.0
     assert linear.lr(54, 1e-5) == pytest.approx(0.5e-5) and math.isclose(linear.lr(0, 1e-5), 1e-6)

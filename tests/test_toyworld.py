@@ -13,7 +13,9 @@ from webdataset.tariterators import tarfile_samples
 import data
 import toyworld
 from benchmarks import load_benchmark
-from config import DataConfig
+from config import DataConfig, ShardSource
+from frames import FrameSpec
+from processors import ChatProcessor
 
 SIZE, FRAMES = 56, 3
 SETTINGS = {"seed": 3, "train": 6, "eval": 4, "size": SIZE, "frames": FRAMES}
@@ -103,10 +105,11 @@ def test_every_family_agrees_on_the_answer(world):
 @pytest.mark.parametrize(("family", "stage"), [("caption", 1), ("qa", 2), ("dpo", 3)])
 def test_training_reader_reads_every_family(world, tokenizer, family, stage):
     cfg = DataConfig(
-        train_shards=str(world / family / "*.tar"), stage=stage, batch_size=4, max_frames=8, frame_size=SIZE,
-        num_workers=0, shuffle_buffer=0,
+        train=[ShardSource(path=str(world / family / "*.tar"))], stage=stage, batch_size=4, max_frames=8,
+        frame_size=SIZE, num_workers=0, shuffle_buffer=0,
     )  # fmt: skip
-    batches = list(data.make_loader(cfg, tokenizer))
+    processor = ChatProcessor(tokenizer, FrameSpec(size=SIZE, max_frames=8), stage)
+    batches = list(data.make_loader(cfg, processor))
     assert sum(len(b["keys"]) for b in batches) == SETTINGS["train"]
     assert batches[0]["frames"].shape[1:] == (FRAMES, 3, SIZE, SIZE) and batches[0]["frame_mask"].all()
     assert all(not b["skipped"] for b in batches)
@@ -135,7 +138,7 @@ def test_a_few_training_steps_on_toy_shards_lower_the_loss(world, tokenizer, tmp
     start = tmp_path / "start"
     tiny_model(tokenizer=tokenizer, frames_at="user_turn").save_pretrained(start)
     data_cfg = {
-        "train_shards": str(world / "qa" / "*.tar"), "val_shards": str(world / "val" / "*.tar"), "stage": 2,
+        "train": str(world / "qa" / "*.tar"), "val": str(world / "val" / "*.tar"), "stage": 2,
         "batch_size": 3, "max_frames": FRAMES, "frame_size": IMAGE, "num_workers": 0, "shuffle_buffer": 0,
     }  # fmt: skip
     cfg = from_dict(
@@ -149,7 +152,8 @@ def test_a_few_training_steps_on_toy_shards_lower_the_loss(world, tokenizer, tmp
 
     def val_loss(model: FoveatedVLM) -> float:
         with torch.no_grad():
-            batches = list(data.make_loader(from_dict(DataConfig, {**data_cfg, "stage": 2}), tokenizer, split="val"))
+            processor = ChatProcessor(tokenizer, FrameSpec(size=IMAGE, max_frames=FRAMES))
+            batches = list(data.make_loader(from_dict(DataConfig, data_cfg), processor, split="val"))
             return sum(
                 model(b["frames"], b["frame_mask"], b["input_ids"], b["attention_mask"], b["labels"]).loss.item()
                 for b in batches

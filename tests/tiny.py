@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
-from config import ModelConfig
+from config import FoveatedConfig
 from frames import FrameSpec
 from model import FoveatedVLM
 
@@ -59,7 +59,7 @@ def tiny_model(
 ) -> FoveatedVLM:
     """With a tokenizer (e.g. the real SmolLM2 one), the LLM's vocabulary is sized to it and the model carries it."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(
+    cfg = FoveatedConfig(
         dino="tiny",
         llm="tiny",
         query_dim=16,
@@ -74,3 +74,33 @@ def tiny_model(
 
 def frames(b: int, t: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, t, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_smolvlm(
+    tokenizer, num_queries: int = 8, tile: int = 32, connector: str = "tokenlearner_qformer", patch: int = 4
+):
+    """A tiny SmolVLM (Idefics3) around SmolLM2's real tokenizer, copied (Idefics3's tokens are added to it):
+    a SigLIP of `tile` px and `patch`-px patches, a 2-layer Llama; images at most one tile, never split."""
+    import copy
+
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    from config import QFormerOptions, SmolVLMConfig
+    from smolvlm import SmolVLM, offline_processor
+
+    scale = 2
+    stock = (tile // patch // scale) ** 2  # the pixel-shuffle connector's tokens per image
+    processor = offline_processor(copy.deepcopy(tokenizer), stock, tile, longest_edge=tile, do_image_splitting=False)
+    tok = processor.tokenizer
+    idefics = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=tile, patch_size=patch),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+    )  # fmt: skip
+    options = QFormerOptions(num_queries=num_queries, num_tokens=8, bottleneck=16, hidden_size=32, num_heads=4,
+                             num_kv_heads=2, intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    config = SmolVLMConfig(hub="tiny", connector=connector, qformer=options)
+    return SmolVLM(config, Idefics3ForConditionalGeneration(idefics), processor).eval()

@@ -1,10 +1,15 @@
-"""Vision→language connectors built from TokenLearner and a LLaMA-style Q-Former.
+"""TokenLearner + LLaMA-style Q-Former connector (seed 000): S learned queries read TokenLearner tokens.
 
-Shapes: N images, P patch positions, T TokenLearner tokens, S output tokens (= queries).
+Shapes: N images, P patch positions, T TokenLearner tokens, S output tokens (= queries). With `num_tokens` 0
+there is no TokenLearner and the queries read the P patches directly; with one layer that is the plain
+attention-pooling connector (learned queries, one cross-attention), a one-layer member of the same family.
 """
 
+from __future__ import annotations
+
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +163,7 @@ class TokenLearnerQFormerConfig:
     vision_hidden: int = 768
     text_hidden: int = 576
     num_queries: int = 64  # S: must equal the processor's image_seq_len
-    num_tokens: int = 256  # T
+    num_tokens: int = 256  # T; 0: no TokenLearner, the Q-Former reads the P patches
     version: str = "1.1"
     bottleneck: int = 64
     hidden_size: int = 576
@@ -170,16 +175,25 @@ class TokenLearnerQFormerConfig:
 
 
 class TokenLearnerQFormer(nn.Module):
-    """Drop-in image connector: patch features (N, P, vision_hidden) → (N, S, text_hidden).
+    """Image connector: patch features (N, P, vision_hidden) → (N, S, text_hidden).
 
-    Computes in its own parameter dtype and returns the input's dtype, so the host model sees the
-    dtype it passed in even when the connector is kept in higher precision.
+    Serves both hosts with one forward: Idefics3 calls `connector(image_hidden_states)` with one tensor, the
+    tower models call `connector(patches, pooled)`; the pooled vector is not read (the queries see every patch
+    or TokenLearner token), so it is optional rather than wrapped in an adapter.
+    Computes in its own parameter dtype and returns the input's dtype, so the host model sees the dtype it
+    passed in even when the connector is kept in higher precision.
     """
 
     def __init__(self, config: TokenLearnerQFormerConfig) -> None:
         super().__init__()
+        if config.num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0 (0: no TokenLearner), got {config.num_tokens}")
         self.config = config
-        self.token_learner = TokenLearner(config.vision_hidden, config.num_tokens, config.bottleneck, config.version)
+        self.token_learner = (
+            TokenLearner(config.vision_hidden, config.num_tokens, config.bottleneck, config.version)
+            if config.num_tokens
+            else None
+        )
         self.qformer = LlamaQFormer(
             config.num_queries,
             config.hidden_size,
@@ -192,7 +206,24 @@ class TokenLearnerQFormer(nn.Module):
             config.rms_norm_eps,
         )
 
-    def forward(self, image_hidden_states: torch.Tensor) -> torch.Tensor:
-        """image_hidden_states (N, P, vision_hidden) → (N, S, text_hidden)."""
+    @classmethod
+    def from_options(cls, options: Any, vision_dim: int, llm_dim: int) -> TokenLearnerQFormer:
+        """From any options holding the Q-Former's sizes (config.QFormerOptions or a kind that has them)."""
+        names = [f.name for f in fields(TokenLearnerQFormerConfig)]
+        sizes = {name: getattr(options, name) for name in names if hasattr(options, name)}
+        return cls(TokenLearnerQFormerConfig(**{**sizes, "vision_hidden": vision_dim, "text_hidden": llm_dim}))
+
+    def forward(
+        self, image_hidden_states: torch.Tensor, pooled: torch.Tensor | None = None, *, return_maps: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """image_hidden_states (N, P, vision_hidden); pooled unused → (N, S, text_hidden)
+        [, TokenLearner maps (N, T, P), None without a TokenLearner]."""
         x = image_hidden_states.to(self.qformer.queries.dtype)
-        return self.qformer(self.token_learner(x)).to(image_hidden_states.dtype)
+        maps = None
+        if self.token_learner is not None:
+            x, maps = self.token_learner(x, return_maps=True)  # (N, T, vision_hidden), (N, T, P)
+        out = self.qformer(x).to(image_hidden_states.dtype)  # (N, S, text_hidden)
+        return (out, maps) if return_maps else out
+
+    def tokens_per_frame(self, grid: int) -> int:
+        return self.config.num_queries

@@ -1,0 +1,81 @@
+"""A model and its processor answering questions about media: what the benchmark harness, chat and the demo use.
+
+`prepare(media)` decodes a question's pixels and runs the model's visual side once (`Visual`); every read,
+option and reply of that question continues from it. `score` returns each answer's mean token cross-entropy
+as the assistant turn (over the answer and its end-of-turn token, what stage-2 training labels), all answers
+batched on ONE shared prefix [frames, prompt] whose KV cache is repeated per answer; `generate` replies.
+Reads (`model.reads`: the foveated model's modes, or one default read) are named, so results carry them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import Media
+from frames import IMAGE_EXTS, FrameSpec
+from processors import processor_for
+from vlm import VLM, Visual
+
+
+@dataclass
+class Prepared:
+    """One question's media, decoded and encoded once."""
+
+    pictures: list[Any]  # the decoded frames (the SmolVLM prompt is built from them)
+    visual: Visual
+
+
+def media_at(path: str | Path | None) -> Media:
+    """The Media of a file: an image by its extension, else a video; none for a text-only question."""
+    if path is None:
+        return Media("none")
+    kind = "image" if Path(path).suffix.lower().lstrip(".") in IMAGE_EXTS else "video"
+    return Media(kind, [Path(path)])
+
+
+class Answerer:
+    def __init__(
+        self,
+        model: VLM,
+        max_frames: int | None = None,
+        image_frames: int | None = None,
+        size: int | None = None,
+    ):
+        """Frame settings default to those the model was trained with (`model.frames`)."""
+        changes = {"max_frames": max_frames, "image_frames": image_frames, "size": size}
+        frames = dataclasses.replace(model.frames, **{k: v for k, v in changes.items() if v is not None})
+        self.model, self.processor = model.eval(), processor_for(model, frames=frames)
+        self.reads: dict[str, dict[str, Any]] = model.reads
+        self.device = next(model.parameters()).device
+
+    @property
+    def frames(self) -> FrameSpec:
+        """The frame settings questions are read with."""
+        return self.processor.frames
+
+    def prepare(self, media: Media) -> Prepared:
+        return self.prepare_pictures(media.pictures(self.processor.frames))
+
+    @torch.inference_mode()
+    def prepare_pictures(self, pictures: list[Any]) -> Prepared:
+        """Already decoded frames (e.g. a training sample's, processors' `pictures`) -> the prepared question."""
+        inputs = {k: v.to(self.device) for k, v in self.processor.visual(pictures).items()}
+        return Prepared(pictures, self.model.prepare(**inputs))
+
+    def score(self, state: Prepared, question: str, answers: list[str], read: str) -> list[float]:
+        prompt = self.processor.prompt(question, state.pictures)
+        continuations, labels = self.processor.answers(question, answers)
+        nll = self.model.option_nll(state.visual, prompt, continuations, labels, **self.reads[read])
+        return nll.tolist()
+
+    def generate(self, state: Prepared, question: str, read: str, max_new_tokens: int = 64) -> str:
+        ids = torch.tensor([self.processor.prompt(question, state.pictures)], device=self.device)
+        tokenizer = self.processor.tokenizer
+        ends = self.processor.end_ids
+        new = self.model.generate(state.visual, ids, torch.ones_like(ids), max_new_tokens, ends, **self.reads[read])
+        return tokenizer.decode(new[0], skip_special_tokens=True).strip()

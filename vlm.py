@@ -1,0 +1,402 @@
+"""The base vision-language model: whatever turns frames into tokens, a causal LM reading them, its tokenizer.
+
+Every kind of model (model.py's foveated one, towers.py + a connector, SmolVLM) is a `VLM`; the runs (training,
+evaluation, chat, the demo, the speed benchmark) use nothing else. The base owns, once for every kind:
+
+- the sequence layout [head] [frame tokens: T_max x S slots] [rest of the text, right-padded]. The head is
+  empty with `frames_at: start` (frames before all text, the published layout); with `frames_at: user_turn`
+  it is the chat template's opening up to the first user turn's content, which every text row must start
+  with (a pretrained chat LLM reads what stands inside a user turn, but all but ignores what precedes its
+  template). Padded frames and padded text are masked out, and positions are the running count of real
+  tokens, so a sample padded inside a batch sees exactly the keys and positions it would see alone; a
+  text-only sample (T = 0) is valid;
+- `prefix` (the LLM state after frames + text, with its KV cache), the loss, greedy and beam-search
+  generation on the KV cache, option scoring on one shared prefix, parameter groups by submodule name,
+  activation checkpointing and the per-batch counts the log needs.
+
+A kind implements `prepare` (frames -> a `Visual` state: what its reads need, computed once per clip) and
+`visual_tokens` (state -> tokens). A kind with several ways to read (the foveated model's modes) names them
+in `reads`; they reach `visual_tokens` as keyword options, and a kind with one way to read takes none.
+The model files do no I/O: loading and saving live in checkpoint.py, building from backbones in registry.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from frames import FrameSpec
+from kvcache import StepCache
+from lora import add_lora, is_lora_param
+from tokenization import IGNORE_INDEX, user_turn_head
+
+
+@dataclass
+class Visual:
+    """What a model computed from a batch of clips, before any text: reused by every read, option and turn."""
+
+    frame_mask: Tensor  # (B, T) bool, real frames first
+    features: Any  # the kind's own (a patch cache, tower outputs, pixel inputs)
+
+
+@dataclass
+class Output:
+    logits: Tensor  # (R, L, vocab) at the text positions
+    loss: Tensor | None = None  # mean over every labelled token of the batch
+    nll: Tensor | None = None  # (R,) summed negative log-likelihood of each row's labelled tokens
+    count: Tensor | None = None  # (R,) labelled tokens per row
+    attention: Tensor | None = None  # (B, T, maps, positions): where the read looked, for kinds that know
+
+
+@dataclass
+class Prefix:
+    """The LLM state after [frames, text]: what generation and option scoring continue from."""
+
+    hidden: Tensor  # (R, L, D) final-norm hidden states at the text positions
+    mask: Tensor  # (R, S) attention mask of everything in `past`
+    past: DynamicCache | None
+    attention: Tensor | None
+    last_visual: Tensor  # (R, D) hidden state at each row's last real frame slot (meaningless for rows without)
+    framed: Tensor  # (R,) bool: the row's clip has at least one frame slot before text[cut]
+    cut: int  # text position right after the frames: tokens before it are the head
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row summed negative log-likelihood of the labelled tokens, and their count: (R,), (R,).
+    Position j of `logits` (R, L, V) predicts token j+1 of `labels` (R, L)."""
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target.clamp(min=0), reduction="none")  # (R, L-1)
+    keep = target != IGNORE_INDEX
+    return (nll * keep).sum(1), keep.sum(1)
+
+
+def sequence_nll(logits: Tensor, labels: Tensor, bridge: Tensor, framed: Tensor, cut: int) -> tuple[Tensor, Tensor]:
+    """`token_nll` over text that the LLM read as [text[:cut], frame slots, text[cut:]]: every token is predicted
+    from the position just before it in that sequence, so in a row with frames text[cut] is predicted by the last
+    frame slot (`bridge` (R, V), its logits) rather than by text[cut-1]; the slots themselves predict nothing."""
+    main = labels
+    if cut < labels.shape[1]:
+        main = labels.clone()
+        main[framed, cut] = IGNORE_INDEX
+    nll, count = token_nll(logits, main)
+    if cut < labels.shape[1]:
+        target = labels[:, cut]
+        keep = framed & (target != IGNORE_INDEX)
+        first = F.cross_entropy(bridge.float(), target.clamp(min=0), reduction="none")  # (R,)
+        nll, count = nll + first * keep, count + keep
+    return nll, count
+
+
+def positions(mask: Tensor, new: int) -> Tensor:
+    """Position ids of the last `new` slots: the count of real tokens before each slot."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+def _pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Right-padded ids (n, L) with pad 0 and their mask (n, L)."""
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, device=device)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+class VLM(nn.Module):
+    """The base: see the module docstring. Subclasses set `kind` and implement `prepare` / `visual_tokens`."""
+
+    kind = ""
+    # prefixes of parameter names in the vision tower and the LLM; everything else is the connector
+    vision_prefixes: tuple[str, ...] = ()
+    llm_prefixes: tuple[str, ...] = ("llm.",)
+
+    def __init__(self, config: Any, llm: nn.Module, tokenizer: Any = None, frames: FrameSpec | None = None):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer  # not a module: carried so generation and saving find it
+        self.frames = frames or FrameSpec()  # how clips are fed to the model; saved with it
+        lora = getattr(config, "lora", None)
+        if lora is not None:
+            add_lora(self.llm, lora)
+        frames_at = getattr(config, "frames_at", "start")
+        if frames_at == "user_turn" and tokenizer is None:
+            raise ValueError("model.frames_at 'user_turn' needs the tokenizer, whose chat template places the frames")
+        head = user_turn_head(tokenizer) if frames_at == "user_turn" else []
+        self.register_buffer("head_ids", torch.tensor(head, dtype=torch.long), persistent=False)  # (H,)
+
+    # ---- what a kind provides ----------------------------------------------------------------
+
+    @property
+    def reads(self) -> dict[str, dict[str, Any]]:
+        """The model's ways to read a clip, by name, as the keyword options `visual_tokens` takes."""
+        return {"default": {}}
+
+    @property
+    def train_read(self) -> dict[str, Any]:
+        """The read training uses."""
+        return {}
+
+    @property
+    def tokens_per_frame(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, frames: Tensor, frame_mask: Tensor) -> Visual:
+        """frames (B, T, 3, H, W) normalised, frame_mask (B, T) -> what every read of these clips needs."""
+        raise NotImplementedError
+
+    def visual_tokens(self, visual: Visual, **read: Any) -> tuple[Tensor, Tensor | None]:
+        """-> tokens (B, T*S, D_llm) (zeros in padded slots) and the read's attention, if the kind has one."""
+        raise NotImplementedError
+
+    def backbone_configs(self) -> dict[str, dict]:
+        """The transformers configs of the backbones, by name: enough to rebuild the shapes offline."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_configs(cls, config: Any, backbones: dict, text: Any, frames: FrameSpec) -> VLM:
+        """A randomly initialised model of saved shapes (`text`: the tokenizer, or SmolVLM's processor)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, path: Any) -> VLM:
+        """A saved model directory (checkpoint.py does the I/O); as this class or one of its kinds."""
+        import checkpoint
+
+        model = checkpoint.load_model(path)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path} holds a {model.kind} model, not a {cls.kind or cls.__name__}: use registry.load")
+        return model
+
+    def save_pretrained(self, path: Any) -> None:
+        import checkpoint
+
+        checkpoint.save_model(self, path)
+
+    # ---- the LLM's parts (SmolVLM keeps them elsewhere) ------------------------------------------
+
+    def decoder(self) -> nn.Module:
+        return self.llm.get_decoder()
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        return self.llm.get_output_embeddings()(hidden)
+
+    def _llm(self, embeds: Tensor, mask: Tensor, past: DynamicCache | None = None) -> Tensor:
+        """Run the decoder over `embeds` (B, S_new, D), `mask` covering past + new; final-norm hidden states.
+
+        With `past`, the call writes through a StepCache, so activation checkpointing can replay it."""
+        step = StepCache(past) if past is not None else None
+        out = self.decoder()(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions(mask, embeds.shape[1]),
+            past_key_values=step,
+            use_cache=step is not None,
+        )
+        if step is not None:
+            step.commit(past)
+        return out.last_hidden_state
+
+    # ---- sequence layout ----------------------------------------------------------------------
+
+    def slot_mask(self, frame_mask: Tensor) -> Tensor:
+        return frame_mask.repeat_interleave(self.tokens_per_frame, dim=1).long()  # (B, T*S)
+
+    def last_slot(self, frame_mask: Tensor) -> Tensor:
+        """(B,) index among the T*S frame slots of each clip's last real slot (-1 for a clip without frames)."""
+        b, t = frame_mask.shape
+        if t == 0:
+            return frame_mask.new_full((b,), -1, dtype=torch.long)
+        last_frame = (frame_mask.long() * torch.arange(1, t + 1, device=frame_mask.device)).amax(1) - 1
+        s = self.tokens_per_frame
+        return torch.where(last_frame >= 0, last_frame * s + s - 1, -1)
+
+    def head(self, b: int) -> Tensor:
+        """(b, H, D) embeddings of the text that goes before the frames (empty with frames_at start)."""
+        return self.embed(self.head_ids)[None].expand(b, -1, -1)
+
+    def head_length(self, input_ids: Tensor, attention_mask: Tensor) -> int:
+        """H, the number of leading text tokens that go before the frames: every row must start with them."""
+        h = len(self.head_ids)
+        if h and not (
+            input_ids.shape[1] >= h and (input_ids[:, :h] == self.head_ids).all() and attention_mask[:, :h].all()
+        ):
+            raise ValueError(
+                "model.frames_at is 'user_turn': every text must open with the chat template's first user turn "
+                f"({self.tokenizer.decode(self.head_ids)!r}); tokenise it with tokenization.py's chat functions"
+            )
+        return h
+
+    def check_read(self, read: dict[str, Any]) -> None:
+        if read not in self.reads.values():
+            names = {k: v for k, v in self.reads.items()}
+            raise ValueError(f"this {self.kind} model reads in one of {names}, not with options {read}")
+
+    def prefix(
+        self,
+        visual: Visual,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        kv_cache: bool = False,
+        rows: Tensor | None = None,
+        **read: Any,
+    ) -> Prefix:
+        """Run the LLM over [head, frame tokens, text]; `kv_cache` keeps its state for continuing.
+
+        `rows` (R,) names the clip of each text row (default: row i reads clip i): several texts about one
+        clip (DPO's chosen and rejected answers) share its encoding and its read, which the text cannot change.
+        """
+        self.check_read(read)
+        frame_mask = visual.frame_mask
+        h = self.head_length(input_ids, attention_mask)
+        embeds = self.embed(input_ids)  # (R, L, D)
+        vis, attn = self.visual_tokens(visual, **read)
+        slots, framed, last = self.slot_mask(frame_mask), frame_mask.any(1), self.last_slot(frame_mask)
+        if rows is not None:
+            vis, slots, framed, last = vis[rows], slots[rows], framed[rows], last[rows]
+        mask = torch.cat([attention_mask[:, :h].long(), slots, attention_mask[:, h:].long()], dim=1)
+        past = DynamicCache() if kv_cache else None
+        hidden = self._llm(torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1), mask, past)
+        last_visual = hidden[torch.arange(len(hidden), device=hidden.device), h + last.clamp(min=0)]
+        text_hidden = torch.cat([hidden[:, :h], hidden[:, h + vis.shape[1] :]], dim=1)
+        return Prefix(text_hidden, mask, past, attn, last_visual, framed, h)
+
+    def uses_cache(self, **read: Any) -> bool:
+        """Whether a read itself runs the LLM on a KV cache (then training keeps one too)."""
+        return False
+
+    def forward(
+        self,
+        frames: Tensor,
+        frame_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        visual: Visual | None = None,
+        rows: Tensor | None = None,
+        **read: Any,
+    ) -> Output:
+        """frames (B, T, 3, H, W), frame_mask (B, T) bool, input_ids/attention_mask/labels (R, L); `rows` (R,)
+        the clip each text row reads (default R = B, row i reads clip i). A precomputed `visual` (from
+        `prepare`) lets several reads or options share one encoding."""
+        if visual is None:
+            visual = self.prepare(frames, frame_mask)
+        pre = self.prefix(visual, input_ids, attention_mask, self.uses_cache(**read), rows, **read)
+        logits = self.lm_head(pre.hidden)
+        if labels is None:
+            return Output(logits=logits, attention=pre.attention)
+        nll, count = sequence_nll(logits, labels, self.lm_head(pre.last_visual), pre.framed, pre.cut)
+        return Output(logits, nll.sum() / count.sum().clamp(min=1), nll, count, pre.attention)
+
+    def batch_output(self, batch: dict[str, Tensor], **read: Any) -> Output:
+        """The model on a collated batch (the data pipeline's format, see collate.py), with the training read
+        unless `read` says otherwise; `rows` in the batch share clips."""
+        keys = ("frames", "frame_mask", "input_ids", "attention_mask", "labels")
+        return self(*(batch[k] for k in keys), rows=batch.get("rows"), **(read or self.train_read))
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The training loss of a batch: mean cross-entropy over its labelled tokens."""
+        return self.batch_output(batch).loss
+
+    # ---- generation and scoring ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        visual: Visual,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        max_new_tokens: int = 64,
+        eos_token_id: int | list[int] | None = None,
+        **read: Any,
+    ) -> Tensor:
+        """Greedy continuation of right-padded prompts (B, L) -> new token ids (B, <= max_new_tokens).
+
+        Finished rows are filled with the first end id; generation stops when every row has ended.
+        """
+        pre = self.prefix(visual, input_ids, attention_mask, True, None, **read)
+        ends = self._ends(eos_token_id, input_ids.device)
+        last = attention_mask.long().sum(1) - 1  # last real prompt token of each row
+        hidden = pre.hidden[torch.arange(len(last)), last]  # (B, D)
+        mask, out = pre.mask, []
+        done = torch.zeros_like(last, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            token = self.lm_head(hidden).argmax(-1)  # (B,)
+            token = torch.where(done, ends[0], token)
+            out.append(token)
+            done |= torch.isin(token, ends)
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
+            hidden = self._llm(self.embed(token)[:, None], mask, pre.past)[:, -1]
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros(len(input_ids), 0)
+
+    def _ends(self, eos_token_id: int | list[int] | None, device: torch.device) -> Tensor:
+        if eos_token_id is None:
+            eos_token_id = getattr(self.llm.generation_config, "eos_token_id", None)
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = self.tokenizer.eos_token_id
+        if eos_token_id is None:
+            raise ValueError("generate needs eos_token_id: neither the LLM nor its tokenizer names one")
+        return torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
+
+    @torch.inference_mode()
+    def option_nll(
+        self,
+        visual: Visual,
+        prompt: list[int],
+        continuations: list[list[int]],
+        labels: list[list[int]],
+        **read: Any,
+    ) -> Tensor:
+        """Mean NLL (n,) of each continuation's labelled tokens after the shared prefix [frames, prompt].
+
+        The prefix (one clip) runs once; the n continuations run as one batch on its KV cache, right-padded,
+        with positions counted over real tokens as the model does.
+        """
+        device, n = next(self.parameters()).device, len(continuations)
+        ids = torch.tensor([prompt], device=device)
+        pre = self.prefix(visual, ids, torch.ones_like(ids), True, None, **read)
+        pre.past.batch_repeat_interleave(n)
+        cont, cont_mask = _pad(continuations, device)  # (n, L)
+        target, _ = _pad(labels, device)
+        target = target.masked_fill(cont_mask == 0, IGNORE_INDEX)
+        mask = torch.cat([pre.mask.expand(n, -1), cont_mask], dim=1)  # (n, S + L)
+        hidden = self._llm(self.embed(cont), mask, pre.past)  # (n, L, D)
+        logits = torch.cat([self.lm_head(pre.hidden[:, -1]).expand(n, -1)[:, None], self.lm_head(hidden)], dim=1)
+        nll, count = token_nll(logits, F.pad(target, (1, 0), value=IGNORE_INDEX))  # position 0 from the prefix
+        return nll / count.clamp(min=1)
+
+    # ---- training support ---------------------------------------------------------------------
+
+    def group_of(self, name: str) -> str:
+        """A parameter's learning-rate group by its name: vision | connector | llm, or frozen (an LLM base weight
+        under LoRA, which only its adapters train)."""
+        if name.startswith(self.vision_prefixes):
+            return "vision"
+        if name.startswith(self.llm_prefixes):
+            if getattr(self.config, "lora", None) is not None and not is_lora_param(name):
+                return "frozen"
+            return "llm"
+        return "connector"
+
+    def checkpoint_activations(self) -> None:
+        """Recompute activations in backward instead of keeping them. transformers' checkpointed LLM layers are
+        told to keep the KV cache: every call that feeds one writes through a replay-safe StepCache."""
+        self.llm.activation_checkpointing_enable({"use_reentrant": False})
+        for layer in self.decoder().layers:
+            layer._can_checkpoint_with_cache = True
+
+    def counts(self, batch: dict[str, Tensor]) -> tuple[int, int]:
+        """(samples, LLM tokens) of a batch: every text token plus S per real frame (DPO: both answers)."""
+        text = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+        rows = sum(1 for k in batch if k.endswith("attention_mask"))
+        return batch["frame_mask"].shape[0], text + rows * int(batch["frame_mask"].sum()) * self.tokens_per_frame
