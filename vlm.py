@@ -22,6 +22,7 @@ The model files do no I/O: loading and saving live in checkpoint.py, building fr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from transformers import DynamicCache
 
 from frames import FrameSpec
 from kvcache import StepCache
-from lora import add_lora, is_lora_param
+from lora import add_lora, is_lora_param, merge_lora
 from tokenization import IGNORE_INDEX, user_turn_head
 
 
@@ -387,6 +388,15 @@ class VLM(nn.Module):
                 return "frozen"
             return "llm"
         return "connector"
+
+    def merge_lora(self) -> VLM:
+        """Fold the LLM's LoRA adapters into its weights (for export): the same logits, no adapters, a plain LLM
+        that saves without adapter.safetensors. Returns the model."""
+        if getattr(self.config, "lora", None) is None:
+            raise ValueError("this model has no LoRA adapters to merge")
+        merge_lora(self.llm)
+        self.config = dataclasses.replace(self.config, lora=None)
+        return self
 
     def checkpoint_activations(self) -> None:
         """Recompute activations in backward instead of keeping them. transformers' checkpointed LLM layers are

@@ -104,3 +104,31 @@ def tiny_smolvlm(
     torch.manual_seed(0)
     config = SmolVLMConfig(hub="tiny", connector=connector, qformer=options)
     return SmolVLM(config, Idefics3ForConditionalGeneration(idefics), processor).eval()
+
+
+CONNECTOR_KINDS = ("pixel_shuffle", "mlp", "cls_gate", "tokenlearner_qformer")
+# small sizes for each connector on the tiny 4x4-patch tower
+CONNECTOR_OPTIONS = {
+    "pixel_shuffle": {"scale": 2},
+    "mlp": {},
+    "cls_gate": {"hidden": 8},
+    "tokenlearner_qformer": {"num_queries": 3, "num_tokens": 5, "bottleneck": 8, "hidden_size": 16, "num_layers": 1,
+                             "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32},
+}  # fmt: skip
+
+
+def tiny_connector_model(
+    kind: str, tokenizer=None, family: str = "dinov2", seed: int = 0, lora=None, frames_at: str = "start", **options
+):
+    """A tower + connector model of `kind` on a tiny random tower of `family` and the tiny LLM."""
+    from config import ModelConfig
+    from connector_vlm import ConnectorVLM
+    from tests.tiny_towers import tiny_tower
+
+    torch.manual_seed(seed)
+    config = ModelConfig.kinds[kind](
+        tower="tiny", llm="tiny", lora=lora, frames_at=frames_at, **{**CONNECTOR_OPTIONS[kind], **options}
+    )
+    llm = tiny_llm(seed + 1, vocab=len(tokenizer) if tokenizer is not None else 64)
+    frames = FrameSpec(size=IMAGE, max_frames=4, image_frames=2)
+    return ConnectorVLM(config, tiny_tower(family, seed), llm, tokenizer, frames).eval()

@@ -1,0 +1,175 @@
+"""Compare the connectors: train every kind with the same backbones, data, steps, batch and seed, evaluate each
+the same way, and write one table.
+
+    python compare.py                                   # the toy world, configs/toy.yaml's recipe, every kind
+    python compare.py --kinds foveated,cls_gate --set train.max_steps=100
+    python compare.py --config my_run.yaml --eval data/my_eval_shards   # any shards (benchmark.py's shard schema)
+
+Each kind's own options are the model section of configs/toy_<kind>.yaml (configs/toy.yaml for the foveated
+model), its backbones the base config's; everything else (data, optim, train) is the base config's, so the
+kinds differ only in how vision reaches the LLM. Per kind the table gives visual tokens per frame, trainable
+parameters, held-out accuracy (likelihood protocol; per mode for the foveated model), training samples/s and
+the prefill latency of an 8-frame clip on this machine. Writes OUT/compare.json and OUT/compare.md; a kind
+whose run finished is not trained again (its out_dir resumes), so a killed comparison goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import yaml
+
+import benchmark
+import registry
+import toyworld
+import train
+from answering import Answerer
+from bench import device_name, timed
+from config import ConfigError, load_config
+from optim import build_optimizer
+from processors import processor_for
+from vlm import VLM
+
+REPO = Path(__file__).resolve().parent
+KINDS = ("foveated", "pixel_shuffle", "mlp", "cls_gate", "tokenlearner_qformer")
+
+
+def kind_config(kind: str) -> Path:
+    return REPO / "configs" / ("toy.yaml" if kind == "foveated" else f"toy_{kind}.yaml")
+
+
+def model_section(base: dict, kind: str) -> dict:
+    """The kind's options from its config, on the base config's backbones."""
+    options = dict(yaml.safe_load(kind_config(kind).read_text())["model"])
+    backbone = base.get("dino") or base.get("tower")
+    if backbone:
+        options["dino" if kind == "foveated" else "tower"] = backbone
+    for key in ("llm", "frames_at"):
+        if key in base:
+            options[key] = base[key]
+    return options
+
+
+def run_config(base_path: Path, kind: str, out: Path, overrides: list[str]):
+    """The base config with the kind's model section and its own out_dir."""
+    base = yaml.safe_load(base_path.read_text())
+    base["model"] = model_section(base.get("model", {}), kind)
+    base.setdefault("train", {}).update(out_dir=str(out / kind), resume="auto")
+    tmp = out / f"{kind}.yaml"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(yaml.safe_dump(base, sort_keys=False))
+    return load_config(tmp, overrides)
+
+
+def trainable(model: VLM, cfg) -> int:
+    """Parameters the run's optimizer updates (a group with lr 0, and LLM base weights under LoRA, do not count)."""
+    opt = build_optimizer(model, cfg.optim)
+    return sum(p.numel() for g in opt.param_groups for p in g["params"])
+
+
+def samples_per_s(out: Path) -> float:
+    with (out / "log.csv").open(newline="") as f:
+        rates = [float(r["samples_per_s"]) for r in csv.DictReader(f)]
+    return statistics.median(rates[1:] or rates)  # the first step warms up
+
+
+@torch.inference_mode()
+def prefill_ms(model: VLM, frames: int = 8) -> float:
+    """Median wall ms of [8 frames + a question's prompt] through the model's (last) read, encoding included."""
+    size = model.frames.size
+    clip = torch.randn(1, frames, 3, size, size)
+    mask = torch.ones(1, frames, dtype=torch.bool)
+    ids = torch.tensor([processor_for(model).prompt("What colour is the ball?")])
+    read = list(model.reads.values())[-1]
+
+    def prefill() -> None:
+        model.prefix(model.prepare(clip, mask), ids, torch.ones_like(ids), True, None, **read)
+
+    return 1000 * timed(prefill, torch.device("cpu"), repeats=3)
+
+
+def compare(base: Path, kinds: list[str], out: Path, overrides: list[str], eval_root: Path | None) -> dict:
+    rows = []
+    for kind in kinds:
+        cfg = run_config(base, kind, out, overrides)
+        start = time.perf_counter()
+        if eval_root is None:  # the toy world, written on first use as the toy run does
+            world = Path(cfg.data.train[0].path).parent.parent
+            toyworld.ensure(world, seed=cfg.train.seed, size=cfg.data.frame_size, frames=cfg.data.max_frames)
+        final = train.train(cfg)
+        model = registry.load(final)
+        bench = benchmark.load_benchmark("toy" if eval_root is None else "shards", eval_root or world / "eval")
+        summary = benchmark.evaluate(Answerer(model), bench, "likelihood", list(model.reads), out / kind)
+        rows.append(
+            {
+                "kind": kind,
+                "tokens_per_frame": model.tokens_per_frame,
+                "trainable_params": trainable(model, cfg),
+                "accuracy": {read: round(summary["overall"][read], 1) for read in model.reads},
+                "chance": round(summary["chance"], 1),
+                "questions": summary["questions"],
+                "train_samples_per_s": round(samples_per_s(Path(cfg.train.out_dir)), 2),
+                "prefill_ms_8_frames": round(prefill_ms(model), 1),
+                "seconds": round(time.perf_counter() - start),
+            }
+        )
+        print(f"compare: {kind} done: {rows[-1]['accuracy']}", flush=True)
+    result = {
+        "date": date.today().isoformat(),
+        "machine": device_name(torch.device("cpu")),
+        "base_config": str(base),
+        "overrides": overrides,
+        "steps": cfg.train.max_steps,
+        "rows": rows,
+    }
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    (out / "compare.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    head = (
+        f"Measured {result['date']} on {result['machine']}: {result['base_config']} "
+        f"{' '.join(result['overrides'])} ({result['steps']} steps each), likelihood protocol, chance "
+        f"{result['rows'][0]['chance']} % over {result['rows'][0]['questions']} held-out questions.\n\n"
+    )
+    lines = [
+        "| kind | tokens / frame | trainable params | held-out accuracy % | train samples/s | prefill 8 frames |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        acc = ", ".join(f"{k} {v}" for k, v in r["accuracy"].items()) if len(r["accuracy"]) > 1 else next(
+            iter(r["accuracy"].values()))
+        lines.append(f"| {r['kind']} | {r['tokens_per_frame']} | {r['trainable_params'] / 1e6:.2f} M | {acc} | "
+                     f"{r['train_samples_per_s']} | {r['prefill_ms_8_frames']:.0f} ms |")  # fmt: skip
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "toy.yaml", help="the shared recipe")
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.max_steps=100")
+    p.add_argument("--eval", type=Path, help="evaluation shards (default: the toy world's held-out split)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    args = p.parse_args(argv)
+    kinds = args.kinds.split(",")
+    if unknown := [k for k in kinds if k not in KINDS]:
+        p.error(f"unknown kinds {unknown}; expected some of {KINDS}")
+    try:
+        result = compare(args.config, kinds, args.out, args.set, args.eval)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    print("\n" + markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
