@@ -149,8 +149,11 @@ def load_model(path: str | Path) -> VLM:
     if (path / ADAPTER).is_file():
         state.update(_read(path, ADAPTER))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    missing = [k for k in missing if k not in aliases]
+    ties: dict[int, set[str]] = {}  # names of one tensor (tied embeddings): loading any of them loads all
+    for name, p in model.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(p), set()).add(name)
+    loaded = {n for names in ties.values() if names & state.keys() for n in names}
+    missing = [k for k in missing if k not in loaded]
     if missing or unexpected:
         problem = f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         raise ValueError(f"{path / WEIGHTS} does not fit its config: {problem}")

@@ -97,11 +97,15 @@ class FoveatedConfig(ChatModelConfig):
     deep_query: bool = True  # query through every DINO layer; False = one cross-attention (ablation)
     glimpses: int = 1  # queries (and so tokens) per frame
     mode: str = "coarse_fine"  # the forward mode training uses; evaluation picks its own
+    # random (published) | coarse: the fine queries start out as the static one (llm_to_query's weight 0, its
+    # bias and q_init copies of q_static), so a fine read begins as the glance and learns where to move from it
+    fine_start: str = "random"
     coarse_weight: float = 0.0  # λ: loss = fine + λ·coarse (an extra LLM pass over the coarse tokens); 0 published
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("model.mode", self.mode, MODES)
+        _choice("model.fine_start", self.fine_start, ("random", "coarse"))
         if self.glimpses < 1:
             raise ConfigError(f"'model.glimpses' must be >= 1, got {self.glimpses}")
         if self.coarse_weight < 0:
@@ -321,7 +325,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps; the data is read in as many epochs as that takes
     epochs: int = 0  # > 0: instead of max_steps, this many passes over data of known size (not shards)
     accumulate: int = 1  # micro-batches per optimizer step (per process)
-    bf16: bool = True  # bf16 autocast, on CUDA only
+    bf16: bool = True  # bf16 autocast (GPU or CPU; the weights and the optimizer stay fp32)
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False
     dpo_beta: float = 0.1  # stage 3

@@ -39,7 +39,7 @@ def pair_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def answer_logp(model: nn.Module, batch: dict[str, Tensor], read: dict[str, Any]) -> Tensor:
     """Summed log-probability of the labelled tokens of each row: (R,)."""
-    return -model(**batch, **read).nll
+    return -model(**batch, logits=False, **read).nll
 
 
 def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> Tensor:
@@ -61,7 +61,7 @@ def batch_loss(
     read's options (the foveated model's mode), so DDP sees every forward."""
     read = read or {}
     if reference is None:
-        return model(**batch, **read).loss
+        return model(**batch, logits=False, **read).loss
     pairs = pair_batch(batch)
     policy = answer_logp(model, pairs, read)
     with torch.no_grad():

@@ -38,6 +38,11 @@ class FoveatedVLM(VLM):
         # std 1.0: with 0.02 the query's attention starts uniform and never learns to look
         self.q_static = nn.Parameter(torch.randn(k, dq))
         self.q_init = nn.Parameter(torch.randn(k, dq))
+        if config.fine_start == "coarse":
+            with torch.no_grad():
+                self.llm_to_query.weight.zero_()
+                self.llm_to_query.bias.copy_(self.q_static.flatten())
+                self.q_init.copy_(self.q_static)
 
     @property
     def reads(self) -> dict[str, dict[str, Any]]:
@@ -184,17 +189,31 @@ class FoveatedVLM(VLM):
         attention = torch.cat(attns, dim=1) if attns else None
         return Prefix(torch.cat([head_hidden, hidden], dim=1), mask, past, attention, last_visual, framed, h)
 
-    def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """The fine loss, plus `coarse_weight` x the loss of an extra LLM pass over the coarse tokens (the same
-        targets): with a weight > 0 one model answers from both reads, so coarse_only is a trained reader too."""
-        weight, mode = self.config.coarse_weight, self.config.mode
-        if not weight or mode == "coarse_only":
-            return super().loss(batch)
-        visual = self.prepare(batch["frames"], batch["frame_mask"])
-        keys = ("frames", "frame_mask", "input_ids", "attention_mask", "labels")
-        fine = self(*(batch[k] for k in keys), visual=visual, mode=mode)
-        coarse = self(*(batch[k] for k in keys), visual=visual, mode="coarse_only")
-        return fine.loss + weight * coarse.loss
+    def forward(
+        self,
+        frames: Tensor,
+        frame_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        visual: Visual | None = None,
+        rows: Tensor | None = None,
+        logits: bool = True,
+        **read: Any,
+    ) -> Output:
+        """The base's forward; in training with `coarse_weight` > 0 the loss is fine + weight x the loss of an
+        extra LLM pass over the coarse tokens (the same targets, the same encoding), so that one model answers
+        from both reads and coarse_only is a trained reader too. `nll` and `count` stay the fine read's."""
+        read = read or self.train_read
+        if visual is None:
+            visual = self.prepare(frames, frame_mask)
+        out = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows, logits, **read)
+        weight = self.config.coarse_weight
+        if self.training and weight and labels is not None and read["mode"] != "coarse_only":
+            coarse = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows, False,
+                                     mode="coarse_only")  # fmt: skip
+            out.loss = out.loss + weight * coarse.loss
+        return out
 
     # ---- rebuilding, and entry points into registry.py / checkpoint.py (the I/O lives there) ----
 

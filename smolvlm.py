@@ -34,7 +34,7 @@ from config import SmolVLMConfig
 from connectors import TokenLearnerQFormer
 from frames import FrameSpec
 from kvcache import StepCache
-from vlm import VLM, Output, Prefix, Visual, positions, token_nll
+from vlm import VLM, Output, Prefix, Visual, labelled_nll, positions
 
 # SmolVLM's own chat template, so that prompts built offline look like the hub processor's.
 CHAT_TEMPLATE = (
@@ -168,17 +168,18 @@ class SmolVLM(VLM):
         labels: Tensor | None = None,
         visual: Visual | None = None,
         rows: Tensor | None = None,
+        logits: bool = True,
         **read: Any,
     ) -> Output:
         """A SmolVLM batch (processors.SmolVLMProcessor's format) -> logits, and the loss over its labels."""
         if visual is None:
             visual = self.prepare(pixel_values, pixel_attention_mask)
         pre = self.prefix(visual, input_ids, attention_mask, False, rows, **read)
-        logits = self.lm_head(pre.hidden)
-        if labels is None:
-            return Output(logits=logits)
-        nll, count = token_nll(logits, labels)
-        return Output(logits, nll.sum() / count.sum().clamp(min=1), nll, count)
+        out = Output(self.lm_head(pre.hidden) if logits else None)
+        if labels is not None:
+            out.nll, out.count = labelled_nll(self.lm_head, pre.hidden, labels)
+            out.loss = out.nll.sum() / out.count.sum().clamp(min=1)
+        return out
 
     def counts(self, batch: dict[str, Tensor]) -> tuple[int, int]:
         return batch["input_ids"].shape[0], int(batch["attention_mask"].sum())  # <image> tokens included

@@ -223,7 +223,8 @@ class Trainer:
         self.model = self.ddp or self.raw
         if tc.compile:
             self.model = torch.compile(self.model)
-        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=tc.bf16 and d.device.type == "cuda")
+        # bf16 autocast on the GPU, and on a CPU with bf16 units (avx512_bf16 / AMX): fp32 weights and optimizer
+        self.autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=tc.bf16)
         self.max_steps = tc.max_steps
         if tc.epochs:  # rounded up: the last step may reach into the next epoch, so all of the last one is seen
             batches = data.epoch_batches(cfg.data, self.processor, d.world_size)

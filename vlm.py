@@ -47,7 +47,7 @@ class Visual:
 
 @dataclass
 class Output:
-    logits: Tensor  # (R, L, vocab) at the text positions
+    logits: Tensor | None  # (R, L, vocab) at the text positions (None when not asked for)
     loss: Tensor | None = None  # mean over every labelled token of the batch
     nll: Tensor | None = None  # (R,) summed negative log-likelihood of each row's labelled tokens
     count: Tensor | None = None  # (R,) labelled tokens per row
@@ -76,20 +76,33 @@ def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return (nll * keep).sum(1), keep.sum(1)
 
 
-def sequence_nll(logits: Tensor, labels: Tensor, bridge: Tensor, framed: Tensor, cut: int) -> tuple[Tensor, Tensor]:
-    """`token_nll` over text that the LLM read as [text[:cut], frame slots, text[cut:]]: every token is predicted
-    from the position just before it in that sequence, so in a row with frames text[cut] is predicted by the last
-    frame slot (`bridge` (R, V), its logits) rather than by text[cut-1]; the slots themselves predict nothing."""
-    main = labels
-    if cut < labels.shape[1]:
-        main = labels.clone()
-        main[framed, cut] = IGNORE_INDEX
-    nll, count = token_nll(logits, main)
-    if cut < labels.shape[1]:
-        target = labels[:, cut]
-        keep = framed & (target != IGNORE_INDEX)
-        first = F.cross_entropy(bridge.float(), target.clamp(min=0), reduction="none")  # (R,)
-        nll, count = nll + first * keep, count + keep
+def labelled_nll(
+    head: Any, hidden: Tensor, labels: Tensor, bridge: Tensor | None = None, framed: Tensor | None = None, cut: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Per-row summed NLL of the labelled tokens and their count, (R,), (R,), from final hidden states (R, L, D)
+    through `head` (the LM head), computed only where a label asks: in stage 2 a handful of answer tokens, not
+    the whole vocabulary at every position.
+
+    Each token is predicted from the position just before it in the sequence the LLM read, [text[:cut], frame
+    slots, text[cut:]]: in a row with frames (`framed`), text[cut] is predicted by the last frame slot (`bridge`
+    (R, D), its hidden state) rather than by text[cut-1]; the slots themselves predict nothing."""
+    target = labels[:, 1:]  # position j predicts token j+1
+    if bridge is not None and 1 <= cut < labels.shape[1]:
+        target = target.clone()
+        target[framed, cut - 1] = IGNORE_INDEX
+    keep = target != IGNORE_INDEX
+    nll = hidden.new_zeros(len(hidden), dtype=torch.float32)
+    if keep.any():
+        logits = head(hidden[:, :-1][keep])  # (K, V)
+        nll = nll.index_add(0, keep.nonzero()[:, 0], F.cross_entropy(logits.float(), target[keep], reduction="none"))
+    count = keep.sum(1)
+    if bridge is not None and cut < labels.shape[1]:
+        first = labels[:, cut]
+        ok = framed & (first != IGNORE_INDEX)
+        if ok.any():
+            extra = F.cross_entropy(head(bridge[ok]).float(), first[ok], reduction="none")
+            nll = nll.index_add(0, ok.nonzero()[:, 0], extra)
+        count = count + ok
     return nll, count
 
 
@@ -283,29 +296,22 @@ class VLM(nn.Module):
         labels: Tensor | None = None,
         visual: Visual | None = None,
         rows: Tensor | None = None,
+        logits: bool = True,
         **read: Any,
     ) -> Output:
         """frames (B, T, 3, H, W), frame_mask (B, T) bool, input_ids/attention_mask/labels (R, L); `rows` (R,)
         the clip each text row reads (default R = B, row i reads clip i). A precomputed `visual` (from
-        `prepare`) lets several reads or options share one encoding."""
+        `prepare`) lets several reads or options share one encoding; `logits=False` leaves out the logits at
+        every position (training needs only the loss, whose few labelled positions are computed apart)."""
+        read = read or self.train_read
         if visual is None:
             visual = self.prepare(frames, frame_mask)
         pre = self.prefix(visual, input_ids, attention_mask, self.uses_cache(**read), rows, **read)
-        logits = self.lm_head(pre.hidden)
-        if labels is None:
-            return Output(logits=logits, attention=pre.attention)
-        nll, count = sequence_nll(logits, labels, self.lm_head(pre.last_visual), pre.framed, pre.cut)
-        return Output(logits, nll.sum() / count.sum().clamp(min=1), nll, count, pre.attention)
-
-    def batch_output(self, batch: dict[str, Tensor], **read: Any) -> Output:
-        """The model on a collated batch (the data pipeline's format, see collate.py), with the training read
-        unless `read` says otherwise; `rows` in the batch share clips."""
-        keys = ("frames", "frame_mask", "input_ids", "attention_mask", "labels")
-        return self(*(batch[k] for k in keys), rows=batch.get("rows"), **(read or self.train_read))
-
-    def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """The training loss of a batch: mean cross-entropy over its labelled tokens."""
-        return self.batch_output(batch).loss
+        out = Output(self.lm_head(pre.hidden) if logits else None, attention=pre.attention)
+        if labels is not None:
+            out.nll, out.count = labelled_nll(self.lm_head, pre.hidden, labels, pre.last_visual, pre.framed, pre.cut)
+            out.loss = out.nll.sum() / out.count.sum().clamp(min=1)
+        return out
 
     # ---- generation and scoring ---------------------------------------------------------------
 
