@@ -162,6 +162,16 @@ class ChatProcessor:
         pairs = [chat_ids(self.tokenizer, question, a, stage=2) for a in answers]
         return [ids[head:] for ids, _ in pairs], [labels[head:] for _, labels in pairs]
 
+    def render(
+        self, messages: list[dict[str, str]], pictures: Sequence[Any] = (), generation_prompt: bool = True
+    ) -> str:
+        """The chat template's text of a conversation (the frames come as tokens of their own)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def turn_ids(self, text: str, pictures: Sequence[Any] = (), first: bool = False) -> list[int]:
+        """The tokens of a piece of rendered conversation."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
 
 class SmolVLMProcessor:
     """Samples and questions for SmolVLM: every frame of a clip is one image of the prompt (an image is one
@@ -283,6 +293,20 @@ class SmolVLMProcessor:
     def prompt(self, question: str, pictures: Sequence[Any] = ()) -> list[int]:
         """The prompt's ids, every image expanded into its image tokens."""
         return self._inputs(pictures, question)["input_ids"][0].tolist()
+
+    def render(
+        self, messages: list[dict[str, str]], pictures: Sequence[Any] = (), generation_prompt: bool = True
+    ) -> str:
+        """The chat template's text of a conversation, the images in its first user turn."""
+        turns = [self._turn(len(pictures) if i == 0 else 0, m["content"], m["role"]) for i, m in enumerate(messages)]
+        return self.processor.apply_chat_template(turns, add_generation_prompt=generation_prompt)
+
+    def turn_ids(self, text: str, pictures: Sequence[Any] = (), first: bool = False) -> list[int]:
+        """The tokens of a piece of rendered conversation; the first piece's images expanded into image tokens."""
+        if first and pictures:
+            images = [p if isinstance(p, Image.Image) else Image.fromarray(p) for p in pictures]
+            return self.processor(text=[text], images=[images], return_tensors="pt")["input_ids"][0].tolist()
+        return self._ids(text)
 
     def answers(self, question: str, answers: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Each answer's tokens (through its end-of-turn token) after the generation prompt, and their labels."""

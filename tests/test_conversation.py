@@ -1,0 +1,85 @@
+"""Conversations on a KV cache: the model reads exactly the chat template's rendering of the conversation, a
+later turn reuses the clip's encoding and equals recomputing everything, replies stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from answering import Answerer
+from benchmarks import Media
+from conversation import Conversation
+from encoder import FoveatedEncoder
+from tests.conftest import jpeg, mp4
+from tests.tiny import tiny_connector_model, tiny_model, tiny_smolvlm
+
+QUESTIONS = ["What colour is the ball?", "And what is next to it, in a few words?"]
+
+
+def models(tokenizer):
+    return {
+        "foveated start": tiny_model(tokenizer=tokenizer),
+        "foveated user_turn": tiny_model(tokenizer=tokenizer, frames_at="user_turn"),
+        "mlp": tiny_connector_model("mlp", tokenizer),
+        "smolvlm": tiny_smolvlm(tokenizer),
+    }
+
+
+@pytest.fixture(scope="module")
+def zoo(tokenizer):
+    return models(tokenizer)
+
+
+@pytest.mark.parametrize("name", ["foveated start", "foveated user_turn", "mlp", "smolvlm"])
+def test_the_model_reads_the_templates_rendering_and_a_later_turn_equals_recomputing(zoo, name):
+    answerer = Answerer(zoo[name])
+    state = answerer.prepare(Media("video", [mp4(6, 32)]))
+    conv = Conversation(answerer, state)
+    first = list(conv.ask(QUESTIONS[0], max_new_tokens=5))
+    assert all(b.startswith(a) for a, b in zip(first, first[1:], strict=False))  # streamed: the reply grows
+    before = list(conv.ids)
+    second = list(conv.ask(QUESTIONS[1], max_new_tokens=5))[-1]
+    processor = answerer.processor
+    rendered = processor.render(conv.messages, state.pictures, generation_prompt=False)
+    decode = processor.tokenizer.decode
+
+    def read(text: str) -> str:  # a rendering as the model reads it (SmolVLM: each <image> expanded)
+        return decode(processor.turn_ids(text, state.pictures, first=True))
+
+    # what the cache holds is the template's rendering of the conversation, up to the last reply
+    assert decode(conv.ids) == read(conv.fed) and rendered.startswith(conv.fed)
+    rest = rendered[len(conv.fed) :]  # the last reply's end of turn, or the whole reply when the template writes it
+    reply = rendered[len(processor.render(conv.messages[:-1], state.pictures)) :]  # otherwise than generated
+    assert rest in (processor_end(processor), reply)
+    assert decode(conv.asked) == read(processor.render(conv.messages[:-1], state.pictures))
+    # the second turn on the cache = a fresh prefix over everything it had read, then greedy
+    assert conv.asked[: len(before)] == before
+    ids = torch.tensor([conv.asked])
+    with torch.inference_mode():
+        fresh = answerer.model.generate(state.visual, ids, torch.ones_like(ids), 5, processor.end_ids,
+                                        **answerer.reads[conv.read])  # fmt: skip
+    assert processor.tokenizer.decode(fresh[0], skip_special_tokens=True) == second
+
+
+def processor_end(processor) -> str:
+    """What the template writes after the last reply, which the cache does not hold yet."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "REPLY"}]
+    return processor.render(probe, (), generation_prompt=False).split("REPLY", 1)[1]
+
+
+def test_later_turns_do_not_encode_the_clip_again(tokenizer, monkeypatch):
+    calls = []
+    real = FoveatedEncoder.encode_patches
+    monkeypatch.setattr(FoveatedEncoder, "encode_patches", lambda self, x: calls.append(len(x)) or real(self, x))
+    answerer = Answerer(tiny_model(tokenizer=tokenizer, frames_at="user_turn"))
+    conv = Conversation(answerer, answerer.prepare(Media("image", [jpeg((200, 30, 30))])))
+    for q in QUESTIONS * 2:
+        list(conv.ask(q, max_new_tokens=3))
+    assert calls == [2]  # one pass over the image's 2 copies, for four turns
+    assert conv.attention is not None and conv.attention.shape[0] == 2  # where each frame was read
+
+
+def test_an_unknown_read_is_refused(tokenizer):
+    answerer = Answerer(tiny_connector_model("cls_gate", tokenizer))
+    with pytest.raises(ValueError, match="reads in"):
+        Conversation(answerer, answerer.prepare(Media("none")), read="autoregressive")
