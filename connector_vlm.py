@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -51,14 +52,23 @@ class ConnectorVLM(VLM):
             return Visual(frame_mask, (frames.new_zeros(0, p, d), frames.new_zeros(0, d)))
         return Visual(frame_mask, self.tower(real))
 
-    def visual_tokens(self, visual: Visual) -> tuple[Tensor, None]:
+    def visual_tokens(self, visual: Visual) -> tuple[Tensor, Tensor | None]:
+        """-> tokens (B, T*S, D) and, for a connector that pools with spatial maps (TokenLearner), where each of
+        its pooled tokens looked: (B, T, maps, 1+P) in attention_viz's layout (a zero for the CLS position)."""
         patches, pooled = visual.features
         b, t = visual.frame_mask.shape
         s, d = self.tokens_per_frame, self.llm.config.hidden_size
         tokens = patches.new_zeros(b, t, s, d)  # (B, T, S, D)
+        maps = None
         if len(patches):
-            tokens[visual.frame_mask] = self.connector(patches, pooled).to(tokens.dtype)  # (N, S, D)
-        return tokens.view(b, t * s, d), None
+            if getattr(self.connector, "token_learner", None) is not None:
+                out, found = self.connector(patches, pooled, return_maps=True)  # (N, S, D), (N, T_tl, P)
+                maps = found.new_zeros(b, t, found.shape[1], 1 + found.shape[2])
+                maps[visual.frame_mask] = torch.cat([found.new_zeros(*found.shape[:2], 1), found], dim=-1)
+            else:
+                out = self.connector(patches, pooled)
+            tokens[visual.frame_mask] = out.to(tokens.dtype)
+        return tokens.view(b, t * s, d), maps
 
     def checkpoint_activations(self) -> None:
         super().checkpoint_activations()
