@@ -224,6 +224,20 @@ def test_llava_multi_turn_and_bad_media(tmp_path, tokenizer):
     assert media_of(got["sharegpt_1"]) == ("text", [])  # no image in the entry: a text-only sample, kept
     log = (out / "prepare.log").read_text()
     assert "000000000003: missing_file" in log and "undecodable_image': 1" in log
+    # the training pipeline reads the converted shards back: media and labels, the multi-turn one included
+    import data
+    from config import DataConfig, ShardSource
+    from frames import FrameSpec
+    from processors import ChatProcessor
+
+    cfg = DataConfig(train=[ShardSource(path=str(out / "*.tar"))], stage=2, batch_size=8, num_workers=0,
+                     shuffle_buffer=0, frame_size=16)  # fmt: skip
+    (batch,) = data.make_loader(cfg, ChatProcessor(tokenizer, FrameSpec(size=16, image_frames=2)))
+    ids = [meta(next(r for r in got.values() if r["__key__"] == k))["id"] for k in batch["keys"]]
+    labels = batch["labels"][ids.index("000000000001")]
+    assert tokenizer.decode(labels[labels != -100]) == labelled(tokenizer, first)  # exactly the assistant turns
+    frames = dict(zip(ids, batch["frame_mask"].sum(1).tolist(), strict=True))
+    assert frames == {"000000000001": 2, "000000000002": 2, "sharegpt_1": 0}  # 2 copies of each image; text only
 
 
 def test_cauldron_turns_frames_and_formats(tmp_path, tokenizer):

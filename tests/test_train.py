@@ -432,3 +432,15 @@ def write_sized_shards(root: Path, sizes: list[int]) -> str:
                 sample.update({f"{f:03d}.jpg": jpeg((30 * s % 256, 40 * i % 256, 90)) for f in range(i % 3)})
                 sink.write(sample)
     return str(root / "uneven-*.tar")
+
+
+def test_the_log_reports_the_mix_it_trained_on(tmp_path, start_model):
+    main, extra = write_shards(tmp_path, "main", 2, 6), write_shards(tmp_path, "extra", 1, 4)
+    cfg = make_config(
+        tmp_path,
+        start_model,
+        data={"train": [{"path": main, "weight": 0.75}, {"path": extra, "weight": 0.25}], "batch_size": 4},
+        train={"max_steps": 2, "accumulate": 1, "save_every": 2},
+    )
+    train.train(cfg)
+    assert [r["mix"] for r in log_rows(cfg.train.out_dir)] == ["0.750/0.250", "0.750/0.250"]
