@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from beam import beam_search
 from frames import FrameSpec
 from kvcache import StepCache
 from lora import add_lora, is_lora_param, merge_lora
@@ -323,16 +324,23 @@ class VLM(nn.Module):
         attention_mask: Tensor,
         max_new_tokens: int = 64,
         eos_token_id: int | list[int] | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
         **read: Any,
     ) -> Tensor:
-        """Greedy continuation of right-padded prompts (B, L) -> new token ids (B, <= max_new_tokens).
-
-        Finished rows are filled with the first end id; generation stops when every row has ended.
-        """
+        """Continuation of right-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), through the first
+        end id; greedy, or beam search with `num_beams` > 1 (beam.py: the beams share each prompt's prefix, its
+        KV cache repeated). Finished rows are filled with the first end id."""
         pre = self.prefix(visual, input_ids, attention_mask, True, None, **read)
         ends = self._ends(eos_token_id, input_ids.device)
         last = attention_mask.long().sum(1) - 1  # last real prompt token of each row
         hidden = pre.hidden[torch.arange(len(last)), last]  # (B, D)
+        if num_beams > 1:
+            return self._beams(pre, hidden, input_ids, attention_mask, ends.tolist(), num_beams, max_new_tokens,
+                               length_penalty, no_repeat_ngram_size)  # fmt: skip
+        if no_repeat_ngram_size:
+            raise ValueError("no_repeat_ngram_size needs beam search here: set num_beams > 1")
         mask, out = pre.mask, []
         done = torch.zeros_like(last, dtype=torch.bool)
         for _ in range(max_new_tokens):
@@ -345,6 +353,31 @@ class VLM(nn.Module):
             mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
             hidden = self._llm(self.embed(token)[:, None], mask, pre.past)[:, -1]
         return torch.stack(out, dim=1) if out else input_ids.new_zeros(len(input_ids), 0)
+
+    def _beams(
+        self,
+        pre: Prefix,
+        hidden: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        ends: list[int],
+        k: int,
+        max_new_tokens: int,
+        length_penalty: float,
+        no_repeat_ngram_size: int,
+    ) -> Tensor:
+        pre.past.batch_repeat_interleave(k)
+        mask = pre.mask.repeat_interleave(k, dim=0)  # (B*K, S)
+
+        def step(tokens: Tensor, beams: Tensor) -> Tensor:
+            nonlocal mask
+            pre.past.reorder_cache(beams)
+            mask = torch.cat([mask[beams], mask.new_ones(len(tokens), 1)], dim=1)
+            return self.lm_head(self._llm(self.embed(tokens)[:, None], mask, pre.past)[:, -1])
+
+        prompts = [row[: int(n)].tolist() for row, n in zip(input_ids, attention_mask.sum(1), strict=True)]
+        first = self.lm_head(hidden).repeat_interleave(k, dim=0)
+        return beam_search(first, step, prompts, k, max_new_tokens, ends, length_penalty, no_repeat_ngram_size)
 
     def _ends(self, eos_token_id: int | list[int] | None, device: torch.device) -> Tensor:
         if eos_token_id is None:
