@@ -1,9 +1,11 @@
-"""Evaluate a saved model on MVBench, Video-MME, ScienceQA-IMG, TextVQA, the toy world or evaluation shards.
+"""Evaluate a saved model on MVBench, Video-MME, ScienceQA-IMG, TextVQA, the toy world or evaluation shards,
+or caption a caption set (Flickr30k, COCO, caption shards: `--bench captions`, captioning.py).
 
     python benchmark.py --model runs/stage2/final --bench mvbench --data-root data/MVBench
     python benchmark.py --model DIR --bench videomme --data-root data/Video-MME --protocol generate \
         --modes autoregressive
     python benchmark.py --model smolvlm_dir --bench textvqa --data-root data/TextVQA --limit 500
+    python benchmark.py --model DIR --bench captions --data-root data/flickr30k/dataset_flickr30k.json --num-beams 3
 
 Multiple-choice protocols (DESIGN §7; numbers compare only within one protocol):
   likelihood  every option scored as the assistant answer "X. option" (mean token cross-entropy over the
@@ -145,8 +147,13 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a saved model directory (any kind)")
-    p.add_argument("--bench", required=True, choices=NAMES)
-    p.add_argument("--data-root", required=True, help="the benchmark's directory (shards: a directory, glob or list)")
+    p.add_argument("--bench", required=True, choices=(*NAMES, "captions"))
+    p.add_argument(
+        "--data-root",
+        required=True,
+        help="the benchmark's directory (shards: a directory, glob or list; captions: a Karpathy-split JSON, a COCO "
+        "2017 root or caption shards)",
+    )
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: likelihood, or generate for textvqa")
     p.add_argument(
         "--prompt-variant",
@@ -162,7 +169,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-frames", type=int, help="frames sampled uniformly from a video (default: the model's)")
     p.add_argument("--frame-size", type=int, help="pixels (default: the size the model was trained at)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c = p.add_argument_group("captions (--bench captions; see captioning.py)")
+    c.add_argument("--split", help="Karpathy split (default test) or COCO 2017 split (default val)")
+    c.add_argument("--images", help="the images root of a Karpathy JSON (default: its folder) or of COCO 2017")
+    c.add_argument("--num-beams", type=int, default=3, help="beam width (default 3; 1: greedy)")
+    c.add_argument(
+        "--length-penalty", type=float, default=1.0, help="beams are ranked by log-prob / length ** this (default 1)"
+    )
+    c.add_argument("--no-repeat-ngram-size", type=int, default=0, help="ban repeated n-grams of this size (0: off)")
+    c.add_argument("--max-new-tokens", type=int, default=30, help="caption length limit (default 30)")
     args = p.parse_args(argv)
+    if args.bench == "captions":
+        import captioning  # it imports this module, so not at the top
+
+        return captioning.main(args, p)
     protocol = args.protocol or ("generate" if args.bench == "textvqa" else "likelihood")
     if args.bench == "textvqa" and protocol != "generate":
         p.error("TextVQA has open answers: only the generate protocol applies")
