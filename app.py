@@ -1,0 +1,469 @@
+"""A chat demo in the browser over any saved model: upload an image or a video, talk about it over several turns,
+and see where the model looked.
+
+    python app.py [--model DIR] [--host 127.0.0.1] [--port 7860]
+
+Every kind goes through the shared interface: `Answerer.prepare` encodes an upload once, a `Conversation` per
+session carries the turns on its KV cache, and a change of the foveated model's mode starts a new Conversation
+on the same encoding. Beside the chat, each frame with the read's attention over it and its entropy.
+
+The app stays on this machine: it binds 127.0.0.1 unless told otherwise, has no share link, sends no analytics,
+uses system fonts and only the assets Gradio ships. Uploads are checked against the limits below from their
+headers, before anything is decoded; whatever goes wrong with one is said in the chat.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this at import time
+
+import argparse
+import logging
+import math
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+import cli
+from answering import Answerer, Prepared
+from attention_viz import entropy, overlay, patch_maps
+from benchmarks import Media
+from conversation import Conversation
+from frames import IMAGE_EXTS, FrameSpec, MediaError, letterboxed, probe_video
+from vlm import VLM
+
+MAX_BYTES = 64 * 2**20  # an upload's size
+MAX_PIXELS = 4096 * 4096  # an image's, or a video frame's, width x height
+MAX_VIDEO_SECONDS = 120.0
+MAX_VIDEO_FRAMES = 7200  # frames in the container (two minutes at 60 fps)
+UPLOAD_CAP_BYTES = 4 * MAX_BYTES  # Gradio refuses bigger uploads outright, before they reach the disk
+MAX_NEW_TOKENS = 128  # a reply's length
+MAX_SESSIONS = 64  # browser sessions whose conversation (KV cache, encoded upload) is kept; the oldest go first
+VIDEO_EXTS = frozenset({"mp4", "m4v", "mov", "webm", "mkv", "avi", "mpg", "mpeg", "ogv"})
+DISPLAY_PX = 224  # an attention picture's height
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "runs" / "toy" / "final"
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "monospace"]
+
+log = logging.getLogger("fvlm.app")
+
+
+class UploadError(ValueError):
+    """An upload the app will not read; the message is for the person who sent it."""
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _check_image(path: Path, name: str) -> None:
+    try:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise UploadError(f"{name} has too many pixels (the limit is {MAX_PIXELS:,}).") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UploadError(f"{name} could not be read as an image: the file is corrupt or not an image.") from e
+    if w * h > MAX_PIXELS:
+        raise UploadError(f"{name} is {w}x{h} = {w * h:,} pixels; the limit is {MAX_PIXELS:,}.")
+
+
+def _check_video(path: Path, name: str) -> None:
+    corrupt = f"{name} could not be read as a video: the file is corrupt or its format is not supported."
+    try:
+        with av.open(str(path)) as c:  # demuxes the header; no frame is decoded
+            if not c.streams.video:
+                raise UploadError(f"{name} has no video stream.")
+            s = c.streams.video[0]
+            w, h = s.codec_context.width, s.codec_context.height
+            seconds = c.duration / av.time_base if c.duration else None
+            if seconds is None and s.duration and s.time_base:
+                seconds = float(s.duration * s.time_base)
+            count = s.frames
+    except UploadError:
+        raise
+    except Exception as e:  # FFmpeg raises many unrelated types
+        raise UploadError(corrupt) from e
+    if not w or not h:
+        raise UploadError(corrupt)
+    if w * h > MAX_PIXELS:
+        raise UploadError(f"{name} has frames of {w}x{h} = {w * h:,} pixels; the limit is {MAX_PIXELS:,}.")
+    if seconds is not None and seconds > MAX_VIDEO_SECONDS:
+        raise UploadError(f"{name} lasts {seconds:.1f} s; videos are limited to {MAX_VIDEO_SECONDS:g} s.")
+    if not count or seconds is None:  # the container does not say: count its packets (still no decoding)
+        try:
+            count, rate = probe_video(path, backend="pyav")
+        except MediaError as e:
+            raise UploadError(corrupt) from e
+        if seconds is None and rate > 0 and count / rate > MAX_VIDEO_SECONDS:
+            raise UploadError(f"{name} lasts {count / rate:.1f} s; videos are limited to {MAX_VIDEO_SECONDS:g} s.")
+    if count > MAX_VIDEO_FRAMES:
+        raise UploadError(f"{name} has {count:,} frames; videos are limited to {MAX_VIDEO_FRAMES:,}.")
+    if not count:
+        raise UploadError(corrupt)
+
+
+def check_upload(path: str | Path, name: str | None = None) -> Media:
+    """An uploaded file -> its Media, once its size, type, pixels and (for a video) duration and frame count are
+    within the limits, all read without decoding; otherwise UploadError saying which limit and by how much."""
+    path = Path(path)
+    name = name or path.name
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise UploadError(f"{name} could not be read.") from e
+    if size > MAX_BYTES:
+        raise UploadError(f"{name} is {_mb(size)}; uploads are limited to {_mb(MAX_BYTES)}.")
+    if size == 0:
+        raise UploadError(f"{name} is empty.")
+    ext = path.suffix.lower().lstrip(".")
+    if ext in IMAGE_EXTS:
+        _check_image(path, name)
+        return Media("image", [path])
+    if ext in VIDEO_EXTS:
+        _check_video(path, name)
+        return Media("video", [path])
+    kinds = ", ".join(sorted(IMAGE_EXTS)) + " images or " + ", ".join(sorted(VIDEO_EXTS)) + " videos"
+    raise UploadError(f"{name}: this type of file is not supported; send {kinds}.")
+
+
+def prepare_upload(answerer: Answerer, path: str | Path, name: str | None = None) -> Prepared:
+    """Check an upload, decode it as the model was trained to see it and encode it once."""
+    media = check_upload(path, name)
+    try:
+        return answerer.prepare(media)
+    except MediaError as e:
+        log.info("upload %s failed to decode: %s", path, e)
+        what = "image" if media.kind == "image" else "video"
+        raise UploadError(f"{name or Path(path).name} could not be decoded as an {what}: the file is corrupt.") from e
+
+
+@dataclass
+class Look:
+    """Where one read looked: a picture per frame (each map's attention over the frame, maps side by side)."""
+
+    pictures: list[np.ndarray]  # (H, W, 3) uint8
+    entropy: list[list[float]]  # [frame][map], nats
+    uniform: float  # the entropy of an even spread over the patches, nats
+
+    def captions(self) -> list[str]:
+        return [f"frame {t + 1} · {' / '.join(f'{e:.2f}' for e in row)} nats" for t, row in enumerate(self.entropy)]
+
+
+def _as_seen(picture: Any, spec: FrameSpec) -> np.ndarray:
+    """A decoded frame as the model saw it (squashed or letterboxed to its size), scaled up to be looked at."""
+    im = (Image.fromarray(picture) if isinstance(picture, np.ndarray) else picture).convert("RGB")
+    im = letterboxed(im, spec.size) if spec.letterbox else im.resize((spec.size, spec.size), Image.BILINEAR)
+    if spec.size < DISPLAY_PX:
+        im = im.resize((DISPLAY_PX, DISPLAY_PX), Image.BILINEAR)
+    return np.asarray(im)
+
+
+def look_of(conversation: Conversation) -> Look | None:
+    """The attention pictures of a conversation's read, or None when its kind reports none (or it has no frames,
+    or no turn has read the frames yet)."""
+    attention = conversation.attention  # (T, maps, 1+P)
+    if attention is None or not len(attention):
+        return None
+    positions = attention.shape[-1] - 1
+    side = math.isqrt(positions)
+    if side * side != positions:  # frames are square, so their patch grids are
+        log.warning("attention over %d patches does not fill a square grid", positions)
+        return None
+    maps = patch_maps(attention, (side, side))  # (T, maps, side, side)
+    spec, pictures = conversation.answerer.frames, conversation.state.pictures
+    drawn = []
+    for t in range(maps.shape[0]):
+        frame = _as_seen(pictures[t], spec)
+        drawn.append(np.concatenate([overlay(frame, m) for m in maps[t]], axis=1))
+    return Look(drawn, entropy(maps).tolist(), math.log(positions))
+
+
+def look_note(answerer: Answerer, session: Session) -> str:
+    """What the attention panel says beside its pictures (or instead of them)."""
+    kind = answerer.model.config.kind
+    conv = session.conversation
+    if conv is None:
+        return "Upload an image or a video (or pick an example) and ask about it."
+    if not conv.state.pictures:
+        return "No image or video in this conversation: there is nothing to look at."
+    if session.look is None:
+        if conv.attention is None and conv.messages:
+            return f"This model kind (`{kind}`) does not report where it looks."
+        return "Ask a question: the pictures of where the model looked appear with the reply."
+    who = "the query" if kind == "foveated" else "each pooled token"
+    mean = [sum(row) / len(row) for row in session.look.entropy]
+    return (
+        f"Where {who} looked, read **{conv.read}**. Entropy per frame (nats; {session.look.uniform:.2f} is an even "
+        f"spread over the patches, 0 a single patch): " + ", ".join(f"{e:.2f}" for e in mean)
+    )
+
+
+@dataclass
+class Session:
+    """One browser session: what the chat shows, and the conversation the model is in."""
+
+    chat: list[dict[str, Any]] = field(default_factory=list)  # Gradio's message dicts
+    prepared: Prepared | None = None  # the upload, encoded once
+    upload: str | None = None  # its name
+    conversation: Conversation | None = None
+    look: Look | None = None  # drawn once per conversation, when its read has happened
+
+
+def _say(session: Session, text: str) -> None:
+    session.chat.append({"role": "assistant", "content": text})
+
+
+def start_upload(answerer: Answerer, session: Session, path: str | Path, read: str, name: str | None = None) -> Session:
+    """A new upload starts a new conversation (the chat goes on); UploadError leaves `session` as it was."""
+    prepared = prepare_upload(answerer, path, name)
+    return Session(session.chat, prepared, name or Path(path).name, Conversation(answerer, prepared, read))
+
+
+def change_read(answerer: Answerer, session: Session, read: str) -> Session:
+    """A change of read starts a new conversation on the same encoding: nothing is decoded or encoded again."""
+    if session.prepared is None or (session.conversation is not None and session.conversation.read == read):
+        return session
+    new = Session(session.chat, session.prepared, session.upload, Conversation(answerer, session.prepared, read))
+    if session.conversation is not None and session.conversation.messages:
+        _say(new, f"Now reading in **{read}**: a new conversation about the same upload (it is not encoded again).")
+    return new
+
+
+def respond(
+    answerer: Answerer, session: Session, message: dict[str, Any], read: str, max_new_tokens: int = MAX_NEW_TOKENS
+) -> Iterator[Session]:
+    """One message from the chat box (`{"text", "files"}`): an upload starts a new conversation, a question is
+    answered in the current one; the session after every step, the reply growing by a token each time."""
+    text = (message.get("text") or "").strip()
+    files = list(message.get("files") or [])
+    if files:
+        path = Path(files[-1])
+        try:
+            new = start_upload(answerer, session, path, read)
+        except UploadError as e:
+            session.chat.append({"role": "user", "content": f"Upload: {path.name}"})
+            rest = f" The conversation goes on about {session.upload}." if session.upload else ""
+            _say(session, f"{e}{rest}" + (" Your question was not asked." if text else ""))
+            yield session
+            return
+        except Exception:  # noqa: BLE001 — the app must survive whatever a file does
+            log.exception("upload %s failed", path)
+            session.chat.append({"role": "user", "content": f"Upload: {path.name}"})
+            _say(session, f"{path.name} could not be read.")
+            yield session
+            return
+        session = new
+        session.chat.append({"role": "user", "content": {"path": str(path)}})
+        kind = "an image" if Path(path).suffix.lower().lstrip(".") in IMAGE_EXTS else "a video"
+        frames = len(session.prepared.pictures)
+        if len(files) > 1:
+            _say(session, f"One upload at a time: reading the last, {path.name}.")
+        if not text:
+            _say(session, f"Got {kind}, read as {frames} frames of {answerer.frames.size} px. Ask about it.")
+        yield session
+    if not text:
+        return
+    if session.conversation is None:  # a question before any upload: a text-only conversation
+        prepared = answerer.prepare(Media("none"))
+        session = Session(session.chat, prepared, None, Conversation(answerer, prepared, read))
+    session.chat.append({"role": "user", "content": text})
+    session.chat.append({"role": "assistant", "content": "…"})
+    reply = session.chat[-1]
+    try:
+        for so_far in session.conversation.ask(text, max_new_tokens):
+            reply["content"] = so_far or "(the model ended its turn without a word)"
+            if session.look is None:
+                session.look = look_of(session.conversation)
+            yield session
+    except Exception:  # noqa: BLE001
+        log.exception("generation failed")
+        reply["content"] = "Something went wrong while answering; the upload and the app are still here."
+        yield session
+
+
+def load_model(path: str | Path | None) -> tuple[VLM, str]:
+    """The model to serve, and a line about it for the page: `path`, else the toy run's checkpoint when there is
+    one, else the foveated model on the packaged backbones with an untrained connector."""
+    import registry
+
+    if path is not None:
+        return registry.load(path), f"Model: `{path}`."
+    if DEFAULT_MODEL.is_dir():
+        return registry.load(DEFAULT_MODEL), f"Model: the toy run's checkpoint, `{DEFAULT_MODEL.relative_to(ROOT)}`."
+    from config import FoveatedConfig
+
+    model = registry.new_model(FoveatedConfig(dino="packaged", llm="packaged"))
+    note = (
+        "Model: the foveated model on the packaged DINOv2-small and SmolLM2-135M. **Its connector is untrained**: "
+        "it runs end to end, but its replies do not yet depend on what it sees (train one with "
+        "`python toyworld.py run`, or pass `--model DIR`)."
+    )
+    return model, note
+
+
+def _write_mp4(images: list[Image.Image], path: Path, fps: int) -> None:
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"  # H.264 plays in every browser
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height = images[0].size
+        s.pix_fmt = "yuv420p"
+        for im in images:
+            for p in s.encode(av.VideoFrame.from_image(im.convert("RGB"))):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def write_examples(
+    folder: str | Path, clips: tuple[int, ...] = (0, 3), still: int = 6, frames: int = 8, size: int = 224
+) -> list[tuple[Path, str]]:
+    """Toy-world media made here (nothing downloaded): held-out clips `clips` as mp4 and clip `still`'s first frame as
+    jpg, each labelled with its ball's colour (three different ones), so a trained toy model can be checked by eye."""
+    import toyworld
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n, index in enumerate(clips):
+        s = toyworld.sample(0, "eval", index, size, frames)
+        path = folder / f"toy_clip_{n + 1}.mp4"
+        _write_mp4(s["frames"], path, fps=4)
+        out.append((path, f"toy clip {n + 1} ({s['options'][s['answer']]} ball)"))
+    s = toyworld.sample(0, "eval", still, size, 1)
+    path = folder / "toy_frame.jpg"
+    s["frames"][0].save(path, quality=92)
+    out.append((path, f"toy frame ({s['options'][s['answer']]} ball)"))
+    return out
+
+
+CSS = "#attention .caption-label { font-size: 0.8em; }"
+
+
+def build_app(
+    answerer: Answerer, model_note: str, examples: list[tuple[Path, str]], max_new_tokens: int = MAX_NEW_TOKENS
+):
+    """The Gradio page: chat on the left, where the model looked on the right; one Session per browser tab."""
+    import gradio as gr
+
+    reads = list(answerer.reads)
+    kind = answerer.model.config.kind
+    spec = answerer.frames
+
+    def outputs(session: Session, drawn: bool = True) -> tuple:
+        gallery = [(p, c) for p, c in zip(session.look.pictures, session.look.captions(), strict=True)] if (
+            session.look) else []  # fmt: skip
+        return session.chat, session, gallery if drawn else gr.skip(), look_note(answerer, session)
+
+    def on_message(message: dict | None, current: Session | None, read: str):
+        session = current or Session()
+        locked = gr.MultimodalTextbox(value=None, interactive=False)
+        looked: Any = object()  # the first step always draws (a new upload clears the last pictures)
+        for step in respond(answerer, session, message or {}, read, max_new_tokens):
+            session, drawn, looked = step, step.look is not looked, step.look
+            yield locked, *outputs(session, drawn)
+        yield gr.MultimodalTextbox(value=None, interactive=True), *outputs(session)
+
+    def on_read(read: str, session: Session | None):
+        session = change_read(answerer, session or Session(), read)
+        return outputs(session)
+
+    def on_clear():
+        session = Session()
+        return (*outputs(session), gr.MultimodalTextbox(value=None, interactive=True))
+
+    header = (
+        f"## fvlm chat\n{model_note} Kind `{kind}`; it reads {spec.max_frames} frames of a video and an image as "
+        f"{spec.image_frames} copies, at {spec.size} px. Nothing leaves this machine."
+    )
+    with gr.Blocks(title="fvlm chat", analytics_enabled=False) as demo:
+        gr.Markdown(header, elem_id="header")
+        state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(elem_id="chat", label="Chat", height=460, feedback_options=None)
+                box = gr.MultimodalTextbox(
+                    elem_id="message",
+                    sources=["upload"],
+                    file_count="single",
+                    show_label=False,
+                    placeholder="Ask a question, or attach an image or a video",
+                    autofocus=True,
+                )
+                clear = gr.Button("New chat", size="sm", elem_id="clear")
+                gr.Examples(
+                    examples=[[{"text": "What colour is the ball?", "files": [str(p)]}] for p, _ in examples],
+                    example_labels=[label for _, label in examples],
+                    inputs=[box],
+                    label="Toy-world examples (made at start-up)",
+                )
+            with gr.Column(scale=2):
+                mode = gr.Radio(reads, value=reads[-1], label="Read mode", visible=len(reads) > 1, elem_id="mode")
+                gallery = gr.Gallery(
+                    label="Where the model looked", elem_id="attention", columns=2, height=420, format="png",
+                    object_fit="contain", interactive=False,
+                )  # fmt: skip
+                note = gr.Markdown(look_note(answerer, Session()), elem_id="attention-note")
+        # one model, so one event at a time: a change of read waits for the reply it would otherwise cut off
+        box.submit(on_message, [box, state, mode], [box, chatbot, state, gallery, note], concurrency_id="model")
+        mode.change(on_read, [mode, state], [chatbot, state, gallery, note], concurrency_id="model")
+        clear.click(on_clear, None, [chatbot, state, gallery, note, box])
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help=f"a saved model directory (default: {DEFAULT_MODEL.relative_to(ROOT)} if present)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="a reply's length in tokens")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.model is not None and not Path(args.model).is_dir():
+        p.error(f"no saved model at {args.model}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    model, note = load_model(args.model)
+    answerer = Answerer(model.to(args.device))
+    folder = Path(tempfile.mkdtemp(prefix="fvlm-app-"))
+    demo = build_app(answerer, note, write_examples(folder), args.max_new_tokens)
+    import gradio as gr
+
+    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # the default's web fonts: none needed
+    demo.queue(max_size=32).launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        theme=theme,
+        css=CSS,
+        allowed_paths=[str(folder)],
+        max_file_size=UPLOAD_CAP_BYTES,
+        state_session_capacity=MAX_SESSIONS,
+        ssr_mode=False,
+        pwa=False,
+        mcp_server=False,
+        enable_monitoring=False,
+        footer_links=[],
+        show_error=False,
+        quiet=True,  # Gradio's banner suggests a share link, which this app does not offer
+        prevent_thread_lock=True,
+    )
+    print(f"fvlm chat: serving on http://{args.host}:{args.port}", flush=True)
+    demo.block_thread()
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,357 @@
+"""The chat demo: its upload limits, session transitions and attention pictures as plain functions, then the app
+itself in a real browser (Debian's chromium through Playwright), with every request the page makes checked to stay
+on this machine."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from answering import Answerer
+from encoder import FoveatedEncoder
+from tests.conftest import jpeg, mp4
+from tests.tiny import tiny_connector_model, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # without these chromium calls Google's hosts on its own
+    "--disable-component-update",
+    "--disable-sync",
+]
+LOCAL = {"127.0.0.1", "localhost", "::1", "[::1]"}
+# The app has answered a message: a new reply is there and the chat's status tracker is hidden again (it hides after
+# the last update lands; the reply appears a moment before the box is locked, so neither alone says it is over).
+DONE = """n => document.querySelectorAll('#chat [data-testid="bot"]').length > n
+  && document.querySelector('#chat [data-testid="status-tracker"]').classList.contains('hide')
+  && !document.querySelector('#message textarea').disabled"""
+READ = "autoregressive"
+
+
+@pytest.fixture(scope="module")
+def answerer(tokenizer):
+    return Answerer(tiny_model(tokenizer=tokenizer, frames_at="user_turn"))
+
+
+def noisy_jpeg() -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def media(tmp_path):
+    """Small uploads of every sort, by name."""
+    files = {
+        "red.jpg": jpeg((200, 30, 30)),
+        "clip.mp4": mp4(12, 32, fps=12),  # 1 s, 12 frames of 32x32
+        "broken.jpg": b"\xff\xd8 not really a jpeg" * 8,
+        "broken.mp4": b"not a video at all" * 16,
+        "truncated.jpg": noisy_jpeg()[:3000],  # a valid header, most of the pixels cut off
+        "notes.txt": b"just some text",
+        "empty.png": b"",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+@pytest.mark.parametrize(
+    "name, limit, value, message",
+    [
+        ("red.jpg", "MAX_BYTES", 100, "uploads are limited to"),
+        ("red.jpg", "MAX_PIXELS", 1000, "40x30 = 1,200 pixels; the limit is 1,000"),
+        ("clip.mp4", "MAX_PIXELS", 1000, "frames of 32x32 = 1,024 pixels"),
+        ("clip.mp4", "MAX_VIDEO_SECONDS", 0.5, "lasts 1.0 s; videos are limited to 0.5 s"),
+        ("clip.mp4", "MAX_VIDEO_FRAMES", 5, "has 12 frames; videos are limited to 5"),
+        ("notes.txt", None, None, "this type of file is not supported"),
+        ("broken.jpg", None, None, "could not be read as an image"),
+        ("broken.mp4", None, None, "could not be read as a video"),
+        ("empty.png", None, None, "is empty"),
+    ],
+)
+def test_an_upload_past_a_limit_is_refused_with_its_reason(media, monkeypatch, name, limit, value, message):
+    if limit:
+        monkeypatch.setattr(app, limit, value)
+    with pytest.raises(app.UploadError, match=message) as e:
+        app.check_upload(media[name])
+    assert name in str(e.value)
+
+
+def test_uploads_within_the_limits_become_media(media):
+    assert app.check_upload(media["red.jpg"]).kind == "image"
+    assert app.check_upload(media["clip.mp4"]).kind == "video"
+    assert app.check_upload(media["truncated.jpg"]).kind == "image"  # the header is fine: decoding finds it out
+
+
+def test_a_refused_or_undecodable_upload_is_said_in_the_chat_and_nothing_is_decoded(answerer, media, monkeypatch):
+    prepared = []
+    real = Answerer.prepare
+    monkeypatch.setattr(Answerer, "prepare", lambda self, m: prepared.append(m.kind) or real(self, m))
+    monkeypatch.setattr(app, "MAX_BYTES", 400)
+    session = app.Session()
+    for name in ("clip.mp4", "notes.txt", "broken.mp4"):  # the clip is over 400 bytes
+        *_, session = app.respond(answerer, session, {"text": "Hi?", "files": [str(media[name])]}, READ)
+    assert prepared == [] and session.conversation is None
+    monkeypatch.setattr(app, "MAX_BYTES", 2**20)
+    *_, session = app.respond(answerer, session, {"text": "", "files": [str(media["truncated.jpg"])]}, READ)
+    assert prepared == ["image"] and session.conversation is None  # decoding was tried, and failed
+    said = [m["content"] for m in session.chat if m["role"] == "assistant"]
+    assert len(said) == 4 and "limited to" in said[0] and "not supported" in said[1]
+    assert "could not be read as a video" in said[2] and "could not be decoded as an image" in said[3]
+    assert not any("Traceback" in s or "/tmp" in s for s in said)
+
+
+def test_a_new_upload_starts_a_new_conversation_and_a_change_of_read_reuses_the_encoding(answerer, media, monkeypatch):
+    prepared, encoded = [], []
+    real_prepare, real_encode = Answerer.prepare, FoveatedEncoder.encode_patches
+    monkeypatch.setattr(Answerer, "prepare", lambda self, m: prepared.append(m.kind) or real_prepare(self, m))
+    monkeypatch.setattr(FoveatedEncoder, "encode_patches", lambda s, x: encoded.append(len(x)) or real_encode(s, x))
+
+    def say(session, text, files=()):
+        steps = list(app.respond(answerer, session, {"text": text, "files": [str(f) for f in files]}, READ, 4))
+        return steps[-1], steps
+
+    session, steps = say(app.Session(), "What colour is it?", [media["red.jpg"]])
+    first = session.conversation
+    assert len(steps) >= 2 and prepared == ["image"] and encoded == [2]  # the image's two copies, once
+    session, _ = say(session, "And its shape?")
+    assert session.conversation is first and len(first.messages) == 4 and encoded == [2]
+    moved = app.change_read(answerer, session, "coarse_only")
+    assert moved.conversation is not first and moved.prepared is session.prepared
+    assert moved.conversation.read == "coarse_only" and moved.chat[-1]["content"].startswith("Now reading in")
+    moved, _ = say(moved, "What colour is it?")
+    assert prepared == ["image"] and encoded == [2]  # a new conversation on the same encoding
+    assert app.change_read(answerer, moved, "coarse_only") is moved  # the same read: nothing to change
+    video, _ = say(moved, "", [media["clip.mp4"]])
+    assert video.conversation is not moved.conversation and video.conversation.messages == []
+    assert prepared == ["image", "video"] and encoded == [2, 4] and video.upload == "clip.mp4"
+    assert video.chat[: len(moved.chat)] == moved.chat  # the chat goes on
+    kept, _ = say(video, "", [media["notes.txt"]])
+    assert kept.conversation is video.conversation and prepared == ["image", "video"]
+
+
+def test_a_question_without_an_upload_is_a_text_only_conversation(answerer):
+    *_, session = app.respond(answerer, app.Session(), {"text": "Hello?"}, READ, 3)
+    assert session.conversation is not None and session.conversation.state.pictures == []
+    assert session.look is None and "nothing to look at" in app.look_note(answerer, session)
+
+
+def test_the_attention_pictures_are_one_per_frame_with_an_entropy_each(answerer, media):
+    *_, session = app.respond(answerer, app.Session(), {"text": "Where?", "files": [str(media["clip.mp4"])]}, READ, 3)
+    look = session.look
+    assert look is not None  # drawn with the reply
+    frames = answerer.frames.max_frames
+    assert len(look.pictures) == len(look.entropy) == len(look.captions()) == frames
+    assert all(p.shape == (app.DISPLAY_PX, app.DISPLAY_PX, 3) and p.dtype == np.uint8 for p in look.pictures)
+    assert all(len(row) == 1 and 0 <= row[0] <= look.uniform + 1e-5 for row in look.entropy)
+    assert look.uniform == pytest.approx(math.log(16))  # 16 px frames, 4 px patches
+    note = app.look_note(answerer, session)
+    assert "read **autoregressive**" in note and f"{look.entropy[0][0]:.2f}" in note
+
+
+def test_other_kinds_show_their_maps_or_say_they_have_none(tokenizer, media):
+    tokenlearner = Answerer(tiny_connector_model("tokenlearner_qformer", tokenizer))
+    message = {"text": "?", "files": [str(media["red.jpg"])]}
+    *_, session = app.respond(tokenlearner, app.Session(), message, "default", 2)
+    look = session.look
+    maps = session.conversation.attention.shape[1]
+    assert maps > 1 and len(look.pictures) == 2 and look.pictures[0].shape[1] == maps * app.DISPLAY_PX
+    assert all(len(row) == maps for row in look.entropy) and "each pooled token" in app.look_note(tokenlearner, session)
+    mlp = Answerer(tiny_connector_model("mlp", tokenizer))
+    *_, session = app.respond(mlp, app.Session(), message, "default", 2)
+    assert session.look is None and "does not report where it looks" in app.look_note(mlp, session)
+
+
+def test_the_examples_are_made_here_and_pass_the_checks(tmp_path):
+    examples = app.write_examples(tmp_path, frames=4, size=112)
+    assert [p.suffix for p, _ in examples] == [".mp4", ".mp4", ".jpg"]
+    assert len({label.split("(")[1] for _, label in examples}) == 3  # three colours
+    assert [app.check_upload(p).kind for p, _ in examples] == ["video", "video", "image"]
+
+
+def test_the_command_binds_this_machine_and_has_no_share_link(tmp_path, capsys):
+    assert app.parse_args([]).host == "127.0.0.1"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--share"])
+    with pytest.raises(SystemExit):
+        app.parse_args(["--model", str(tmp_path / "missing")])
+    assert "no saved model" in capsys.readouterr().err
+
+
+# --- the app in a browser ---------------------------------------------------------------------------------------
+
+
+class ProxyRecorder:
+    """A local 'proxy' the server is pointed at: any request it tries to send off the machine lands here instead."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.seen.append(conn.recv(512).split(b"\r\n", 1)[0].decode(errors="replace"))
+                except OSError:
+                    self.seen.append("(a connection)")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_served(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the app exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with opener.open(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the app did not serve {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_the_app_in_a_browser(tokenizer, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (PyPI) is not installed")
+    model_dir = tmp_path / "model"
+    tiny_model(tokenizer=tokenizer, frames_at="user_turn").save_pretrained(model_dir)
+    (image,) = [p for p, _ in app.write_examples(tmp_path / "upload", clips=(), size=112)]
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(mp4(12, 32))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all" * 16)
+
+    proxy = ProxyRecorder()
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env[var] = f"http://127.0.0.1:{proxy.port}"
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    command = [sys.executable, str(ROOT / "app.py"), "--model", str(model_dir), "--port", str(port)]
+    with log.open("w") as out:
+        server = subprocess.Popen([*command, "--max-new-tokens", "16"], cwd=ROOT, env=env, stdout=out, stderr=out)
+    outside: list[str] = []
+
+    def route(r) -> None:
+        if urlparse(r.request.url).hostname in LOCAL:
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_served(url, server, log)
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": 1200, "height": 820},
+            )  # fmt: skip
+            browser.set_default_timeout(30_000)
+            browser.route("**/*", route)
+            page = browser.new_page()
+            page.on("websocket", lambda ws: urlparse(ws.url).hostname in LOCAL or outside.append(ws.url))
+            page.goto(url)
+            box = page.locator("#message textarea")
+            bots, users = page.locator('#chat [data-testid="bot"]'), page.locator('#chat [data-testid="user"]')
+            box.wait_for()
+
+            def send(text: str = "", upload: Path | None = None) -> str:
+                """Send a message; wait for the app to finish answering; the last thing it said."""
+                before = bots.count()
+                if upload is not None:
+                    page.locator("#message input[type=file]").set_input_files(str(upload))
+                    page.locator("#message .thumbnail-item").wait_for()
+                box.fill(text)
+                box.press("Enter")
+                page.wait_for_function(DONE, arg=before, timeout=60_000)
+                return bots.last.inner_text()
+
+            page.evaluate(  # every length the newest reply shows, as it streams in
+                """() => { window.lengths = []; const chat = document.querySelector('#chat');
+                new MutationObserver(() => { const b = chat.querySelectorAll('[data-testid="bot"]');
+                  if (b.length) window.lengths.push(b[b.length - 1].innerText.trim().length); })
+                .observe(chat, {subtree: true, childList: true, characterData: true}); }"""
+            )
+            reply = send("What colour is the ball?", image)
+            lengths = [n for n in page.evaluate("window.lengths") if n > 1]  # past the "…" placeholder
+            assert reply.strip() and lengths and lengths[-1] == len(reply.strip())
+            assert len(set(lengths)) >= 2, f"the reply did not grow as it streamed: {lengths}"
+            pictures = page.locator("#attention img")
+            pictures.first.wait_for()
+            assert pictures.count() == 2  # the image is read as two copies: one picture per frame
+            assert "Entropy per frame" in page.locator("#attention-note").inner_text()
+            (ROOT / "docs").mkdir(exist_ok=True)
+            page.screenshot(path=str(ROOT / "docs" / "app.png"))
+
+            follow = send("And where is it going?")
+            assert follow.strip() and bots.count() == 2
+            asked = [users.nth(i).get_attribute("aria-label") for i in range(users.count())]
+            assert sum("What colour is the ball?" in a for a in asked) == 1
+            assert sum("And where is it going?" in a for a in asked) == 1
+
+            said = send("", video)
+            assert "Got a video, read as 4 frames" in said
+            send("What happens?")
+            page.wait_for_function("() => document.querySelectorAll('#attention img').length === 4")
+
+            said = send("", broken)
+            assert "broken.mp4 could not be read as a video" in said and "goes on about clip.mp4" in said
+            last = bots.count()
+            again = send("Are you still there?")
+            assert again.strip() and again != said and bots.count() == last + 1
+            assert server.poll() is None
+            browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+        proxy.close()
+    assert outside == [], f"the page asked hosts off this machine: {outside}"
+    assert proxy.seen == [], f"the server tried to reach off this machine: {proxy.seen}"
+    assert (ROOT / "docs" / "app.png").stat().st_size < 400_000
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
