@@ -19,6 +19,7 @@ A checkpoint directory exists under its final name only once complete, so the ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -35,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Idefics3Processor
 
+from cli import UserError
 from config import Config, ConfigError, from_dict, model_config, save_config
 from frames import FrameSpec
 from lora import is_lora_param
@@ -125,11 +127,28 @@ def _read(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path / name))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path / name} is damaged or incomplete ({e}): train again or use another checkpoint") from e
+        raise UserError(f"{path / name} is damaged or incomplete ({e}): train again or use another checkpoint") from e
+
+
+def _ours(path: Path) -> bool:
+    """A directory this project wrote: its config.json names the kind (or is the legacy foveated one)."""
+    try:
+        saved = json.loads((path / CONFIG).read_text())
+    except OSError:
+        return False
+    except json.JSONDecodeError:
+        return True  # ours, damaged: the normal path says so
+    return not isinstance(saved, dict) or "kind" in saved or "dino" in saved
 
 
 def load_model(path: str | Path) -> VLM:
-    """Any saved model directory -> its model (eval mode, CPU), of the kind its config.json names."""
+    """Any saved model directory -> its model (eval mode, CPU), of the kind its config.json names; also the
+    published fVLM checkpoint (hub id or a local copy of its files), which release.py converts."""
+    if not _ours(Path(path)):
+        import release  # only for what is not ours: our own directories are read below, unsniffed
+
+        if release.is_release_checkpoint(path):
+            return release.load_release(path)
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not a saved model: expected {CONFIG} and {WEIGHTS} in it")
@@ -139,7 +158,7 @@ def load_model(path: str | Path) -> VLM:
         config = model_config(saved["model"])
         frames = from_dict(FrameSpec, saved.get("frames", {}), "frames.")
     except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
-        raise ValueError(f"{path / CONFIG} is malformed: {e}") from e
+        raise UserError(f"{path / CONFIG} is malformed: {e}") from e
     if (path / PROCESSOR).is_dir():  # SmolVLM: the Idefics3 processor, which holds the tokenizer
         text = Idefics3Processor.from_pretrained(path / PROCESSOR)
     else:
@@ -156,7 +175,7 @@ def load_model(path: str | Path) -> VLM:
     missing = [k for k in missing if k not in loaded]
     if missing or unexpected:
         problem = f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        raise ValueError(f"{path / WEIGHTS} does not fit its config: {problem}")
+        raise UserError(f"{path / WEIGHTS} does not fit its config: {problem}")
     return model.eval()
 
 
@@ -244,9 +263,41 @@ def save_training(
         write(tmp / MODEL_DIR)
         save_file(tensors, str(tmp / STATE_TENSORS))
         save_config(config, tmp / RUN_CONFIG)
+        meta["files"] = _digests(tmp)  # written last: a checkpoint is whole when its files match these
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
 
     save_atomic(path, write_all)
+
+
+def _digests(root: Path) -> dict[str, list]:
+    """[size, sha256] of every file under root but state.json, by relative path."""
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != STATE_JSON):
+        h = hashlib.sha256()
+        with f.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(f.relative_to(root))] = [f.stat().st_size, h.hexdigest()]
+    return out
+
+
+def damage(path: Path) -> str | None:
+    """Why a training checkpoint cannot be resumed from (a missing, truncated or altered file), or None."""
+    try:
+        meta = json.loads((path / STATE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{path / STATE_JSON} is unreadable ({e})"
+    files = meta.get("files")
+    if files is None:
+        return None  # written before checkpoints carried digests
+    found = _digests(path)
+    for name, digest in files.items():
+        if name not in found:
+            return f"{path / name} is missing"
+        if found[name] != digest:
+            what = "truncated" if found[name][0] != digest[0] else "altered"
+            return f"{path / name} is {what} (size {found[name][0]}, expected {digest[0]})"
+    return None
 
 
 def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int = 0, world_size: int = 1) -> TrainState:
