@@ -395,9 +395,11 @@ class VLM(nn.Module):
         prompt: list[int],
         continuations: list[list[int]],
         labels: list[list[int]],
+        mean: bool = True,
         **read: Any,
-    ) -> Tensor:
-        """Mean NLL (n,) of each continuation's labelled tokens after the shared prefix [frames, prompt].
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Mean NLL (n,) of each continuation's labelled tokens after the shared prefix [frames, prompt] (with
+        `mean=False`: their summed NLL and token counts, for a corpus perplexity).
 
         The prefix (one clip) runs once; the n continuations run as one batch on its KV cache, right-padded,
         with positions counted over real tokens as the model does.
@@ -413,7 +415,7 @@ class VLM(nn.Module):
         hidden = self._llm(self.embed(cont), mask, pre.past)  # (n, L, D)
         logits = torch.cat([self.lm_head(pre.hidden[:, -1]).expand(n, -1)[:, None], self.lm_head(hidden)], dim=1)
         nll, count = token_nll(logits, F.pad(target, (1, 0), value=IGNORE_INDEX))  # position 0 from the prefix
-        return nll / count.clamp(min=1)
+        return nll / count.clamp(min=1) if mean else (nll, count)
 
     # ---- training support ---------------------------------------------------------------------
 
