@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import registry
 from answering import Answerer
 from benchmarks import LETTERS, NAMES, PROMPT_VARIANTS, Benchmark, DatasetMissing, Question, load_benchmark
 from frames import MediaError
-from metrics import LMMS_EVAL_VERSION, mvbench_summary, vqa_accuracy
+from metrics import LMMS_EVAL_VERSION, mvbench_summary, normalize_answer, vqa_accuracy
 
 PROTOCOLS = ("likelihood", "generate")
 MAX_NEW_TOKENS = 16  # lmms-eval's setting for these benchmarks
@@ -57,13 +58,19 @@ def answer_question(answerer: Answerer, bench: Benchmark, q: Question, protocol:
     letters = LETTERS[: len(q.options)]
     for mode in modes:
         if q.options and protocol == "likelihood":
-            answers = [f"{x}. {o}" for x, o in zip(letters, q.options, strict=True)]
+            answers = [f"{x}. {o}" for x, o in zip(letters, q.options, strict=True)] if q.lettered else q.options
             losses = answerer.score(state, q.prompt, answers, mode)
             pred = letters[min(range(len(losses)), key=losses.__getitem__)]
             result = {"pred": pred, "losses": [round(v, 5) for v in losses]}
         else:
             reply = answerer.generate(state, q.prompt, mode, MAX_NEW_TOKENS)
-            pred = bench.letter(reply, len(q.options)) if q.options else reply
+            if not q.options:
+                pred = reply
+            elif q.lettered:
+                pred = bench.letter(reply, len(q.options))
+            else:  # a plain reply is the option it equals
+                said = normalize_answer(reply)
+                pred = next((x for x, o in zip(letters, q.options, strict=True) if normalize_answer(o) == said), "")
             result = {"reply": reply, "pred": pred}
         result["score"] = float(pred == q.answer) if q.options else vqa_accuracy(pred, q.answer)
         record["modes"][mode] = result
@@ -205,4 +212,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -18,6 +18,9 @@ project's WebDataset format (DESIGN §6): `KEY.json` plus the media members trai
      "task": "motion",                                 # optional summary groups: any of task, duration,
      "category": "tracking"}                           #   domain, category
 An open question carries `"answers": [str, ...]` (scored with the VQA accuracy) instead of options/answer.
+`"format": "plain"` asks the bare question and takes each option as a whole reply ("The ball is red."):
+the likelihood protocol scores the replies as written, and a generated reply counts as the option it equals
+(after the EvalAI normalisation), otherwise as none.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 import textvqa
+from cli import UserError
 from frames import FrameSpec, read_image, sample_indices, video_frames
 from metrics import mvbench_letter, scienceqa_letter, videomme_letter, videomme_letter_legacy
 from processors import media_of  # the training reader's rule for media members
@@ -103,6 +107,10 @@ class DatasetMissing(FileNotFoundError):
     """A benchmark's files are not where its layout says; the message says what is expected where."""
 
 
+class DatasetMalformed(UserError):
+    """A benchmark's file is there but does not hold what its layout says; the message names the file."""
+
+
 @dataclass
 class Media:
     """Where one question's pixels are: nothing, one image, one video, or an ordered list of frame images."""
@@ -144,6 +152,8 @@ class Question:
     options: list[str]  # option texts without letters; empty for an open question
     answer: str | list[str]  # the right option's letter, or an open question's reference answers
     groups: dict[str, str] = field(default_factory=dict)  # summary breakdowns, e.g. {"task": "action_count"}
+    lettered: bool = True  # the options are listed in the prompt and answered "X. option"; False: each option is a
+    # whole reply to the bare question, scored as written (and a generated reply must be one of them)
 
 
 @dataclass
@@ -297,7 +307,7 @@ def _shard_question(meta: dict, key: str, raw: dict) -> Question:
         return Question(qid, meta["question"] + textvqa.SHORT_ANSWER_PROMPT, media, [], answers, groups)
     options = [str(o) for o in meta.get("options", meta.get("candidates", []))]
     if len(options) < 2:
-        raise ValueError(f"sample {key}: an evaluation sample needs 'options' (2 or more) or 'answers'")
+        raise ValueError("an evaluation sample needs 'options' (2 or more) or 'answers'")
     answer = meta["answer"]
     if isinstance(answer, int):
         index = answer
@@ -305,6 +315,8 @@ def _shard_question(meta: dict, key: str, raw: dict) -> Question:
         index = LETTERS.index(answer)
     else:
         index = options.index(str(answer))
+    if meta.get("format", "lettered") == "plain":
+        return Question(qid, meta["question"], media, options, LETTERS[index], groups, lettered=False)
     prompt = meta["question"] + "\n" + options_block(options).rstrip("\n") + LETTER_PROMPT
     return Question(qid, prompt, media, options, LETTERS[index], groups)
 
@@ -316,9 +328,13 @@ def load_shards(spec: str) -> list[Question]:
         raise DatasetMissing(f"shards: no readable .tar shards at {spec}. Expected: {LAYOUTS['shards']}")
     questions = []
     for raw in tarfile_samples([{"url": u} for u in urls]):
+        where = f"{raw.get('__url__', spec)}: sample {raw['__key__']}"
         if "json" not in raw:
-            raise ValueError(f"shard sample {raw['__key__']} has no JSON member")
-        questions.append(_shard_question(json.loads(raw["json"]), raw["__key__"], raw))
+            raise DatasetMalformed(f"{where} has no JSON member. Expected: {LAYOUTS['shards']}")
+        try:
+            questions.append(_shard_question(json.loads(raw["json"]), raw["__key__"], raw))
+        except (ValueError, KeyError, TypeError) as e:  # the JSON, its fields, or an answer not among the options
+            raise DatasetMalformed(f"{where}: {e if isinstance(e, ValueError) else repr(e)}") from e
     return questions
 
 
