@@ -27,12 +27,13 @@ import torch
 import yaml
 
 import benchmark
+import cli
 import registry
 import toyworld
 import train
 from answering import Answerer
 from bench import device_name, timed
-from config import ConfigError, load_config
+from config import load_config
 from optim import build_optimizer
 from processors import processor_for
 from vlm import VLM
@@ -105,7 +106,8 @@ def compare(base: Path, kinds: list[str], out: Path, overrides: list[str], eval_
             toyworld.ensure(world, seed=cfg.train.seed, size=cfg.data.frame_size, frames=cfg.data.max_frames)
         final = train.train(cfg)
         model = registry.load(final)
-        bench = benchmark.load_benchmark("toy" if eval_root is None else "shards", eval_root or world / "eval")
+        held = toyworld.held_out(cfg.data.train[0].path) if eval_root is None else eval_root
+        bench = benchmark.load_benchmark("toy" if eval_root is None else "shards", held)
         summary = benchmark.evaluate(Answerer(model), bench, "likelihood", list(model.reads), out / kind)
         rows.append(
             {
@@ -145,8 +147,11 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        acc = ", ".join(f"{k} {v}" for k, v in r["accuracy"].items()) if len(r["accuracy"]) > 1 else next(
-            iter(r["accuracy"].values()))
+        acc = (
+            ", ".join(f"{k} {v}" for k, v in r["accuracy"].items())
+            if len(r["accuracy"]) > 1
+            else next(iter(r["accuracy"].values()))
+        )
         lines.append(f"| {r['kind']} | {r['tokens_per_frame']} | {r['trainable_params'] / 1e6:.2f} M | {acc} | "
                      f"{r['train_samples_per_s']} | {r['prefill_ms_8_frames']:.0f} ms |")  # fmt: skip
     return head + "\n".join(lines) + "\n"
@@ -163,13 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = args.kinds.split(",")
     if unknown := [k for k in kinds if k not in KINDS]:
         p.error(f"unknown kinds {unknown}; expected some of {KINDS}")
-    try:
-        result = compare(args.config, kinds, args.out, args.set, args.eval)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    result = compare(args.config, kinds, args.out, args.set, args.eval)
     print("\n" + markdown(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -10,17 +10,23 @@ what a query learns here is to go where the ball is, and the attention pictures 
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
   caption/NNNNNN.tar  stage 1: `caption` describing the clip ("A red ball moves from the top left to ...")
   qa/NNNNNN.tar       stage 2: `user` (the multiple-choice prompt) / `assistant` ("C. blue")
+  ask/NNNNNN.tar      stage 2: the same question asked plainly ("What colour is the ball?" / "The ball is blue."):
+                      a trained model answers a person as well as a benchmark, and the short wording costs
+                      less than half the tokens of the lettered one
   dpo/NNNNNN.tar      stage 3: `user` / `chosen` (the right option) / `rejected` (a wrong one)
-  val/NNNNNN.tar      held-out clips as stage-2 samples, for validation loss
+  val/, ask_val/      held-out clips as stage-2 samples in either wording, for validation loss
   eval/NNNNNN.tar     the same held-out clips as multiple-choice questions in benchmarks.py's schema
                       (`question`, `options`, `answer`, `task`: whether the ball keeps near the centre):
                       `python benchmark.py --model runs/toy/final --bench toy --data-root DIR/eval`
+  caption_eval/       the held-out clips with their captions, for `benchmark.py --bench captions`
+  ask_eval/           the same held-out questions asked plainly (`format: plain`: each option a whole reply,
+                      "The ball is red.", ...), what the toy run trains on and evaluates
 Every JSON also carries `scene`, the clip's full description, from which it is rendered and from which
 the answer can be recomputed (`answer_of`). Same seed and sizes, same bytes; `ensure` regenerates only
 when the manifest (toyworld.json) records other settings or another version of the generator (`WORLD`,
 bumped whenever the clips or questions change, so that old shards are rewritten rather than trained on).
 
-    python toyworld.py run                                   # generate if missing, train, evaluate, draw
+    python toyworld.py run                                   # generate if missing, train, evaluate, draw (toyrun.py)
     python toyworld.py generate --out data/toy --seed 0     # the shards only
 """
 
@@ -29,7 +35,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+import cli
 from benchmarks import LETTER_PROMPT, LETTERS, options_block
 
 COLOURS: dict[str, tuple[int, int, int]] = {  # the ball's colours: the answers, in option order
@@ -54,7 +60,7 @@ SHARD_SIZE = 500
 GROUPS = ("ball near the centre", "ball off-centre")  # the evaluation's `task`: off-centre is the harder look
 LOOK_CLIPS = 25  # held-out clips whose attention is measured (two more forward passes each)
 MANIFEST = "toyworld.json"
-WORLD = 2  # the generator's version, kept in the manifest: bump it when the clips or questions change
+WORLD = 5  # the generator's version, kept in the manifest: bump it when the clips or questions change
 TRAIN_CLIPS, EVAL_CLIPS = 2000, 100
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
 
@@ -154,6 +160,20 @@ def mcq_prompt(question: str, options: list[str]) -> str:
     return question + "\n" + options_block(options).rstrip("\n") + LETTER_PROMPT
 
 
+EVAL_OF = {"qa": "eval", "ask": "ask_eval"}  # the held-out questions in the wording a run trained on
+
+
+def held_out(train_glob: str) -> Path:
+    """The evaluation split for a run whose first training source is `train_glob` (ROOT/<family>/*.tar)."""
+    family = Path(train_glob).parent
+    return family.parent / EVAL_OF.get(family.name, "eval")
+
+
+def plain_reply(colour: str) -> str:
+    """The answer to QUESTION asked plainly."""
+    return f"The ball is {colour}."
+
+
 def _corner(scene: dict[str, Any], xy: list[int]) -> str:
     half = scene["size"] / 2
     return CORNERS[int(xy[0] >= half) + 2 * int(xy[1] >= half)]
@@ -189,8 +209,21 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     user = mcq_prompt(QUESTION, options)
     reply = [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
     qa = {"user": user, "assistant": reply[answer], "scene": scene}
+    plain = [plain_reply(o) for o in options]
+    ask = {"user": QUESTION, "assistant": plain[answer], "scene": scene}
     metas = {
+        "ask": ask,
+        "ask_val": ask,
+        "ask_eval": {
+            "question": QUESTION,
+            "options": plain,
+            "answer": LETTERS[answer],
+            "format": "plain",
+            "task": group_of(scene),
+            "scene": scene,
+        },
         "caption": {"caption": caption(scene), "scene": scene},
+        "caption_eval": {"caption": caption(scene), "scene": scene},
         "qa": qa,
         "val": qa,
         "dpo": {"user": user, "chosen": reply[answer], "rejected": reply[s["wrong"]], "scene": scene},
@@ -230,8 +263,8 @@ def generate(
 ) -> Path:
     """Write every shard family into `out` (see the module docstring), then the manifest."""
     out = Path(out)
-    _write(out, "train", ("caption", "qa", "dpo"), train, seed, size, frames)
-    _write(out, "eval", ("val", "eval"), eval, seed, size, frames)
+    _write(out, "train", ("caption", "qa", "ask", "dpo"), train, seed, size, frames)
+    _write(out, "eval", ("val", "eval", "ask_val", "ask_eval", "caption_eval"), eval, seed, size, frames)
     (out / MANIFEST).write_text(json.dumps(_manifest(seed, train, eval, size, frames), indent=1))
     return out
 
@@ -248,68 +281,6 @@ def ensure(
     return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames)
 
 
-def look_and_draw(answerer: Any, bench: Any, out: Path, seed: int, frames: int, pictures: int) -> dict[str, float]:
-    """Where the queries look, apart from whether the answer is read: the mean share of attention on the ball
-    over the first LOOK_CLIPS held-out clips, for the static query (coarse_only), the queries written by the LLM
-    (autoregressive) and a uniform look (also written to out/look.json); and attention pictures of the first
-    `pictures` clips in both modes."""
-    from attention_viz import read_attention, save_attention
-    from tokenization import prompt_ids
-
-    model, modes = answerer.model, ("coarse_only", "autoregressive")
-    patch, look, uniform = model.encoder.dino.config.patch_size, {m: [] for m in modes}, []
-    for i, q in enumerate(bench.questions[: max(LOOK_CLIPS, pictures)]):
-        scene = sample(seed, "eval", int(q.id.removeprefix("eval")), answerer.frames.size, frames)["scene"]
-        clip = q.media.frames(answerer.frames)  # (T, 3, H, W)
-        ids = torch.tensor(prompt_ids(model.tokenizer, q.prompt))
-        uniform.append(np.mean([ball_patches(scene, t, patch).mean() for t in range(scene["frames"])]))
-        for mode in modes:
-            attention = read_attention(model, clip, ids, mode)
-            if i < pictures:
-                save_attention(clip, attention, out / "attention" / f"{q.id}_{mode}")
-            look[mode].append(look_share(attention, scene, patch))
-    looks = {"uniform": float(np.mean(uniform)), **{m: float(np.mean(v)) for m, v in look.items()}}
-    (out / "look.json").write_text(json.dumps({"clips": len(uniform), "share_on_ball": looks}, indent=1))
-    return looks
-
-
-def run(config: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), clips: int = TRAIN_CLIPS, pictures: int = 4):
-    """The toy run: write the world if missing, train, evaluate the held-out split in every mode, draw attention.
-
-    The shards live where the config's first training source points (ROOT/qa/*.tar); the clips are drawn
-    at the config's frame size and frame count. Returns the evaluation summary (benchmark.py's).
-    """
-    import shutil
-
-    import benchmark
-    import train
-    from answering import Answerer
-    from config import MODES, load_config
-    from model import FoveatedVLM
-
-    start = time.perf_counter()
-    cfg = load_config(config, list(overrides))
-    root = Path(cfg.data.train[0].path).parent.parent
-    ensure(root, seed=cfg.train.seed, train=clips, size=cfg.data.frame_size, frames=cfg.data.max_frames)
-    final = train.train(cfg)
-    model = FoveatedVLM.from_pretrained(final)
-    out = Path(cfg.train.out_dir)
-    shutil.rmtree(out / "eval", ignore_errors=True)  # predictions of an earlier model must not be reused
-    bench = benchmark.load_benchmark("toy", root / "eval")
-    answerer = Answerer(model)  # the frame settings it was trained with
-    summary = benchmark.evaluate(answerer, bench, "likelihood", list(MODES), out / "eval")
-    benchmark.print_summary(summary)
-    print("  by where the ball is (off-centre is the harder look):")
-    for task, row in summary["groups"]["task"].items():
-        print(f"    {task:<22} n={row['n']:<4}" + "".join(f"{m} {row[m]:5.1f}  " for m in MODES))
-    looks = look_and_draw(answerer, bench, out, cfg.train.seed, cfg.data.max_frames, pictures)
-    print(f"attention on the ball, {LOOK_CLIPS} held-out clips (a uniform look: {100 * looks['uniform']:.0f} %):")
-    print("  " + "  ".join(f"{m} {100 * v:.0f} %" for m, v in looks.items() if m != "uniform"))
-    print(f"model: {final} (FoveatedVLM.from_pretrained), attention pictures: {out / 'attention'}")
-    print(f"toy run took {time.perf_counter() - start:.0f} s")
-    return summary
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -317,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--config", default=str(DEFAULT_CONFIG))
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.max_steps=10")
     r.add_argument("--clips", type=int, default=TRAIN_CLIPS, help="training clips to generate")
+    r.add_argument("--no-glance", action="store_true", help="train the foveated model only, not the glance too")
     g = sub.add_parser("generate", help="write the shards only")
     g.add_argument("--out", default="data/toy")
     g.add_argument("--seed", type=int, default=0)
@@ -326,10 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--frames", type=int, default=4)
     a = p.parse_args(argv)
     if a.command == "run":
-        run(a.config, a.set, a.clips)
+        import toyrun  # the run trains and evaluates: it sits above the world it runs on
+
+        toyrun.run(a.config, a.set, a.clips, glance=not a.no_glance)
     else:
         generate(a.out, a.seed, a.train, a.eval, a.size, a.frames)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

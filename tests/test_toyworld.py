@@ -185,3 +185,42 @@ def test_look_share_measures_attention_on_the_ball_found_from_the_pixels(world):
         uniform = torch.full((FRAMES, 1, 1 + grid * grid), 1 / (grid * grid))
         expected = np.mean([toyworld.ball_patches(scene, t, patch).mean() for t in range(FRAMES)])
         assert toyworld.look_share(uniform, scene, patch) == pytest.approx(expected)
+
+
+def test_the_plain_wording_is_evaluated_as_whole_replies(world):
+    bench = load_benchmark("toy", toyworld.held_out(str(world / "ask" / "*.tar")))
+    val = [json.loads(r["json"]) for r in read(world / "ask_val" / "000000.tar")]
+    for q, v in zip(bench.questions, val, strict=True):
+        assert not q.lettered and q.prompt == toyworld.QUESTION == v["user"]
+        assert q.options == [toyworld.plain_reply(c) for c in toyworld.COLOURS]
+        assert q.options["ABCD".index(q.answer)] == v["assistant"]
+
+
+def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer):
+    """toyrun.run with a tiny model: the world, a few steps of the foveated model and of the glance, evaluation
+    in every mode, where each looked, the pictures and the summary."""
+    import yaml
+
+    import toyrun
+    from tests.tiny import IMAGE, tiny_model
+
+    start = tmp_path / "start"
+    tiny_model(tokenizer=tokenizer, frames_at="user_turn").save_pretrained(start)
+    root = tmp_path / "toy"
+    config = {
+        "data": {"train": str(root / "ask" / "*.tar"), "val": str(root / "ask_val" / "*.tar"), "stage": 2,
+                 "batch_size": 4, "max_frames": 2, "frame_size": IMAGE, "num_workers": 0, "shuffle_buffer": 0},
+        "optim": {"lr_connector": 1e-2, "lr_vision": 0.0, "lr_llm": 0.0, "schedule": "constant", "warmup": 0.0},
+        "train": {"init_from": str(start), "max_steps": 3, "save_every": 3, "out_dir": str(tmp_path / "run")},
+    }  # fmt: skip
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
+    summary = toyrun.run(tmp_path / "toy.yaml", clips=8, pictures=1)
+    assert set(summary["accuracy"]) == {"foveated", "glance"} and summary["questions"] == toyworld.EVAL_CLIPS
+    assert set(summary["accuracy"]["foveated"]) >= {"coarse_only", "coarse_fine", "autoregressive"}
+    assert set(summary["share_on_ball"]) == {"clips", "uniform", "static", "loop", "glance"}
+    assert all(0 < summary["share_on_ball"][k] < 1 for k in ("uniform", "static", "loop", "glance"))
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert (run / "final" / "config.json").is_file() and (run / "glance" / "final" / "config.json").is_file()
+    pictures = sorted(p.name for p in (run / "attention").glob("*.png"))
+    assert pictures == ["eval0000000_glance.png", "eval0000000_loop.png", "eval0000000_static.png"]

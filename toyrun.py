@@ -1,0 +1,117 @@
+"""The toy run, the main command (`python toyworld.py run`): a placed look against a glance, in minutes on a CPU.
+
+It writes the toy world if it is missing (toyworld.py), trains the foveated model with configs/toy.yaml, and
+then the glance: the same model, steps, data and seed, trained to read in coarse_only mode (the static query
+alone, no feedback), so that each of the two is a model trained for the way it reads. It evaluates the
+held-out split (likelihood protocol): the foveated model in every mode, the glance in its own. Then it
+measures where each looked, apart from whether the answer was read: the share of the final read's attention
+on the ball over LOOK_CLIPS held-out clips (against a uniform look), and draws the attention of a few clips.
+Everything lands under train.out_dir: final/ (the foveated model), glance/final/, eval/, attention/, look.json
+and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import benchmark
+import registry
+import train
+from answering import Answerer
+from attention_viz import read_attention, save_attention
+from config import load_config
+from processors import processor_for
+from toyworld import DEFAULT_CONFIG, LOOK_CLIPS, TRAIN_CLIPS, ball_patches, ensure, held_out, look_share, sample
+
+GLANCE = ["model.mode=coarse_only"]  # what makes the glance: the run config's model trained to read coarse_only
+
+
+def looks(
+    answerer: Answerer, questions: list, reads: dict[str, str], out: Path, seed: int, pictures: int
+) -> dict[str, float]:
+    """Mean share of attention on the ball over the first LOOK_CLIPS clips, per {label: read} (and a uniform look);
+    attention pictures of the first `pictures` clips, `out/attention/<id>_<label>.png`."""
+    model = answerer.model
+    patch, shares, uniform = model.encoder.dino.config.patch_size, {label: [] for label in reads}, []
+    prompt = processor_for(model).prompt
+    for i, q in enumerate(questions[: max(LOOK_CLIPS, pictures)]):
+        index = int(q.id.removeprefix("eval"))
+        scene = sample(seed, "eval", index, answerer.frames.size, model.frames.max_frames)["scene"]
+        clip = q.media.frames(answerer.frames)  # (T, 3, H, W)
+        ids = torch.tensor(prompt(q.prompt))
+        uniform.append(np.mean([ball_patches(scene, t, patch).mean() for t in range(scene["frames"])]))
+        for label, read in reads.items():
+            attention = read_attention(model, clip, ids, read)
+            if i < pictures:
+                save_attention(clip, attention, out / "attention" / f"{q.id}_{label}", patch=patch)
+            shares[label].append(look_share(attention, scene, patch))
+    return {"uniform": float(np.mean(uniform)), **{k: float(np.mean(v)) for k, v in shares.items()}}
+
+
+def evaluate(model_dir: Path, bench: Any, reads: list[str], out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier model must not be reused
+    return benchmark.evaluate(Answerer(registry.load(model_dir)), bench, "likelihood", reads, out)
+
+
+def run(
+    config: str | Path = DEFAULT_CONFIG,
+    overrides: list[str] = (),
+    clips: int = TRAIN_CLIPS,
+    pictures: int = 4,
+    glance: bool = True,
+) -> dict:
+    """The toy run (see the module docstring); returns what summary.json holds."""
+    start = time.perf_counter()
+    cfg = load_config(config, list(overrides))
+    root, out = Path(cfg.data.train[0].path).parent.parent, Path(cfg.train.out_dir)
+    ensure(root, seed=cfg.train.seed, train=clips, size=cfg.data.frame_size, frames=cfg.data.max_frames)
+    bench = benchmark.load_benchmark("toy", held_out(cfg.data.train[0].path))
+    final = train.train(cfg)
+    results = {"foveated": evaluate(final, bench, ["coarse_only", "coarse_fine", "autoregressive"], out / "eval")}
+    if glance:
+        glance_cfg = load_config(config, [*overrides, *GLANCE, f"train.out_dir={out / 'glance'}"])
+        glance_final = train.train(glance_cfg)
+        results["glance"] = evaluate(glance_final, bench, ["coarse_only"], out / "glance" / "eval")
+    answerer = Answerer(registry.load(final))
+    shares = looks(answerer, bench.questions, {"static": "coarse_only", "loop": "autoregressive"}, out,
+                   cfg.train.seed, pictures)  # fmt: skip
+    if glance:
+        shares["glance"] = looks(Answerer(registry.load(glance_final)), bench.questions, {"glance": "coarse_only"},
+                                 out, cfg.train.seed, pictures)["glance"]  # fmt: skip
+    summary = {
+        "questions": len(bench.questions),
+        "chance": results["foveated"]["chance"],
+        "accuracy": {name: r["overall"] for name, r in results.items()},
+        "by_group": {name: r["groups"]["task"] for name, r in results.items()},
+        "share_on_ball": {"clips": min(LOOK_CLIPS, len(bench.questions)), **shares},
+        "seconds": round(time.perf_counter() - start),
+        "seed": cfg.train.seed,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report(summary, out)
+    return summary
+
+
+def report(summary: dict, out: Path) -> None:
+    acc, look = summary["accuracy"], summary["share_on_ball"]
+    n, chance = summary["questions"], summary["chance"]
+    print(f"\nheld-out accuracy, {n} questions (likelihood protocol; chance {chance:.0f} %):")
+    fov = acc["foveated"]
+    modes = "  ".join(f"{m} {fov[m]:5.1f}" for m in ("coarse_only", "coarse_fine", "autoregressive"))
+    print(f"  foveated, trained coarse_fine:  {modes}")
+    if "glance" in acc:
+        print(f"  glance, trained coarse_only:    coarse_only {acc['glance']['coarse_only']:5.1f}")
+    print(f"share of attention on the ball, {look['clips']} held-out clips (uniform: {100 * look['uniform']:.0f} %):")
+    line = f"  the loop's queries (autoregressive) {100 * look['loop']:.0f} %"
+    line += f", its static query {100 * look['static']:.0f} %"
+    print(line + (f", the glance's query {100 * look['glance']:.0f} %" if "glance" in look else ""))
+    print(f"models: {out / 'final'}" + (f", {out / 'glance' / 'final'}" if "glance" in acc else "")
+          + f" (registry.load); attention pictures: {out / 'attention'}")  # fmt: skip
+    print(f"toy run took {summary['seconds']} s")
