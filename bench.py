@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Dinov2Config, LlamaConfig
 
+import cli
 import data
 import registry
 from config import ModelConfig
@@ -268,8 +269,10 @@ def bench_data(workers: list[int]) -> list[dict]:
     rows = []
     for w in workers:
         r = data.throughput(processor, num_workers=w)
-        what = f"64-frame JPEG samples, {w} workers: {r['samples_per_s']:.2f} samples/s " \
+        what = (
+            f"64-frame JPEG samples, {w} workers: {r['samples_per_s']:.2f} samples/s "
             f"({r['samples_per_s_per_worker']:.2f}/worker)"
+        )
         rows.append(_row("data", what, 1 / r["samples_per_s"], 1 / r["samples_per_s"], "per sample"))
     return rows
 
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", default="8,64", help="frame counts for the inference section")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backbones", default="random", help="random (real shapes), packaged, or a hub id / dir")
-    p.add_argument("--kind", default="foveated", help="the kind of model (registry.py), e.g. pixel_shuffle")
+    p.add_argument("--kind", default="foveated", choices=sorted(ModelConfig.kinds), help="the kind of model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = p.parse_args(argv)
@@ -316,4 +319,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import registry
 from answering import Answerer, media_at
 from config import FoveatedConfig
@@ -63,4 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

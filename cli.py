@@ -3,7 +3,8 @@ exit status 2; `--debug` (or FVLM_DEBUG=1) shows the traceback instead. Anything
 
 Expected failures are the ones a user can mend: a config that does not parse or names an unknown key, a file or
 directory that is missing, unreadable or damaged (a truncated checkpoint, undecodable media), a data set not in
-its layout, an output directory that would be overwritten, a full disk.
+its layout, an output directory that would be overwritten, a full disk. `sys.exit("message")` inside a command
+ends the same way.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
     argv = [a for a in argv if a != "--debug"]
     try:
         return main(argv)
+    except SystemExit as e:  # sys.exit("message") inside a command: the same one line and status
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {message(UserError(e.code.removeprefix('error: ')))}", file=sys.stderr)
+        raise SystemExit(2) from None
     except BaseException as e:  # noqa: BLE001 - sorted into expected and unexpected just below
         if debug or not expected(e):
             raise

@@ -329,6 +329,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False
     dpo_beta: float = 0.1  # stage 3
+    max_nonfinite: int = 5  # steps in a row whose loss or gradient is NaN/inf (each skipped) before the run stops
+    ddp_timeout: float = 600  # seconds a process waits for the others in a collective before it gives up
     val_every: int = 0  # optimizer steps between validations; 0 = never
     val_batches: int = 50  # batches per validation (per process)
     save_every: int = 500  # optimizer steps between checkpoints (a last one is written at the end)
@@ -344,11 +346,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.best_metric", self.best_metric, ("val_loss", "loss"))
         _choice("train.wandb", self.wandb, ("disabled", "offline", "online"))
-        for key in ("max_steps", "accumulate", "save_every", "keep_last"):
+        for key in ("max_steps", "accumulate", "save_every", "keep_last", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'train.{key}' must be >= 1, got {getattr(self, key)}")
         if self.epochs < 0:
             raise ConfigError(f"'train.epochs' must be >= 0, got {self.epochs}")
+        if self.ddp_timeout <= 0:
+            raise ConfigError(f"'train.ddp_timeout' must be > 0 seconds, got {self.ddp_timeout}")
         validated = self.val_every and self.save_every % self.val_every == 0
         if self.keep_best and self.best_metric == "val_loss" and not validated:
             raise ConfigError("'train.keep_best' by val_loss needs 'train.save_every' a multiple of 'train.val_every'")

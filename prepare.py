@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import cli
 from shardwriter import Options, convert
 from sources import NAMES
 
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

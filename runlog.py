@@ -15,7 +15,7 @@ from optim import GROUPS
 
 COLUMNS = [
     "step", "epoch", "loss", "val_loss", *(f"lr_{g}" for g in GROUPS),
-    "samples_per_s", "tokens_per_s", "data_s", "compute_s", "skipped", "mix",
+    "samples_per_s", "tokens_per_s", "data_s", "compute_s", "skipped", "nonfinite", "mix",
 ]  # fmt: skip
 
 

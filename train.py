@@ -25,8 +25,9 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -38,9 +39,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint as ckpt
+import cli
 import data
 import registry
 from answering import Answerer
+from cli import UserError
 from config import Config, ConfigError, ModelConfig, load_config, save_config
 from frames import MediaError
 from losses import batch_loss
@@ -50,6 +53,10 @@ from readers import open_reader
 from runlog import RunLog
 from schedule import Schedule
 from vlm import VLM
+
+
+class NonFinite(UserError):
+    """Too many steps in a row whose loss or gradient was NaN/inf."""
 
 
 @dataclass
@@ -67,15 +74,16 @@ class Dist:
         return t.tolist()
 
 
-def init_dist() -> Dist:
-    """One process per device; torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else a single process."""
+def init_dist(timeout: float) -> Dist:
+    """One process per device; torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else a single process. A collective
+    that waits `timeout` seconds for a process that has died fails instead of hanging."""
     world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
     return Dist(int(os.environ.get("RANK", 0)), world_size, device)
 
 
@@ -182,16 +190,28 @@ def build_models(cfg: Config, resume: Path | None) -> tuple[VLM, VLM | None]:
 
 
 def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint a run continues from: with resume auto the newest whole one (a damaged one is passed over,
+    saying so), none for a new run (refused if out_dir already holds checkpoints), or the one named."""
     found = ckpt.list_checkpoints(cfg.train.out_dir)
     if cfg.train.resume == "auto":
-        return found[-1] if found else None
+        for path in reversed(found):
+            problem = ckpt.damage(path)
+            if problem is None:
+                return path
+            print(f"warning: not resuming from {path.name}: {problem}; trying the one before", file=sys.stderr)
+        if found:
+            raise UserError(f"every checkpoint in {cfg.train.out_dir} is damaged: start anew in another out_dir")
+        return None
     if cfg.train.resume == "none":
         if found:
-            raise ValueError(f"{cfg.train.out_dir} already holds checkpoints; use resume: auto or a new out_dir")
+            raise UserError(f"{cfg.train.out_dir} already holds checkpoints: set train.resume=auto to continue the "
+                            "run, or choose another train.out_dir")  # fmt: skip
         return None
     path = Path(cfg.train.resume)
     if not (path / ckpt.STATE_JSON).is_file():
         raise FileNotFoundError(f"train.resume: {path} is not a training checkpoint (no {ckpt.STATE_JSON})")
+    if problem := ckpt.damage(path):
+        raise UserError(f"train.resume: {problem}")
     return path
 
 
@@ -232,6 +252,7 @@ class Trainer:
         o = cfg.optim
         self.schedule = Schedule(o.schedule, self.max_steps, o.warmup, o.target_lr, o.min_lr_ratio)
         self.stream = Stream(partial(self.loader, split="train"), d, self.state)
+        self.nonfinite = 0  # steps in a row skipped for a NaN/inf loss or gradient
 
     def loader(self, epoch: int = 0, skip_batches: int = 0, split: str = "train") -> Iterator[dict]:
         d = self.d
@@ -258,12 +279,25 @@ class Trainer:
                 loss = self.loss(self.model, batch)
                 (loss / tc.accumulate).backward()
             loss_sum, samples, tokens = loss_sum + loss.detach().float(), samples + n, tokens + k
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf  # inf: measure only
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        bad = not (math.isfinite(loss_sum.item()) and math.isfinite(norm.item()))
+        loss_sum, samples, tokens, skipped, bad = d.sum(
+            [loss_sum.item(), samples, tokens, self.stream.skipped - skipped, bad]
+        )
+        if bad:  # on any process: no process steps, so no NaN reaches the weights or the optimizer's moments
+            self.nonfinite += 1
+            if self.nonfinite >= tc.max_nonfinite:
+                raise NonFinite(
+                    f"step {self.state.step + 1}: the loss or gradient was NaN/inf in {self.nonfinite} steps in a row "
+                    f"(train.max_nonfinite); the last good checkpoint is in {tc.out_dir}: lower the learning rate "
+                    "or check the data, then resume"
+                )
+        else:
+            self.optimizer.step()
+            self.nonfinite = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        loss_sum, samples, tokens, skipped = d.sum([loss_sum.item(), samples, tokens, self.stream.skipped - skipped])
         seconds = time.perf_counter() - start
         return {
             "step": self.state.step,
@@ -275,6 +309,7 @@ class Trainer:
             "data_s": data_s,
             "compute_s": seconds - data_s,
             "skipped": int(skipped),
+            "nonfinite": int(bad > 0),
             "mix": self.mix(),
         }
 
@@ -319,10 +354,29 @@ class Trainer:
             dist.barrier()
 
 
+@contextmanager
+def lost_peers(d: Dist, state: ckpt.TrainState) -> Iterator[None]:
+    """A collective that fails because another process died (a closed connection) or stalled (train.ddp_timeout)
+    becomes one clear error on the survivors instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if d.world_size == 1 or not (isinstance(e, dist.DistError) or any(w in text for w in _PEER_LOST)):
+            raise
+        raise UserError(
+            f"process {d.rank} lost the other processes at step {state.step + 1} ({text.splitlines()[0][:160]}): "
+            "one of them died or stalled, see its log; then continue with train.resume=auto"
+        ) from e
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Socket Timeout")
+
+
 def train(cfg: Config) -> Path:
     """Run (or continue) the configured training; returns the directory of the final model."""
     tc, out = cfg.train, Path(cfg.train.out_dir)
-    d = init_dist()
+    d = init_dist(tc.ddp_timeout)
     log = RunLog(cfg, enabled=d.rank == 0)  # fails here, before any work, if wandb is asked for but missing
     run = Trainer(cfg, d, find_resume(cfg))
     cfg.model = run.raw.config  # the run config saved beside the model describes the model trained
@@ -331,17 +385,17 @@ def train(cfg: Config) -> Path:
         save_config(cfg, out / ckpt.RUN_CONFIG)
     log.start(run.state.step)
     bar = tqdm(total=run.max_steps, initial=run.state.step, disable=d.rank != 0, dynamic_ncols=True)
-    while run.state.step < run.max_steps:
-        row = run.step()
-        if tc.val_every and run.state.step % tc.val_every == 0:
-            row["val_loss"] = run.validate()
-        log.write(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if run.state.step % tc.save_every == 0 or run.state.step == run.max_steps:
-            run.state.metric = row.get(tc.best_metric)
-            run.save()
-    bar.close()
+    with bar, lost_peers(d, run.state):  # the bar ends its line before any error is printed
+        while run.state.step < run.max_steps:
+            row = run.step()
+            if tc.val_every and run.state.step % tc.val_every == 0:
+                row["val_loss"] = run.validate()
+            log.write(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if run.state.step % tc.save_every == 0 or run.state.step == run.max_steps:
+                run.state.metric = row.get(tc.best_metric)
+                run.save()
     log.close()
     final = out / "final"
     if d.rank == 0:
@@ -375,12 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.max_steps=10")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected failure")
     args = parser.parse_args(argv)
-    try:
-        train(load_config(args.config, args.set))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    train(load_config(args.config, args.set))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -322,8 +322,7 @@ def test_the_app_in_a_browser(tokenizer, tmp_path):
             pictures.first.wait_for()
             assert pictures.count() == 2  # the image is read as two copies: one picture per frame
             assert "Entropy per frame" in page.locator("#attention-note").inner_text()
-            (ROOT / "docs").mkdir(exist_ok=True)
-            page.screenshot(path=str(ROOT / "docs" / "app.png"))
+            page.screenshot(path=str(tmp_path / "app.png"))  # the test's own: docs/app.png is a trained model's
 
             follow = send("And where is it going?")
             assert follow.strip() and bots.count() == 2
@@ -353,5 +352,5 @@ def test_the_app_in_a_browser(tokenizer, tmp_path):
         proxy.close()
     assert outside == [], f"the page asked hosts off this machine: {outside}"
     assert proxy.seen == [], f"the server tried to reach off this machine: {proxy.seen}"
-    assert (ROOT / "docs" / "app.png").stat().st_size < 400_000
+    assert (tmp_path / "app.png").stat().st_size > 10_000  # a page was drawn
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)

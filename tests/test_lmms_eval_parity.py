@@ -53,7 +53,8 @@ def lmms():
         pytest.skip(f"lmms_eval is not importable (not installed): {INSTALL}")
     assert importlib.metadata.version("lmms_eval") == LMMS_EVAL_VERSION, "the parity target is one release"
     tasks = Path(spec.origin).parent / "tasks"
-    if "lmms_eval.tasks" not in sys.modules:
+    stubbed = "lmms_eval.tasks" not in sys.modules
+    if stubbed:  # the bare package: its real init would build the whole task registry
         bare = types.ModuleType("lmms_eval.tasks")
         bare.__path__ = [str(tasks)]
         sys.modules["lmms_eval.tasks"] = bare
@@ -69,7 +70,10 @@ def lmms():
         modules = {k: importlib.import_module(f"lmms_eval.tasks.{v}") for k, v in names.items()}
     except ImportError as e:
         pytest.skip(f"lmms_eval's task code is not importable ({e}): {INSTALL}")
-    return types.SimpleNamespace(tasks=tasks, **modules)
+    yield types.SimpleNamespace(tasks=tasks, **modules)
+    if stubbed:  # later tests (the plugin's) import the real package
+        for name in [m for m in sys.modules if m == "lmms_eval.tasks" or m.startswith("lmms_eval.tasks.")]:
+            del sys.modules[name]
 
 
 class _Loader(yaml.SafeLoader):
