@@ -2,6 +2,7 @@
 
     python bench.py                      # all sections, the foveated model's real architecture, random weights
     python bench.py --only inference --frames 8,64 --out bench.json
+    python bench.py --only decode        # greedy decoding: dynamic vs static KV cache vs torch.compile
     python bench.py --only benchmark     # option scoring: shared encoding + prefix vs naive
     python bench.py --kind pixel_shuffle --only inference   # any kind of model (registry.py)
 
@@ -167,6 +168,25 @@ def bench_inference(
     return rows
 
 
+def bench_decode(model: VLM, device: torch.device, repeats: int, new: int = 32, frames: int = 8) -> list[dict]:
+    """Greedy decoding after a [frames + prompt] prefix, per new token: the growing KV cache against the static one
+    (fixed shapes at every step) and the static one through torch.compile (CUDA graphs on a GPU). The end id is
+    one no logit picks, so every run decodes `new` tokens; the prefix is in each time, and so in the ratio."""
+    ids = torch.randint(0, model.llm.config.vocab_size, (1, 32), device=device)
+    visual = model.prepare(torch.randn(1, frames, 3, 224, 224, device=device),
+                           torch.ones(1, frames, dtype=torch.bool, device=device))  # fmt: skip
+    read = next(iter(model.reads.values()))
+    rows, base = [], None
+    for label, kw in (("dynamic cache", {}), ("static cache", {"cache": "static"}),
+                      ("static cache, torch.compile", {"cache": "static", "compile": True})):  # fmt: skip
+        run = partial(model.generate, visual, ids, torch.ones_like(ids), new, -1, **kw, **read)
+        sec = timed(run, device, repeats, warmup=2 if kw.get("compile") else 1) / new
+        base = base or sec
+        what = f"greedy decode, per token ({new} after {frames} frames + 32 text tokens), {label}"
+        rows.append(_row("decode", what, sec, base, "dynamic cache"))
+    return rows
+
+
 def bench_benchmark(
     model: VLM,
     device: torch.device,
@@ -290,7 +310,9 @@ def print_table(rows: list[dict], device: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--only", default="inference,benchmark,train,data", help="comma-separated: inference, benchmark, train, data"
+        "--only",
+        default="inference,decode,benchmark,train,data",
+        help="comma-separated: inference, decode, benchmark, train, data",
     )
     p.add_argument("--workers", default="1,2", help="worker counts for the data section")
     p.add_argument("--frames", default="8,64", help="frame counts for the inference section")
@@ -306,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         if "inference" in args.only.split(","):
             rows += bench_inference(model, device, [int(t) for t in args.frames.split(",")], args.repeats)
+        if "decode" in args.only.split(","):
+            rows += bench_decode(model, device, args.repeats)
         if "benchmark" in args.only.split(","):
             rows += bench_benchmark(model, device, args.repeats)
     if "train" in args.only.split(","):

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2M
 from config import MODES, FoveatedConfig
 from encoder import FoveatedEncoder, PatchCache
 from frames import FrameSpec
+from kvcache import StaticKV
 from vlm import VLM, Output, Prefix, Visual
 
 
@@ -120,19 +121,22 @@ class FoveatedVLM(VLM):
         attention_mask: Tensor,
         kv_cache: bool = False,
         rows: Tensor | None = None,
+        room: int | None = None,
         **read: Any,
     ) -> Prefix:
-        """The base's layout; autoregressive mode runs its own frame-by-frame loop first."""
+        """The base's layout; autoregressive mode runs its own frame-by-frame loop first (with `room`, every step
+        writes into one static cache sized for head + T*k frame slots + text + room)."""
         read = read or self.train_read
         if read.get("mode") != "autoregressive":
-            return super().prefix(visual, input_ids, attention_mask, kv_cache, rows, **read)
+            return super().prefix(visual, input_ids, attention_mask, kv_cache, rows, room, **read)
         self.check_read(read)
         h = self.head_length(input_ids, attention_mask)
         text, text_mask = self.embed(input_ids)[:, h:], attention_mask[:, h:].long()
         framed, last = visual.frame_mask.any(1), self.last_slot(visual.frame_mask)
         if rows is not None:
             framed, last = framed[rows], last[rows]
-        past = DynamicCache() if kv_cache else None
+        length = h + visual.frame_mask.shape[1] * self.tokens_per_frame + text.shape[1]
+        past = self.new_cache(kv_cache, room, length)
         return self._autoregressive(visual, rows, text, text_mask, past, framed, last)
 
     def _autoregressive(
@@ -141,7 +145,7 @@ class FoveatedVLM(VLM):
         rows: Tensor | None,
         text: Tensor,
         text_mask: Tensor,
-        past: DynamicCache | None,
+        past: DynamicCache | StaticKV | None,
         framed: Tensor,
         last_slot: Tensor,
     ) -> Prefix:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import (
-    DynamicCache,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
@@ -33,7 +32,7 @@ from transformers import (
 from config import SmolVLMConfig
 from connectors import TokenLearnerQFormer
 from frames import FrameSpec
-from kvcache import StepCache
+from kvcache import StaticKV, StepCache
 from vlm import VLM, Output, Prefix, Visual, labelled_nll, positions
 
 # SmolVLM's own chat template, so that prompts built offline look like the hub processor's.
@@ -133,27 +132,30 @@ class SmolVLM(VLM):
         attention_mask: Tensor,
         kv_cache: bool = False,
         rows: Tensor | None = None,
+        room: int | None = None,
         **read: Any,
     ) -> Prefix:
-        """Idefics3 over its own layout: the image features take the places of the `<image>` tokens."""
+        """Idefics3 over its own layout: the image features take the places of the `<image>` tokens (`room`: a
+        static cache, as the base's)."""
         self.check_read(read)
         pixels, pixel_mask = visual.features if visual.features is not None else (None, None)
         if pixels is not None and rows is not None:
             pixels, pixel_mask = pixels[rows], pixel_mask[rows]
         if pixels is not None and not visual.frame_mask.any():
             pixels = pixel_mask = None
-        past = DynamicCache() if kv_cache else None
-        step = StepCache(past) if past is not None else None
+        past = self.new_cache(kv_cache, room, input_ids.shape[1])
+        static = isinstance(past, StaticKV)
+        step = past if static else StepCache(past) if past is not None else None
         out = self.llm.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=past.pad(attention_mask) if static else attention_mask,
             position_ids=positions(attention_mask, input_ids.shape[1]),
             pixel_values=pixels,
             pixel_attention_mask=pixel_mask,
             past_key_values=step,
             use_cache=step is not None,
         )
-        if step is not None:
+        if isinstance(step, StepCache):
             step.commit(past)
         r, d = input_ids.shape[0], out.last_hidden_state.shape[-1]
         none = torch.zeros(r, dtype=torch.bool, device=input_ids.device)

@@ -11,8 +11,9 @@ evaluation, chat, the demo, the speed benchmark) use nothing else. The base owns
   tokens, so a sample padded inside a batch sees exactly the keys and positions it would see alone; a
   text-only sample (T = 0) is valid;
 - `prefix` (the LLM state after frames + text, with its KV cache), the loss, greedy and beam-search
-  generation on the KV cache, option scoring on one shared prefix, parameter groups by submodule name,
-  activation checkpointing and the per-batch counts the log needs.
+  generation on the KV cache (a growing one, or for inference a preallocated static one: kvcache.StaticKV,
+  fixed shapes at every decode step, optionally torch.compile'd), option scoring on one shared prefix,
+  parameter groups by submodule name, activation checkpointing and the per-batch counts the log needs.
 
 A kind implements `prepare` (frames -> a `Visual` state: what its reads need, computed once per clip) and
 `visual_tokens` (state -> tokens). A kind with several ways to read (the foveated model's modes) names them
@@ -33,7 +34,7 @@ from transformers import DynamicCache
 
 from beam import beam_search
 from frames import FrameSpec
-from kvcache import StepCache
+from kvcache import StaticKV, StepCache
 from lora import add_lora, is_lora_param, merge_lora
 from tokenization import IGNORE_INDEX, user_turn_head
 
@@ -61,7 +62,7 @@ class Prefix:
 
     hidden: Tensor  # (R, L, D) final-norm hidden states at the text positions
     mask: Tensor  # (R, S) attention mask of everything in `past`
-    past: DynamicCache | None
+    past: DynamicCache | StaticKV | None
     attention: Tensor | None
     last_visual: Tensor  # (R, D) hidden state at each row's last real frame slot (meaningless for rows without)
     framed: Tensor  # (R,) bool: the row's clip has at least one frame slot before text[cut]
@@ -110,6 +111,9 @@ def labelled_nll(
 def positions(mask: Tensor, new: int) -> Tensor:
     """Position ids of the last `new` slots: the count of real tokens before each slot."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+CACHES = ("dynamic", "static")  # generate's KV caches: growing, or preallocated (kvcache.StaticKV)
 
 
 def _pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -204,10 +208,16 @@ class VLM(nn.Module):
     def lm_head(self, hidden: Tensor) -> Tensor:
         return self.llm.get_output_embeddings()(hidden)
 
-    def _llm(self, embeds: Tensor, mask: Tensor, past: DynamicCache | None = None) -> Tensor:
+    def _llm(
+        self, embeds: Tensor, mask: Tensor, past: DynamicCache | StaticKV | None = None, compiled: bool = False
+    ) -> Tensor:
         """Run the decoder over `embeds` (B, S_new, D), `mask` covering past + new; final-norm hidden states.
 
-        With `past`, the call writes through a StepCache, so activation checkpointing can replay it."""
+        With a DynamicCache `past`, the call writes through a StepCache, so activation checkpointing can replay
+        it; a StaticKV (inference) is written in place, the mask padded to its N slots (`compiled`: through
+        torch.compile, for the one-token decode step)."""
+        if isinstance(past, StaticKV):
+            return past.run(self.decoder(), embeds, mask, positions(mask, embeds.shape[1]), compiled)
         step = StepCache(past) if past is not None else None
         out = self.decoder()(
             inputs_embeds=embeds,
@@ -250,6 +260,16 @@ class VLM(nn.Module):
             )
         return h
 
+    def new_cache(self, kv_cache: bool, room: int | None, length: int) -> DynamicCache | StaticKV | None:
+        """A prefix's KV cache: none, a growing DynamicCache, or (with `room`) a StaticKV preallocated for the
+        prefix's `length` slots and `room` more. The static one is for inference: training replays the dynamic
+        one through StepCache."""
+        if room is None:
+            return DynamicCache() if kv_cache else None
+        if torch.is_grad_enabled():
+            raise RuntimeError("the static KV cache is for inference (torch.no_grad); training keeps the dynamic one")
+        return StaticKV(self.decoder().config, length + room)
+
     def check_read(self, read: dict[str, Any]) -> None:
         if read not in self.reads.values():
             names = {k: v for k, v in self.reads.items()}
@@ -262,9 +282,11 @@ class VLM(nn.Module):
         attention_mask: Tensor,
         kv_cache: bool = False,
         rows: Tensor | None = None,
+        room: int | None = None,
         **read: Any,
     ) -> Prefix:
-        """Run the LLM over [head, frame tokens, text]; `kv_cache` keeps its state for continuing.
+        """Run the LLM over [head, frame tokens, text]; `kv_cache` keeps its state for continuing (with `room`, in
+        a static cache with that many slots to spare: see `new_cache`).
 
         `rows` (R,) names the clip of each text row (default: row i reads clip i): several texts about one
         clip (DPO's chosen and rejected answers) share its encoding and its read, which the text cannot change.
@@ -278,7 +300,7 @@ class VLM(nn.Module):
         if rows is not None:
             vis, slots, framed, last = vis[rows], slots[rows], framed[rows], last[rows]
         mask = torch.cat([attention_mask[:, :h].long(), slots, attention_mask[:, h:].long()], dim=1)
-        past = DynamicCache() if kv_cache else None
+        past = self.new_cache(kv_cache, room, mask.shape[1])
         hidden = self._llm(torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1), mask, past)
         last_visual = hidden[torch.arange(len(hidden), device=hidden.device), h + last.clamp(min=0)]
         text_hidden = torch.cat([hidden[:, :h], hidden[:, h + vis.shape[1] :]], dim=1)
@@ -327,18 +349,29 @@ class VLM(nn.Module):
         num_beams: int = 1,
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
+        cache: str = "dynamic",
+        compile: bool = False,
         **read: Any,
     ) -> Tensor:
         """Continuation of right-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), through the first
         end id; greedy, or beam search with `num_beams` > 1 (beam.py: the beams share each prompt's prefix, its
-        KV cache repeated). Finished rows are filled with the first end id."""
-        pre = self.prefix(visual, input_ids, attention_mask, True, None, **read)
+        KV cache repeated). Finished rows are filled with the first end id.
+
+        `cache` "static" preallocates the KV cache for prefix + max_new_tokens (the same tokens as "dynamic"), so
+        every decode step has fixed shapes; `compile` then runs that step through torch.compile (CUDA graphs on
+        a GPU; the first call compiles)."""
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, not {cache!r}")
+        if compile and cache != "static":
+            raise ValueError("compile needs cache='static': only a static cache gives the decode step fixed shapes")
+        room = max_new_tokens if cache == "static" else None
+        pre = self.prefix(visual, input_ids, attention_mask, True, None, room, **read)
         ends = self._ends(eos_token_id, input_ids.device)
         last = attention_mask.long().sum(1) - 1  # last real prompt token of each row
         hidden = pre.hidden[torch.arange(len(last)), last]  # (B, D)
         if num_beams > 1:
             return self._beams(pre, hidden, input_ids, attention_mask, ends.tolist(), num_beams, max_new_tokens,
-                               length_penalty, no_repeat_ngram_size)  # fmt: skip
+                               length_penalty, no_repeat_ngram_size, compile)  # fmt: skip
         if no_repeat_ngram_size:
             raise ValueError("no_repeat_ngram_size needs beam search here: set num_beams > 1")
         mask, out = pre.mask, []
@@ -351,7 +384,7 @@ class VLM(nn.Module):
             if done.all():
                 break
             mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
-            hidden = self._llm(self.embed(token)[:, None], mask, pre.past)[:, -1]
+            hidden = self._llm(self.embed(token)[:, None], mask, pre.past, compile)[:, -1]
         return torch.stack(out, dim=1) if out else input_ids.new_zeros(len(input_ids), 0)
 
     def _beams(
@@ -365,15 +398,16 @@ class VLM(nn.Module):
         max_new_tokens: int,
         length_penalty: float,
         no_repeat_ngram_size: int,
+        compiled: bool = False,
     ) -> Tensor:
-        pre.past.batch_repeat_interleave(k)
+        pre.past.batch_repeat_interleave(k)  # a StaticKV's too: then reordered in place
         mask = pre.mask.repeat_interleave(k, dim=0)  # (B*K, S)
 
         def step(tokens: Tensor, beams: Tensor) -> Tensor:
             nonlocal mask
             pre.past.reorder_cache(beams)
             mask = torch.cat([mask[beams], mask.new_ones(len(tokens), 1)], dim=1)
-            return self.lm_head(self._llm(self.embed(tokens)[:, None], mask, pre.past)[:, -1])
+            return self.lm_head(self._llm(self.embed(tokens)[:, None], mask, pre.past, compiled)[:, -1])
 
         prompts = [row[: int(n)].tolist() for row, n in zip(input_ids, attention_mask.sum(1), strict=True)]
         first = self.lm_head(hidden).repeat_interleave(k, dim=0)
