@@ -7,7 +7,7 @@ or caption a caption set (Flickr30k, COCO, caption shards: `--bench captions`, c
     python benchmark.py --model smolvlm_dir --bench textvqa --data-root data/TextVQA --limit 500
     python benchmark.py --model DIR --bench captions --data-root data/flickr30k/dataset_flickr30k.json --num-beams 3
 
-Multiple-choice protocols (DESIGN §7; numbers compare only within one protocol):
+Multiple-choice protocols (a published number compares only with one of the same protocol):
   likelihood  every option scored as the assistant answer "X. option" (mean token cross-entropy over the
               answer and its end-of-turn token); the lowest wins. The default.
   generate    a greedy reply of at most 16 tokens to lmms-eval 0.7.3's default prompt, the letter read from it

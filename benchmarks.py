@@ -7,7 +7,7 @@ the right answer and the summary groups. A missing file is reported once, with t
 any model runs.
 
 Evaluation shards (`--bench shards`, and `--bench toy` for the toy world's held-out split) use the
-project's WebDataset format (DESIGN §6): `KEY.json` plus the media members training shards use
+project's WebDataset format: `KEY.json` plus the media members training shards use
 (`KEY.000.jpg, KEY.001.jpg, …` frames, one `KEY.mp4`, one `KEY.jpg`, or none). The JSON of one sample:
 
     {"question": "Where does the red square go?",      # required

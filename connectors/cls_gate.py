@@ -1,7 +1,7 @@
-"""CLS "gate" connector (seed 003): the pooled embedding becomes exactly one LLM token per frame.
+"""CLS "gate" connector (the single-token captioner design): the pooled embedding becomes one LLM token a frame.
 
-As in the seed, a projector Linear(Dv→hidden) and a gate Linear(hidden→D), with nothing between them: the
-pair is a low-rank linear map, kept as two layers so the seed's `proj_final.pt` / `gate_final.pt` state dicts
+As in that design, a projector Linear(Dv→hidden) and a gate Linear(hidden→D), with nothing between them: the
+pair is a low-rank linear map, kept as two layers so that design's `proj_final.pt` / `gate_final.pt` state dicts
 load into `projector` / `gate` unchanged.
 """
 

@@ -7,6 +7,7 @@ import io
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import weights
@@ -19,6 +20,15 @@ def tokenizer():
         return weights.load_tokenizer(weights.PACKAGED)
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models in one thread: a second one only contends with the other processes a test starts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:

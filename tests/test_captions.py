@@ -34,12 +34,7 @@ def two(colour: str) -> list[str]:
     return [f"a {colour} square.", f"a plain {colour} square on its own."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def write(path: Path, data: bytes | str) -> Path:

@@ -18,12 +18,7 @@ from tests.tiny import frames, tiny_model
 BACKEND = os.environ.get("FVLM_COMPILE_BACKEND", "aot_eager")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def step(compiled: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

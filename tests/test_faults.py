@@ -44,12 +44,7 @@ from tests.tiny import tiny_model
 KILLS = 20  # kill -9 in a row, each followed by resume: auto
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

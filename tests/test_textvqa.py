@@ -32,12 +32,7 @@ S = 8  # <image> tokens per image, not SmolVLM's 64
 COLOURS = {"red": (220, 20, 30), "green": (20, 200, 40), "dark blue": (30, 40, 110)}  # answer: image colour
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only contends with other processes
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def question(qid: int, image: str, answer: str, other: str = "crimson") -> dict:

@@ -30,12 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 KINDS = (*CONNECTOR_KINDS, "foveated")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def build(kind: str, tokenizer=None, **kw):
