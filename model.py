@@ -11,6 +11,7 @@ Everything else (layout, loss, generation, scoring, groups) is the base VLM's (v
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,15 @@ from config import MODES, FoveatedConfig
 from encoder import FoveatedEncoder, PatchCache
 from frames import FrameSpec
 from kvcache import StaticKV
-from vlm import VLM, Output, Prefix, Visual
+from vlm import VLM, Output, Prefix, Visual, labelled_nll
+
+
+@dataclass
+class Glanced(Visual):
+    """A Visual whose coarse read the LLM has already run (the auxiliary coarse loss's pass): its hidden states
+    at the frame slots are pass 1's, since under causal attention the text after the frames cannot change them."""
+
+    pass1: Tensor | None = None  # (B, T*k, D_llm)
 
 
 class FoveatedVLM(VLM):
@@ -103,10 +112,13 @@ class FoveatedVLM(VLM):
             return coarse, attn
         # pass 1: under causal attention the text after the frames cannot influence the visual positions,
         # so the LLM over [head, coarse tokens] alone gives each frame's query for the next frame
-        head = self.head(b)
-        h = head.shape[1]
-        mask = torch.cat([frame_mask.new_ones(b, h, dtype=torch.long), self.slot_mask(frame_mask)], dim=1)
-        hidden = self._llm(torch.cat([head, coarse], dim=1), mask)[:, h:]  # (B, T*k, D)
+        if isinstance(visual, Glanced):
+            hidden = visual.pass1  # (B, T*k, D)
+        else:
+            head = self.head(b)
+            h = head.shape[1]
+            mask = torch.cat([frame_mask.new_ones(b, h, dtype=torch.long), self.slot_mask(frame_mask)], dim=1)
+            hidden = self._llm(torch.cat([head, coarse], dim=1), mask)[:, h:]  # (B, T*k, D)
         last = hidden.view(b, t, self.config.glimpses, -1)[:, :-1, -1]  # (B, T-1, D)
         q_next = self.llm_to_query(last).view(b, t - 1, *self.q_init.shape)
         queries = torch.cat([self.q_init.expand(b, 1, *self.q_init.shape), q_next], dim=1)  # (B, T, k, Dq)
@@ -207,16 +219,27 @@ class FoveatedVLM(VLM):
     ) -> Output:
         """The base's forward; in training with `coarse_weight` > 0 the loss is fine + weight x the loss of an
         extra LLM pass over the coarse tokens (the same targets, the same encoding), so that one model answers
-        from both reads and coarse_only is a trained reader too. `nll` and `count` stay the fine read's."""
+        from both reads and coarse_only is a trained reader too. `nll` and `count` stay the fine read's.
+
+        In coarse_fine mode that pass is pass 1 as well (the frame slots' hidden states, which the text after
+        them cannot change, give the fine queries), so the auxiliary loss costs no extra LLM pass."""
         read = read or self.train_read
         if visual is None:
             visual = self.prepare(frames, frame_mask)
-        out = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows, logits, **read)
         weight = self.config.coarse_weight
-        if self.training and weight and labels is not None and read["mode"] != "coarse_only":
-            coarse = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows, False,
-                                     mode="coarse_only")  # fmt: skip
-            out.loss = out.loss + weight * coarse.loss
+        aux = bool(self.training and weight and labels is not None and read["mode"] != "coarse_only")
+        coarse_loss = None
+        if aux and read["mode"] == "coarse_fine" and rows is None:
+            pre = self.prefix(visual, input_ids, attention_mask, False, None, mode="coarse_only")
+            nll, count = labelled_nll(self.lm_head, pre.hidden, labels, pre.last_visual, pre.framed, pre.cut)
+            coarse_loss = nll.sum() / count.sum().clamp(min=1)
+            visual = Glanced(visual.frame_mask, visual.features, pre.frame_hidden)
+        out = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows, logits, **read)
+        if aux:
+            if coarse_loss is None:  # autoregressive training, or rows (DPO): a pass of its own
+                coarse_loss = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows,
+                                              False, mode="coarse_only").loss  # fmt: skip
+            out.loss = out.loss + weight * coarse_loss
         return out
 
     # ---- rebuilding, and entry points into registry.py / checkpoint.py (the I/O lives there) ----

@@ -67,6 +67,7 @@ class Prefix:
     last_visual: Tensor  # (R, D) hidden state at each row's last real frame slot (meaningless for rows without)
     framed: Tensor  # (R,) bool: the row's clip has at least one frame slot before text[cut]
     cut: int  # text position right after the frames: tokens before it are the head
+    frame_hidden: Tensor | None = None  # (R, T*S, D) hidden states at the frame slots (parallel reads only)
 
 
 def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -304,7 +305,7 @@ class VLM(nn.Module):
         hidden = self._llm(torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1), mask, past)
         last_visual = hidden[torch.arange(len(hidden), device=hidden.device), h + last.clamp(min=0)]
         text_hidden = torch.cat([hidden[:, :h], hidden[:, h + vis.shape[1] :]], dim=1)
-        return Prefix(text_hidden, mask, past, attn, last_visual, framed, h)
+        return Prefix(text_hidden, mask, past, attn, last_visual, framed, h, hidden[:, h : h + vis.shape[1]])
 
     def uses_cache(self, **read: Any) -> bool:
         """Whether a read itself runs the LLM on a KV cache (then training keeps one too)."""

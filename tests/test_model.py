@@ -331,3 +331,36 @@ def test_rows_share_one_clip_as_if_each_had_its_own(mode):
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert (grads[name] - p.grad).abs().max() <= 1e-6 * max(1.0, p.grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("mode", ["coarse_fine", "autoregressive"])
+def test_coarse_weight_adds_the_coarse_reads_loss_and_gradient(tokenizer, mode):
+    """Training loss = fine + λ·coarse, gradients included, and none in evaluation. In coarse_fine the coarse
+    read's LLM pass is pass 1 as well: one LLM pass fewer than the two reads run apart. In float64."""
+    model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="user_turn").train().double()
+    fr, fm, ids, am = user_turn_batch(tokenizer, [3, 1, 2], USERS)
+    fr, labels = fr.double(), ids.masked_fill(am == 0, -100)
+    passes = []
+    model.decoder().register_forward_hook(lambda *args: passes.append(1))
+
+    def run(weight: float, read: str):
+        model.config.coarse_weight = weight
+        model.zero_grad(set_to_none=True)
+        passes.clear()
+        with torch.enable_grad():
+            loss = model(fr, fm, ids, am, labels, mode=read).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(passes)
+
+    both, g_both, n_both = run(0.5, mode)
+    fine, g_fine, n_fine = run(0.0, mode)
+    coarse, g_coarse, n_coarse = run(0.0, "coarse_only")
+    assert (both - (fine + 0.5 * coarse)).abs() <= 1e-10 and coarse > 0
+    assert g_both.keys() == g_fine.keys() | g_coarse.keys()
+    for name, g in g_both.items():
+        expected = g_fine.get(name, 0) + 0.5 * g_coarse.get(name, 0)
+        assert (g - expected).abs().max() <= 1e-6 * max(1.0, g.abs().max().item()), name
+    assert n_both == (n_fine if mode == "coarse_fine" else n_fine + n_coarse) and n_coarse == 1
+    model.eval()
+    model.config.coarse_weight = 0.5
+    assert model(fr, fm, ids, am, labels, mode=mode).loss == fine
