@@ -113,7 +113,7 @@ def evaluate(answerer: Answerer, bench: Benchmark, protocol: str, modes: list[st
     """Answer the questions the predictions file lacks (appending as it goes), then write the summary."""
     out.mkdir(parents=True, exist_ok=True)
     variant = "" if bench.variant == "default" else f"_{bench.variant}"  # a variant never resumes another's answers
-    stem = out / f"{bench.name}_{protocol}{variant}"
+    stem = out / f"{bench.name}_{protocol}{variant}{'_bf16' if answerer.bf16 else ''}"  # nor bf16 reads fp32 ones
     done = read_predictions(stem.with_suffix(".jsonl"))
     todo = [q for q in bench.questions if not set(modes) <= set(done.get(q.id, {}).get("modes", {}))]
     with stem.with_suffix(".jsonl").open("a") as f:
@@ -128,6 +128,7 @@ def evaluate(answerer: Answerer, bench: Benchmark, protocol: str, modes: list[st
         "modes": modes,
         "lmms_eval": LMMS_EVAL_VERSION,
         "prompt_variant": bench.variant,
+        "bf16": answerer.bf16,
         "questions": len(bench.questions),
         "answered_now": len(todo),
         **summarize([done[q.id] for q in bench.questions], modes),
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-frames", type=int, help="frames sampled uniformly from a video (default: the model's)")
     p.add_argument("--frame-size", type=int, help="pixels (default: the size the model was trained at)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--bf16", action="store_true", help="read under bf16 autocast (GPU or avx512_bf16 CPU; fp32 weights)"
+    )
     c = p.add_argument_group("captions (--bench captions; see captioning.py)")
     c.add_argument("--split", help="Karpathy split (default test) or COCO 2017 split (default val)")
     c.add_argument("--images", help="the images root of a Karpathy JSON (default: its folder) or of COCO 2017")
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     except DatasetMissing as e:
         sys.exit(str(e))
     model = registry.load(args.model).to(args.device)
-    answerer = Answerer(model, args.max_frames, args.image_frames, args.frame_size)
+    answerer = Answerer(model, args.max_frames, args.image_frames, args.frame_size, bf16=args.bf16)
     modes = args.modes.split(",") if args.modes else list(answerer.reads)
     if unknown := [m for m in modes if m not in answerer.reads]:
         p.error(f"modes {unknown} are not among this model's {list(answerer.reads)}")

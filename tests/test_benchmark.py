@@ -179,6 +179,29 @@ def test_shared_prefix_scores_equal_full_sequences(fvlm, mode):
     assert shared.std() > 1e-3  # the options really differ
 
 
+def test_bf16_reads_run_under_autocast_and_keep_their_own_predictions(fvlm, tmp_path):
+    """bf16 scores are the fp32 scores to bf16 precision (not bit-equal: autocast really ran) and a bf16
+    evaluation never resumes from an fp32 one's predictions."""
+    media = Media("video", [mp4(8, 32)])
+    prompt, answers = "Which object is it?", ["a red ball", "a green cube", "a blue cone", "nothing"]
+    scores = {}
+    for bf16 in (False, True):
+        answerer = Answerer(fvlm, max_frames=4, size=IMAGE, bf16=bf16)
+        scores[bf16] = {m: torch.tensor(answerer.score(answerer.prepare(media), prompt, answers, m)) for m in MODES}
+    for m in MODES:
+        assert 0 < (scores[True][m] - scores[False][m]).abs().max() <= 0.05 * scores[False][m].abs().max()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "000000.tar")) as w:
+        w.write({"__key__": "q0", "mp4": mp4(4, 32), "json": {"question": prompt, "options": answers, "answer": "A"}})
+    bench = load_benchmark("shards", str(shards / "*.tar"))
+    out = tmp_path / "eval"
+    fp32 = benchmark.evaluate(Answerer(fvlm, bf16=False), bench, "likelihood", ["coarse_only"], out)
+    half = benchmark.evaluate(Answerer(fvlm, bf16=True), bench, "likelihood", ["coarse_only"], out)
+    assert (fp32["bf16"], half["bf16"], half["answered_now"]) == (False, True, 1)
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["shards_likelihood.jsonl", "shards_likelihood_bf16.jsonl"]
+
+
 def videomme_root(tmp_path):
     root = tmp_path / "Video-MME"
     rows = []
