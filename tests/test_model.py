@@ -350,7 +350,11 @@ def test_coarse_weight_adds_the_coarse_reads_loss_and_gradient(tokenizer, mode):
         with torch.enable_grad():
             loss = model(fr, fm, ids, am, labels, mode=read).loss
             loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(passes)
+        return (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            len(passes),
+        )
 
     both, g_both, n_both = run(0.5, mode)
     fine, g_fine, n_fine = run(0.0, mode)
