@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import webdataset as wds
 import yaml
 from conftest import jpeg, mp4
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 import app
 import bench
@@ -83,6 +85,9 @@ def command(script: str, *argv: str, env: dict | None = None, timeout: float = 1
 
 
 def _train_in_child(config: str) -> None:
+    # the progress bar's lock is a semaphore that a fork shares with its parent: a child killed while holding
+    # it would leave every later run (and the parent) waiting on it forever, so each child takes its own
+    tqdm.set_lock(threading.RLock())
     train.main(["--config", config])
 
 
