@@ -389,7 +389,7 @@ SHIPPED_OPTIONS = sorted(
 @pytest.mark.parametrize("frames_at, glimpses, deep", SHIPPED_OPTIONS)
 def test_shipped_model_options_train_on_ragged_batches_and_dpo_starts_at_log2(tokenizer, frames_at, glimpses, deep):
     """Every model option a shipped config sets: a training step on ragged batches (T = [3, 1] and T = [1]) in
-    every mode, and DPO's log-ratios exactly 0 at the start (the policy in train mode, its reference in eval)."""
+    every mode, and DPO's log-ratios 0 at the start (the policy in train mode, its reference in eval)."""
     from tokenization import chat_ids
 
     policy = tiny_model(glimpses, deep, tokenizer=tokenizer, frames_at=frames_at).train()
@@ -415,8 +415,9 @@ def test_shipped_model_options_train_on_ragged_batches_and_dpo_starts_at_log2(to
             with torch.no_grad():
                 mine = policy(*(paired[k] for k in keys), mode=mode, rows=paired["rows"]).nll
                 theirs = reference(*(paired[k] for k in keys), mode=mode, rows=paired["rows"]).nll
-            gap = (mine - theirs).abs().max().item()
-            assert torch.equal(mine, theirs), (lengths, mode, gap)  # the log-ratio is exactly 0
+            # the log-ratio is 0: the same weights and inputs in two separate passes, which CI's CPU has once
+            # rounded a last bit apart (not reproduced since), so equal to a relative 1e-6 (~15 ulp at 55)
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=0, msg=f"{lengths} {mode}")
 
 
 def write_sized_shards(root: Path, sizes: list[int]) -> str:
