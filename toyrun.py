@@ -95,6 +95,7 @@ def run(
         "share_on_ball": {"clips": min(LOOK_CLIPS, len(bench.questions)), **shares},
         "seconds": round(time.perf_counter() - start),
         "seed": cfg.train.seed,
+        "trained": cfg.model.mode,  # the foveated model's training mode (the glance's is coarse_only)
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     report(summary, out)
@@ -107,7 +108,7 @@ def report(summary: dict, out: Path) -> None:
     print(f"\nheld-out accuracy, {n} questions (likelihood protocol; chance {chance:.0f} %):")
     fov = acc["foveated"]
     modes = "  ".join(f"{m} {fov[m]:5.1f}" for m in ("coarse_only", "coarse_fine", "autoregressive"))
-    print(f"  foveated, trained coarse_fine:  {modes}")
+    print(f"  foveated, trained {summary['trained']}:  {modes}")
     if "glance" in acc:
         print(f"  glance, trained coarse_only:    coarse_only {acc['glance']['coarse_only']:5.1f}")
     print(f"share of attention on the ball, {look['clips']} held-out clips (uniform: {100 * look['uniform']:.0f} %):")

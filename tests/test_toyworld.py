@@ -196,7 +196,7 @@ def test_the_plain_wording_is_evaluated_as_whole_replies(world):
         assert q.options["ABCD".index(q.answer)] == v["assistant"]
 
 
-def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer):
+def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys):
     """toyrun.run with a tiny model: the world, a few steps of the foveated model and of the glance, evaluation
     in every mode, where each looked, the pictures and the summary."""
     import yaml
@@ -216,6 +216,7 @@ def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer):
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
     summary = toyrun.run(tmp_path / "toy.yaml", clips=8, pictures=1)
     assert set(summary["accuracy"]) == {"foveated", "glance"} and summary["questions"] == toyworld.EVAL_CLIPS
+    assert summary["trained"] == "coarse_fine" and "foveated, trained coarse_fine:" in capsys.readouterr().out
     assert set(summary["accuracy"]["foveated"]) >= {"coarse_only", "coarse_fine", "autoregressive"}
     assert set(summary["share_on_ball"]) == {"clips", "uniform", "static", "loop", "glance"}
     assert all(0 < summary["share_on_ball"][k] < 1 for k in ("uniform", "static", "loop", "glance"))
