@@ -1,4 +1,4 @@
-"""Two-layer MLP projector (LLaVA-1.5, seed 004): every patch becomes one LLM token.
+"""Two-layer MLP projector (LLaVA-1.5): every patch becomes one LLM token.
 
 No compression: the cost is P tokens per frame, which suits single images more than long videos. Submodule
 names follow transformers' LLaVA projector (linear_1, act, linear_2).

@@ -1,4 +1,4 @@
-"""Pixel-shuffle connector (Idefics3 / SmolVLM, seed 001): r×r neighbouring patches become one token.
+"""Pixel-shuffle connector (Idefics3 / SmolVLM): r×r neighbouring patches become one token.
 
 Space-to-depth keeps every feature of every patch (nothing is pooled away) while dividing the token count by
 r², and the single linear map then learns how to mix the r² patches it sees. Token order and feature layout are

@@ -1,4 +1,4 @@
-"""TokenLearner + LLaMA-style Q-Former connector (seed 000): S learned queries read TokenLearner tokens.
+"""TokenLearner + LLaMA-style Q-Former connector (inside SmolVLM): S learned queries read TokenLearner tokens.
 
 Shapes: N images, P patch positions, T TokenLearner tokens, S output tokens (= queries). With `num_tokens` 0
 there is no TokenLearner and the queries read the P patches directly; with one layer that is the plain
