@@ -100,12 +100,16 @@ class FoveatedConfig(ChatModelConfig):
     # random (published) | coarse: the fine queries start out as the static one (llm_to_query's weight 0, its
     # bias and q_init copies of q_static), so a fine read begins as the glance and learns where to move from it
     fine_start: str = "random"
+    # random (published) | cls: the static query (and the first frame's fine query) start as the one whose read
+    # is DINOv2's CLS token, so the glance begins as the backbone's summary of the frame and learns from there
+    query_start: str = "random"
     coarse_weight: float = 0.0  # λ: loss = fine + λ·coarse (an extra LLM pass over the coarse tokens); 0 published
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("model.mode", self.mode, MODES)
         _choice("model.fine_start", self.fine_start, ("random", "coarse"))
+        _choice("model.query_start", self.query_start, ("random", "cls"))
         if self.glimpses < 1:
             raise ConfigError(f"'model.glimpses' must be >= 1, got {self.glimpses}")
         if self.coarse_weight < 0:

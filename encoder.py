@@ -48,6 +48,15 @@ class FoveatedEncoder(nn.Module):
     def dim(self) -> int:
         return self.dino.config.hidden_size
 
+    def cls_query(self) -> Tensor:
+        """(query_dim,) the query that query_in maps onto DINOv2's CLS embedding (least squares when query_dim
+        < dim). Such a query is the CLS token at every layer, since both attend to the same [CLS, patches]
+        keys, so its read is the backbone's own summary of the frame, which already separates colours."""
+        e = self.dino.embeddings
+        target = (e.cls_token[0, 0] + e.position_embeddings[0, 0]).double()  # (D,)
+        w = self.query_in.weight.double()  # (D, query_dim)
+        return torch.linalg.lstsq(w, target.unsqueeze(1)).solution.squeeze(1).to(self.query_in.weight.dtype)
+
     def _patch_layer(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         att = layer.attention
         n, s, d = h.shape

@@ -48,6 +48,10 @@ class FoveatedVLM(VLM):
         # std 1.0: with 0.02 the query's attention starts uniform and never learns to look
         self.q_static = nn.Parameter(torch.randn(k, dq))
         self.q_init = nn.Parameter(torch.randn(k, dq))
+        if config.query_start == "cls":
+            with torch.no_grad():
+                self.q_static.copy_(self.encoder.cls_query().expand(k, dq))
+                self.q_init.copy_(self.q_static)
         if config.fine_start == "coarse":
             with torch.no_grad():
                 self.llm_to_query.weight.zero_()

@@ -58,6 +58,29 @@ def test_shallow_mode_is_one_cross_attention():
     assert torch.allclose(attn, w)
 
 
+def test_cls_start_reads_the_cls_token():
+    """query_start=cls: at init the static read is DINOv2's own CLS token, frame by frame (query_dim = D: exact)."""
+    model = tiny_model(query_dim=32, query_start="cls")
+    pixels = frames(3, 1)[:, 0]
+    cache = model.encoder.encode_patches(pixels)
+    out, _ = model.encoder.query_attend(model.q_static.expand(3, 1, 32), cache)
+    cls = model.encoder.dino(pixels).last_hidden_state[:, :1]  # (N, 1, D)
+    torch.testing.assert_close(out, model.encoder.query_out(cls), rtol=0, atol=1e-5)
+    assert torch.equal(model.q_init, model.q_static)
+    assert not torch.allclose(tiny_model(query_dim=32).q_static, model.q_static)  # the published start is random
+
+
+def test_coarse_fine_start_reads_as_the_glance():
+    """fine_start=coarse: at init the LLM-written queries are the static one, so every mode reads the same tokens."""
+    model = tiny_model(fine_start="coarse")
+    fr, fm, _, _ = batch([3, 2], [4, 4])
+    visual = model.prepare(fr, fm)
+    coarse, a_coarse = model.visual_tokens(visual, "coarse_only")
+    fine, a_fine = model.visual_tokens(visual, "coarse_fine")
+    torch.testing.assert_close(fine, coarse, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a_fine, a_coarse, rtol=0, atol=1e-6)
+
+
 def batch(lengths_t, lengths_l, seed=0, vocab=64):
     """Right-padded batch with T_b frames and L_b text tokens per sample."""
     b, t, n = len(lengths_t), max(lengths_t), max(lengths_l)

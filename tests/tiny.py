@@ -56,17 +56,19 @@ def tiny_model(
     seed: int = 0,
     tokenizer=None,
     frames_at: str = "start",
+    **options,
 ) -> FoveatedVLM:
-    """With a tokenizer (e.g. the real SmolLM2 one), the LLM's vocabulary is sized to it and the model carries it."""
+    """With a tokenizer (e.g. the real SmolLM2 one), the LLM's vocabulary is sized to it and the model carries it;
+    `options`: other FoveatedConfig fields (query_dim 16 unless given)."""
     torch.manual_seed(seed)
     cfg = FoveatedConfig(
         dino="tiny",
         llm="tiny",
-        query_dim=16,
         visual_scale=0.5,
         deep_query=deep,
         glimpses=glimpses,
         frames_at=frames_at,
+        **{"query_dim": 16, **options},
     )
     llm = tiny_llm(seed + 1, vocab=len(tokenizer) if tokenizer is not None else 64)
     return FoveatedVLM(cfg, tiny_dino(seed), llm, tokenizer, FrameSpec(size=IMAGE, max_frames=4, image_frames=2)).eval()
