@@ -306,6 +306,10 @@ class OptimConfig:
     lr_connector: float = 1e-3
     lr_vision: float = 1e-5  # the vision tower: DINOv2, CLIP, SigLIP, ViT
     lr_llm: float = 1e-5  # the LLM, or only its LoRA adapters when model.lora is set
+    # the foveated model's queries (static, first, and the LLM-to-query head) in a group of their own; unset,
+    # they are connector parameters (published). Slower than the readout, they keep the look they start with
+    # while the readout learns what it carries, rather than wandering off before any answer depends on it
+    lr_query: float | None = None
     schedule: str = "converging"  # constant | linear | cosine | converging (see schedule.py)
     warmup: float = 0.03  # fraction of max_steps spent warming up linearly
     target_lr: float = 3e-5  # converging: the rate every group ends at
@@ -315,7 +319,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim.schedule", self.schedule, SCHEDULES)
-        if min(self.lr_connector, self.lr_vision, self.lr_llm) < 0:
+        if min(self.lr_connector, self.lr_vision, self.lr_llm, self.lr_query or 0.0) < 0:
             raise ConfigError("'optim.lr_*' must be >= 0 (0 freezes the group)")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"'optim.warmup' is a fraction of max_steps in [0, 1), got {self.warmup}")
@@ -376,6 +380,9 @@ class Config:
             raise ConfigError("'train.val_every' > 0 needs 'data.val' sources")
         if isinstance(self.model, SmolVLMConfig) and d.stage == 3:
             raise ConfigError("model.kind smolvlm trains stages 1 and 2 (DPO needs a frames-first kind)")
+        if self.optim.lr_query is not None and not isinstance(self.model, FoveatedConfig):
+            raise ConfigError(f"'optim.lr_query' is for the foveated model's queries; model.kind {self.model.kind}"
+                              " has none: remove the key")  # fmt: skip
         if t.epochs and any(isinstance(s, ShardSource) for s in d.train):
             raise ConfigError("shards have no known size: set 'train.max_steps', not 'train.epochs'")
 

@@ -70,6 +70,13 @@ class FoveatedVLM(VLM):
     def tokens_per_frame(self) -> int:
         return self.config.glimpses
 
+    def group_of(self, name: str) -> str:
+        """The base's groups, with the queries' parameters as "query" (optim.py puts them in the connector's group
+        unless optim.lr_query is set)."""
+        if name.startswith(("q_static", "q_init", "encoder.query_in.", "llm_to_query.")):
+            return "query"
+        return super().group_of(name)
+
     def check_read(self, read: dict[str, Any]) -> None:
         if set(read) != {"mode"} or read["mode"] not in MODES:
             raise ValueError(f"unknown forward mode {read.get('mode', read)!r}; expected mode= one of {MODES}")

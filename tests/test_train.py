@@ -356,6 +356,32 @@ def test_schedules_at_known_steps():
     assert not any(p.requires_grad for p in model.encoder.dino.parameters())
 
 
+QUERY_PARAMS = {"q_static", "q_init", "encoder.query_in.weight", "llm_to_query.weight", "llm_to_query.bias"}
+
+
+def test_lr_query_puts_the_queries_in_a_group_of_their_own():
+    model = tiny_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = lambda opt: {g["name"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}  # noqa: E731
+    published = groups(build_optimizer(model, OptimConfig(lr_connector=1e-3, lr_vision=0.0, lr_llm=0.0)))
+    assert list(published) == ["connector"] and QUERY_PARAMS < published["connector"]  # unset: as before
+    split = groups(build_optimizer(model, OptimConfig(lr_connector=1e-3, lr_vision=0.0, lr_llm=0.0, lr_query=1e-4)))
+    assert split["query"] == QUERY_PARAMS and split["connector"] == published["connector"] - QUERY_PARAMS
+    # lr_query 0 freezes the queries: a step moves the readout and leaves the look bit-identical
+    model.train()
+    opt = build_optimizer(model, OptimConfig(lr_connector=1e-2, lr_vision=0.0, lr_llm=0.0, lr_query=0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fr, fm = frames(2, 2), torch.ones(2, 2, dtype=torch.bool)
+    ids = torch.randint(3, 64, (2, 6))
+    model(fr, fm, ids, torch.ones_like(ids), labels=ids).loss.backward()
+    opt.step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in QUERY_PARAMS)
+    assert not torch.equal(before["dino_to_llm.weight"], after["dino_to_llm.weight"])
+    with pytest.raises(Exception, match="'optim.lr_query' is for the foveated model's queries; model.kind mlp"):
+        load_config(Path(__file__).parent.parent / "configs" / "toy_mlp.yaml", ["optim.lr_query=1e-4"])
+
+
 def test_prune_keeps_last_k_and_best_k(tmp_path):
     metrics = {1: 0.5, 2: None, 3: 0.2, 4: 0.9, 5: 0.7, 6: None}
     for step, metric in metrics.items():
