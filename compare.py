@@ -62,6 +62,8 @@ def run_config(base_path: Path, kind: str, out: Path, overrides: list[str]):
     """The base config with the kind's model section and its own out_dir."""
     base = yaml.safe_load(base_path.read_text())
     base["model"] = model_section(base.get("model", {}), kind)
+    if kind != "foveated":  # the foveated model's query rate: the other kinds have no queries
+        base.get("optim", {}).pop("lr_query", None)
     base.setdefault("train", {}).update(out_dir=str(out / kind), resume="auto")
     tmp = out / f"{kind}.yaml"
     tmp.parent.mkdir(parents=True, exist_ok=True)

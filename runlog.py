@@ -14,7 +14,7 @@ from config import Config, to_dict
 from optim import GROUPS
 
 COLUMNS = [
-    "step", "epoch", "loss", "val_loss", *(f"lr_{g}" for g in GROUPS),
+    "step", "epoch", "loss", "val_loss", *(f"lr_{g}" for g in (*GROUPS, "query")),  # query: with optim.lr_query
     "samples_per_s", "tokens_per_s", "data_s", "compute_s", "skipped", "nonfinite", "mix",
 ]  # fmt: skip
 
