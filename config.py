@@ -104,6 +104,10 @@ class FoveatedConfig(ChatModelConfig):
     # is DINOv2's CLS token, so the glance begins as the backbone's summary of the frame and learns from there
     query_start: str = "random"
     coarse_weight: float = 0.0  # λ: loss = fine + λ·coarse (an extra LLM pass over the coarse tokens); 0 published
+    # fine reads in the parallel modes (published: 1, its queries written from the coarse read). Each further one
+    # reads with queries written from the previous fine read, as inference's are: one LLM pass over the frames
+    # more per pass; as many passes as frames equals the autoregressive read exactly
+    fine_passes: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +116,8 @@ class FoveatedConfig(ChatModelConfig):
         _choice("model.query_start", self.query_start, ("random", "cls"))
         if self.glimpses < 1:
             raise ConfigError(f"'model.glimpses' must be >= 1, got {self.glimpses}")
+        if self.fine_passes < 1:
+            raise ConfigError(f"'model.fine_passes' must be >= 1, got {self.fine_passes}")
         if self.coarse_weight < 0:
             raise ConfigError(f"'model.coarse_weight' must be >= 0, got {self.coarse_weight}")
 

@@ -3,7 +3,9 @@
 The connector whose reads depend on the LLM. Its three modes (config.MODES) are its ways to read:
 - coarse_only: every frame read with the learned static query, no feedback;
 - coarse_fine (parallel, for training): pass 1 reads every frame coarsely, the LLM maps frame t's hidden state
-  to frame t+1's query; pass 2 reads with those queries. The patch cache is shared by both passes;
+  to frame t+1's query; pass 2 reads with those queries (config.fine_passes > 1: each further pass reads with
+  the queries written from the previous fine read; as many passes as frames is the autoregressive read). The
+  patch cache is shared by every pass;
 - autoregressive (true inference): frame t is read with the query from the fine tokens of frames < t, the LLM
   advancing one frame at a time on its KV cache; then the text.
 Everything else (layout, loss, generation, scoring, groups) is the base VLM's (vlm.py).
@@ -123,17 +125,24 @@ class FoveatedVLM(VLM):
             return coarse, attn
         # pass 1: under causal attention the text after the frames cannot influence the visual positions,
         # so the LLM over [head, coarse tokens] alone gives each frame's query for the next frame
-        if isinstance(visual, Glanced):
-            hidden = visual.pass1  # (B, T*k, D)
-        else:
-            head = self.head(b)
-            h = head.shape[1]
-            mask = torch.cat([frame_mask.new_ones(b, h, dtype=torch.long), self.slot_mask(frame_mask)], dim=1)
-            hidden = self._llm(torch.cat([head, coarse], dim=1), mask)[:, h:]  # (B, T*k, D)
-        last = hidden.view(b, t, self.config.glimpses, -1)[:, :-1, -1]  # (B, T-1, D)
-        q_next = self.llm_to_query(last).view(b, t - 1, *self.q_init.shape)
-        queries = torch.cat([self.q_init.expand(b, 1, *self.q_init.shape), q_next], dim=1)  # (B, T, k, Dq)
-        return self._read(cache, queries, frame_mask)
+        hidden = visual.pass1 if isinstance(visual, Glanced) else self._frame_hidden(coarse, frame_mask)
+        tokens = coarse
+        for p in range(self.config.fine_passes):
+            if p:  # a further pass: the queries written from the previous fine read, as at inference
+                hidden = self._frame_hidden(tokens, frame_mask)
+            last = hidden.view(b, t, self.config.glimpses, -1)[:, :-1, -1]  # (B, T-1, D)
+            q_next = self.llm_to_query(last).view(b, t - 1, *self.q_init.shape)
+            queries = torch.cat([self.q_init.expand(b, 1, *self.q_init.shape), q_next], dim=1)  # (B, T, k, Dq)
+            tokens, attn = self._read(cache, queries, frame_mask)
+        return tokens, attn
+
+    def _frame_hidden(self, tokens: Tensor, frame_mask: Tensor) -> Tensor:
+        """tokens (B, T*k, D_llm) -> the LLM's hidden states over [head, tokens] at the frame slots (B, T*k, D)."""
+        b = frame_mask.shape[0]
+        head = self.head(b)
+        h = head.shape[1]
+        mask = torch.cat([frame_mask.new_ones(b, h, dtype=torch.long), self.slot_mask(frame_mask)], dim=1)
+        return self._llm(torch.cat([head, tokens], dim=1), mask)[:, h:]
 
     # ---- sequence ----------------------------------------------------------------------
 

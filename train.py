@@ -138,7 +138,8 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-TRAINING_KEYS = frozenset({"kind", "mode", "coarse_weight"})  # model keys a run reads when it starts from a saved model
+# model keys a run reads when it starts from a saved model
+TRAINING_KEYS = frozenset({"kind", "mode", "coarse_weight", "fine_passes"})
 
 
 def start_model(cfg: Config) -> VLM:
@@ -160,7 +161,7 @@ def start_model(cfg: Config) -> VLM:
 
 
 def with_training_options(model: VLM, wanted: ModelConfig, where: str) -> VLM:
-    """The saved model with the run's training options (mode, coarse_weight) where its kind has them."""
+    """The saved model with the run's training options (mode, coarse_weight, fine_passes) where its kind has them."""
     if model.kind != wanted.kind:
         raise ConfigError(f"{where} holds a {model.kind} model, but model.kind is {wanted.kind}")
     keys = {k: getattr(wanted, k) for k in TRAINING_KEYS - {"kind"} if hasattr(wanted, k)}

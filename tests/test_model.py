@@ -119,6 +119,24 @@ def test_autoregressive_equals_coarse_fine_for_one_frame():
     assert (ar - co).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_as_many_fine_passes_as_frames_read_as_the_autoregressive_loop(k):
+    """Pass p's frame t is read with queries from pass p-1's fine tokens of frames < t, so after T passes every
+    frame is read as inference reads it; fewer passes differ from the loop."""
+    fr, fm, ids, am = batch([3, 2, 0], [5, 3, 4])
+    ar = tiny_model(glimpses=k)(fr, fm, ids, am, mode="autoregressive").logits
+    keep = am.bool()
+    gaps = [
+        (tiny_model(glimpses=k, fine_passes=n)(fr, fm, ids, am, mode="coarse_fine").logits - ar)[keep].abs().max()
+        for n in (1, 2, 3)
+    ]
+    assert gaps[2] <= 1e-5 and gaps[1] > 1e-4 and gaps[0] > 1e-4, gaps
+    from config import ConfigError, FoveatedConfig
+
+    with pytest.raises(ConfigError, match="'model.fine_passes' must be >= 1, got 0"):
+        FoveatedConfig(fine_passes=0)
+
+
 def test_autoregressive_kv_cache_equals_recompute():
     model = tiny_model(glimpses=2)
     fr, fm, ids, am = batch([4, 2, 0], [3, 5, 4])
