@@ -32,7 +32,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 
-def _layer(keys: Tensor, values: Tensor) -> DynamicLayer:
+def kv_layer(keys: Tensor, values: Tensor) -> DynamicLayer:
     layer = DynamicLayer()
     layer.lazy_initialization(keys, values)
     layer.keys, layer.values = keys, values
@@ -46,7 +46,7 @@ class StepCache(DynamicCache):
         super().__init__()
         # (B, H_kv, S_past, hd) per layer, frozen for this call; replays read the same tensors
         self.frozen = [(layer.keys, layer.values) if layer.is_initialized else None for layer in past.layers]
-        self.layers = [_layer(*kv) if kv is not None else DynamicLayer() for kv in self.frozen]
+        self.layers = [kv_layer(*kv) if kv is not None else DynamicLayer() for kv in self.frozen]
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, ...]:
         while len(self.layers) <= layer_idx:
@@ -57,7 +57,7 @@ class StepCache(DynamicCache):
             keys, values = key_states, value_states
         else:
             keys, values = torch.cat([past[0], key_states], dim=-2), torch.cat([past[1], value_states], dim=-2)
-        self.layers[layer_idx] = _layer(keys, values)  # overwritten, not appended, on a replay
+        self.layers[layer_idx] = kv_layer(keys, values)  # overwritten, not appended, on a replay
         return keys, values
 
     def commit(self, past: DynamicCache) -> None:
@@ -66,7 +66,7 @@ class StepCache(DynamicCache):
             past.layers.append(DynamicLayer())
         for i, layer in enumerate(self.layers):
             if layer.is_initialized:
-                past.layers[i] = _layer(layer.keys, layer.values)
+                past.layers[i] = kv_layer(layer.keys, layer.values)
 
 
 def _decode(decoder: nn.Module, embeds: Tensor, mask: Tensor, position_ids: Tensor, past: StaticKV) -> Tensor:

@@ -24,7 +24,7 @@ from config import MODES, FoveatedConfig
 from encoder import FoveatedEncoder, PatchCache
 from frames import FrameSpec
 from kvcache import StaticKV
-from vlm import VLM, Output, Prefix, Visual, labelled_nll
+from vlm import VLM, Output, Prefix, Visual, labelled_nll, through_labels
 
 
 @dataclass
@@ -110,7 +110,9 @@ class FoveatedVLM(VLM):
         tokens[mt] = tok
         attention = attn.new_zeros(t, b, k, attn.shape[-1])
         attention[mt] = attn
-        return tokens.transpose(0, 1).reshape(b, t * k, tok.shape[-1]), attention.transpose(0, 1)
+        # contiguous: a batch-major view of time-major memory would reach every LLM matmul of the pass as an input
+        # that cannot fold into one matrix, and each would copy its weight once per clip (a bmm)
+        return tokens.transpose(0, 1).reshape(b, t * k, tok.shape[-1]).contiguous(), attention.transpose(0, 1)
 
     def _next_queries(self, hidden: Tensor) -> Tensor:
         """hidden (B, D_llm) at a frame's last token -> the k queries for the next frame (B, 1, k, Dq)."""
@@ -138,11 +140,9 @@ class FoveatedVLM(VLM):
 
     def _frame_hidden(self, tokens: Tensor, frame_mask: Tensor) -> Tensor:
         """tokens (B, T*k, D_llm) -> the LLM's hidden states over [head, tokens] at the frame slots (B, T*k, D)."""
-        b = frame_mask.shape[0]
-        head = self.head(b)
-        h = head.shape[1]
+        b, h = frame_mask.shape[0], len(self.head_ids)
         mask = torch.cat([frame_mask.new_ones(b, h, dtype=torch.long), self.slot_mask(frame_mask)], dim=1)
-        return self._llm(torch.cat([head, tokens], dim=1), mask)[:, h:]
+        return self._llm(tokens, mask, self.open_head(b, None)[1])
 
     # ---- sequence ----------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class FoveatedVLM(VLM):
         counts = frame_mask.sum(0).tolist()  # real frames at each step, contiguous in the cache
         mask = frame_mask.new_ones(b, h, dtype=torch.long)
         seq = head  # (B, S, D), only needed without cache
-        head_hidden = self._llm(head, mask, past) if past is not None and h else head[:, :0]
+        head_hidden = self.open_head(b, past)[0] if past is not None else head[:, :0]
         queries = self.q_init.expand(b, 1, *self.q_init.shape)
         start, attns, steps = 0, [], []
         for step in range(t):
@@ -244,6 +244,8 @@ class FoveatedVLM(VLM):
         In coarse_fine mode that pass is pass 1 as well (the frame slots' hidden states, which the text after
         them cannot change, give the fine queries), so the auxiliary loss costs no extra LLM pass."""
         read = read or self.train_read
+        if labels is not None and not logits:
+            input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, len(self.head_ids))
         if visual is None:
             visual = self.prepare(frames, frame_mask)
         weight = self.config.coarse_weight

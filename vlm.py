@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from beam import beam_search
+from casts import stamp
 from frames import FrameSpec
-from kvcache import StaticKV, StepCache
+from kvcache import StaticKV, StepCache, kv_layer
 from lora import add_lora, is_lora_param, merge_lora
 from tokenization import IGNORE_INDEX, user_turn_head
 
@@ -107,6 +108,17 @@ def labelled_nll(
             nll = nll.index_add(0, ok.nonzero()[:, 0], extra)
         count = count + ok
     return nll, count
+
+
+def through_labels(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, head: int) -> tuple[Tensor, ...]:
+    """(R, L) ids, mask and labels cut after the last labelled column: under causal attention the tokens after it
+    change no prediction of a labelled token, so a loss without logits need not run them (a stage-2 row's end
+    of turn, a short row padded to a long one's length). Uncut when no column after the head is labelled."""
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    end = int(labelled[-1]) + 1 if len(labelled) else 0
+    if head < end < labels.shape[1]:
+        return input_ids[:, :end], attention_mask[:, :end], labels[:, :end]
+    return input_ids, attention_mask, labels
 
 
 def positions(mask: Tensor, new: int) -> Tensor:
@@ -249,6 +261,55 @@ class VLM(nn.Module):
         """(b, H, D) embeddings of the text that goes before the frames (empty with frames_at start)."""
         return self.embed(self.head_ids)[None].expand(b, -1, -1)
 
+    def open_head(
+        self, rows: int, past: DynamicCache | StaticKV | None
+    ) -> tuple[Tensor, DynamicCache | StaticKV | None]:
+        """Run the LLM over the head for `rows` rows: its final hidden states (rows, H, D) and the cache that now
+        holds its keys and values, for the rest of the sequence to continue from (`past`, filled in place, or a
+        new DynamicCache when `past` is None and the head is not empty; None for an empty head and no `past`).
+
+        Every row opens with the same head (with frames_at user_turn, half of a short sample's tokens, and the
+        whole of a foveated pass over [head, frames] but its T slots), so it runs for one row and its keys and
+        values are expanded to all rows (`_head_state`). A StaticKV (inference) is preallocated per row, so there
+        the head is written for every row."""
+        h = len(self.head_ids)
+        if not h:
+            return self.head_ids.new_zeros(rows, 0, self.llm.config.hidden_size).float(), past
+        if isinstance(past, StaticKV):
+            return self._llm(self.head(rows), self.head_ids.new_ones(rows, h), past), past
+        hidden, kv = self._head_state()
+        past = DynamicCache() if past is None else past
+        past.layers = [kv_layer(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
+        return hidden.expand(rows, -1, -1), past
+
+    def _head_state(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The LLM over the head for one row: hidden states (1, H, D) and each layer's keys and values.
+
+        While nothing can take a gradient through the LLM (its weights frozen, or no grad), the head's state is
+        a constant of the weights: it is kept and reused until a weight changes (an optimizer step or a load
+        bumps the tensor's version), the model moves, or the autocast or train/eval setting differs, so a
+        training step's passes and an evaluation's questions run it once rather than once each."""
+        device = self.head_ids.device
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters())
+        key = None
+        if not grad:
+            key = (
+                device,
+                self.llm.training,
+                torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type),
+                tuple(stamp(p) for p in self.llm.parameters()),
+            )
+            cached = getattr(self, "_head_cache", None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        one = DynamicCache()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):  # kept tensors must be usable in training
+            hidden = self._llm(self.head(1), self.head_ids.new_ones(1, len(self.head_ids)), one)  # (1, H, D)
+        state = hidden, [(layer.keys, layer.values) for layer in one.layers]
+        if key is not None:
+            self._head_cache = key, state
+        return state
+
     def head_length(self, input_ids: Tensor, attention_mask: Tensor) -> int:
         """H, the number of leading text tokens that go before the frames: every row must start with them."""
         h = len(self.head_ids)
@@ -295,17 +356,18 @@ class VLM(nn.Module):
         self.check_read(read)
         frame_mask = visual.frame_mask
         h = self.head_length(input_ids, attention_mask)
-        embeds = self.embed(input_ids)  # (R, L, D)
+        embeds = self.embed(input_ids[:, h:])  # (R, L - H, D): the text after the head
         vis, attn = self.visual_tokens(visual, **read)
         slots, framed, last = self.slot_mask(frame_mask), frame_mask.any(1), self.last_slot(frame_mask)
         if rows is not None:
             vis, slots, framed, last = vis[rows], slots[rows], framed[rows], last[rows]
         mask = torch.cat([attention_mask[:, :h].long(), slots, attention_mask[:, h:].long()], dim=1)
         past = self.new_cache(kv_cache, room, mask.shape[1])
-        hidden = self._llm(torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1), mask, past)
-        last_visual = hidden[torch.arange(len(hidden), device=hidden.device), h + last.clamp(min=0)]
-        text_hidden = torch.cat([hidden[:, :h], hidden[:, h + vis.shape[1] :]], dim=1)
-        return Prefix(text_hidden, mask, past, attn, last_visual, framed, h, hidden[:, h : h + vis.shape[1]])
+        head_hidden, run = self.open_head(len(input_ids), past)  # (R, H, D)
+        hidden = self._llm(torch.cat([vis, embeds], dim=1), mask, run)  # (R, T*S + L - H, D)
+        last_visual = hidden[torch.arange(len(hidden), device=hidden.device), last.clamp(min=0)]
+        text_hidden = torch.cat([head_hidden.to(hidden.dtype), hidden[:, vis.shape[1] :]], dim=1)
+        return Prefix(text_hidden, mask, past, attn, last_visual, framed, h, hidden[:, : vis.shape[1]])
 
     def uses_cache(self, **read: Any) -> bool:
         """Whether a read itself runs the LLM on a KV cache (then training keeps one too)."""
@@ -326,8 +388,11 @@ class VLM(nn.Module):
         """frames (B, T, 3, H, W), frame_mask (B, T) bool, input_ids/attention_mask/labels (R, L); `rows` (R,)
         the clip each text row reads (default R = B, row i reads clip i). A precomputed `visual` (from
         `prepare`) lets several reads or options share one encoding; `logits=False` leaves out the logits at
-        every position (training needs only the loss, whose few labelled positions are computed apart)."""
+        every position (training needs only the loss, whose few labelled positions are computed apart, and only the
+        columns through the last labelled one: `through_labels`)."""
         read = read or self.train_read
+        if labels is not None and not logits:
+            input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, len(self.head_ids))
         if visual is None:
             visual = self.prepare(frames, frame_mask)
         pre = self.prefix(visual, input_ids, attention_mask, self.uses_cache(**read), rows, **read)

@@ -381,8 +381,11 @@ def test_coarse_weight_adds_the_coarse_reads_loss_and_gradient(tokenizer, mode):
     model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="user_turn").train().double()
     fr, fm, ids, am = user_turn_batch(tokenizer, [3, 1, 2], USERS)
     fr, labels = fr.double(), ids.masked_fill(am == 0, -100)
-    passes = []
-    model.decoder().register_forward_hook(lambda *args: passes.append(1))
+    passes = []  # LLM passes over the batch's rows (the head runs apart, for one row: VLM.open_head)
+    model.decoder().register_forward_hook(
+        lambda module, args, kwargs, out: passes.append(1) if len(kwargs["inputs_embeds"]) == len(fr) else None,
+        with_kwargs=True,
+    )
 
     def run(weight: float, read: str):
         model.config.coarse_weight = weight
@@ -409,3 +412,85 @@ def test_coarse_weight_adds_the_coarse_reads_loss_and_gradient(tokenizer, mode):
     model.eval()
     model.config.coarse_weight = 0.5
     assert model(fr, fm, ids, am, labels, mode=mode).loss == fine
+
+
+def _by_hand(model, fr, fm, ids, am, row: int = 0):
+    """Coarse-only logits of one row from the LLM run by hand over [head, tokens, rest] (no shared head)."""
+    h, n, t = len(model.head_ids), int(am[row].sum()), int(fm[row].sum())
+    vis, _ = model.visual_tokens(model.prepare(fr[row : row + 1, :t], fm[row : row + 1, :t]), mode="coarse_only")
+    embeds = model.llm.get_input_embeddings()(ids[row : row + 1, :n])
+    out = model.llm(inputs_embeds=torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1)).logits
+    return torch.cat([out[:, :h], out[:, h + vis.shape[1] :]], dim=1)
+
+
+def test_the_head_runs_once_for_every_row_and_pass_until_a_weight_changes(tokenizer):
+    """frames_at user_turn: the head is run for one row and shared by every row of every pass and call while the
+    LLM's weights stay as they are; an in-place change (an optimizer step) makes it run again, and every result
+    is what the LLM gives run by hand over the whole sequence."""
+    model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="user_turn", fine_passes=2)
+    fr, fm, ids, am = user_turn_batch(tokenizer, [3, 1, 2], USERS)
+    heads = []  # decoder calls over the head alone
+    model.decoder().register_forward_hook(
+        lambda module, args, kwargs, out: heads.append(1) if kwargs["inputs_embeds"].shape[1] == len(model.head_ids)
+        else None, with_kwargs=True,
+    )  # fmt: skip
+    for mode in MODES:
+        model(fr, fm, ids, am, mode=mode)
+    assert len(heads) == 1  # three modes, four LLM passes over the batch in coarse_fine, one head run
+    logits = model(fr, fm, ids, am, mode="coarse_only").logits
+    assert (logits[:1, : int(am[0].sum())] - _by_hand(model, fr, fm, ids, am)).abs().max() <= 1e-5
+    with torch.no_grad():
+        model.llm.get_decoder().layers[0].self_attn.k_proj.weight.mul_(1.5)  # in place, as an optimizer steps
+    logits = model(fr, fm, ids, am, mode="coarse_only").logits
+    assert len(heads) == 2
+    assert (logits[:1, : int(am[0].sum())] - _by_hand(model, fr, fm, ids, am)).abs().max() <= 1e-5
+
+
+def test_a_trainable_llm_gets_the_heads_gradient_from_every_row(tokenizer):
+    """With the LLM training, the head's one-row run carries the gradient of every row that reads it: the LLM's
+    gradients equal those of the LLM run by hand over each whole sequence (float64, but for the LLM's RMSNorm, which
+    computes in float32: the sums over rows are taken in another order, ~3e-7 apart)."""
+    model = tiny_model(glimpses=1, tokenizer=tokenizer, frames_at="user_turn").double().train()
+    fr, fm, ids, am = user_turn_batch(tokenizer, [3, 1, 2], USERS)
+    fr = fr.double()
+    with torch.enable_grad():
+        out = model(fr, fm, ids, am, mode="coarse_only").logits
+        out[am.bool()].square().sum().backward()
+        ours = {n: p.grad.clone() for n, p in model.llm.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        total = sum(_by_hand(model, fr, fm, ids, am, i)[0].square().sum() for i in range(len(ids)))
+        total.backward()
+    for name, p in model.llm.named_parameters():
+        assert (ours[name] - p.grad).abs().max() <= 2e-6 * p.grad.abs().max().item(), name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_loss_without_logits_runs_only_through_the_last_label_and_equals_the_full_one(tokenizer, mode):
+    """Training's loss (logits=False) cuts the columns after the last labelled one (a stage-2 row's end of turn, a
+    short row's padding): the same loss and gradients as the whole sequence, with the LLM run on fewer columns."""
+    model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="user_turn", coarse_weight=0.5).double().train()
+    fr, fm, ids, am = user_turn_batch(tokenizer, [3, 1, 2], USERS)
+    fr, labels = fr.double(), torch.full_like(ids, -100)
+    for i, n in enumerate(am.sum(1).tolist()):
+        labels[i, n - 4 : n - 2] = ids[i, n - 4 : n - 2]  # two tokens before the row's last two
+    widths = []
+    model.decoder().register_forward_hook(
+        lambda module, args, kwargs, out: widths.append(kwargs["inputs_embeds"].shape[1])
+        if len(kwargs["inputs_embeds"]) == len(fr) else None, with_kwargs=True,
+    )  # fmt: skip
+
+    def run(logits: bool):
+        model.zero_grad(set_to_none=True)
+        widths.clear()
+        with torch.enable_grad():
+            loss = model(fr, fm, ids, am, labels, logits=logits, mode=mode).loss
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, sum(widths)
+
+    full, g_full, wide = run(True)
+    cut, g_cut, narrow = run(False)
+    assert (full - cut).abs() <= 1e-12 and g_full.keys() == g_cut.keys()
+    for name, g in g_full.items():
+        assert (g - g_cut[name]).abs().max() <= 1e-10 * max(1.0, g.abs().max().item()), name
+    assert narrow < wide  # the last two columns were not run (in each pass over the text that had logits)
