@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from benchmarks import Media
+from casts import ConstantCasts
 from frames import IMAGE_EXTS, FrameSpec
 from processors import processor_for
 from vlm import VLM, Visual
@@ -57,6 +58,7 @@ class Answerer:
         self.device = next(model.parameters()).device
         self.bf16 = bf16
         self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
+        self.casts = ConstantCasts([model], bf16, constant="all")  # its weights cast to bf16 once: casts.py
 
     @property
     def frames(self) -> FrameSpec:
@@ -70,13 +72,13 @@ class Answerer:
     def prepare_pictures(self, pictures: list[Any]) -> Prepared:
         """Already decoded frames (e.g. a training sample's, processors' `pictures`) -> the prepared question."""
         inputs = {k: v.to(self.device) for k, v in self.processor.visual(pictures).items()}
-        with self.autocast:
+        with self.casts, self.autocast:
             return Prepared(pictures, self.model.prepare(**inputs))
 
     def score(self, state: Prepared, question: str, answers: list[str], read: str) -> list[float]:
         prompt = self.processor.prompt(question, state.pictures)
         continuations, labels = self.processor.answers(question, answers)
-        with self.autocast:
+        with self.casts, self.autocast:
             nll = self.model.option_nll(state.visual, prompt, continuations, labels, **self.reads[read])
         return nll.float().tolist()
 
@@ -84,6 +86,6 @@ class Answerer:
         ids = torch.tensor([self.processor.prompt(question, state.pictures)], device=self.device)
         tokenizer = self.processor.tokenizer
         ends = self.processor.end_ids
-        with self.autocast:
+        with self.casts, self.autocast:
             new = self.model.generate(state.visual, ids, torch.ones_like(ids), max_new_tokens, ends, **self.reads[read])
         return tokenizer.decode(new[0], skip_special_tokens=True).strip()

@@ -4,6 +4,7 @@
     python bench.py --only inference --frames 8,64 --out bench.json
     python bench.py --only decode        # greedy decoding: dynamic vs static KV cache vs torch.compile
     python bench.py --only benchmark     # option scoring: shared encoding + prefix vs naive
+    python bench.py --only frozen        # bf16 steps with frozen backbones: per-call weight casts vs casts.py's
     python bench.py --kind pixel_shuffle --only inference   # any kind of model (registry.py)
 
 Timings do not depend on weight values, so by default the backbones are the real
@@ -20,6 +21,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from transformers import Dinov2Config, LlamaConfig
 import cli
 import data
 import registry
+from casts import ConstantCasts
 from config import ModelConfig
 from frames import FrameSpec
 from losses import batch_loss
@@ -98,7 +101,13 @@ def build_model(kind: str = "foveated", backbones: str = "random") -> VLM:
 
 
 def train_step_speed(
-    model: VLM, batch: dict[str, Tensor], steps: int = 10, warmup: int = 2, bf16: bool = False, **read: Any
+    model: VLM,
+    batch: dict[str, Tensor],
+    steps: int = 10,
+    warmup: int = 2,
+    bf16: bool = False,
+    casts: ConstantCasts | None = None,
+    **read: Any,
 ) -> dict[str, float]:
     """Training speed of forward + backward on one batch (already on the model's device), repeated.
 
@@ -111,9 +120,10 @@ def train_step_speed(
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
     def step() -> None:
-        with autocast:
-            loss = batch_loss(model, batch, read or model.train_read)
-        loss.backward()
+        with casts or nullcontext():  # forward and backward, as train.py holds it
+            with autocast:
+                loss = batch_loss(model, batch, read or model.train_read)
+            loss.backward()
         model.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
@@ -283,6 +293,36 @@ def bench_train(
     return rows
 
 
+def bench_frozen(
+    model: VLM, device: torch.device, repeats: int, frames: int = 4, batch: int = 4, text: int = 24, size: int = 112
+) -> list[dict]:
+    """A bf16 training step with both backbones frozen (lr 0: the toy recipe's setting, short clips and text),
+    autocast casting every frozen weight at each call against casts.py's copies made once. The same numbers."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.llm.config.vocab_size, (batch, text), generator=g)
+    b = {
+        "frames": torch.randn(batch, frames, 3, size, size, generator=g),
+        "frame_mask": torch.ones(batch, frames, dtype=torch.bool),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+    }
+    b = {k: v.to(device) for k, v in b.items()}
+    frozen = [p for n, p in model.named_parameters() if model.group_of(n) in ("vision", "llm", "frozen")]
+    for p in frozen:
+        p.requires_grad_(False)
+    rows, base = [], None
+    for name, casts in (("per call", None), ("once (casts.py)", ConstantCasts([model], enabled=True))):
+        r = train_step_speed(model, b, steps=repeats, warmup=1, bf16=True, casts=casts)
+        base = base or r["step_s"]
+        what = f"bf16 {model.kind} step, backbones frozen, weights cast {name}: {r['samples_per_s']:.2f} samples/s"
+        rows.append(_row("frozen", what, r["step_s"], base, "cast per call"))
+    for p in frozen:
+        p.requires_grad_(True)
+    model.eval()
+    return rows
+
+
 def bench_data(workers: list[int]) -> list[dict]:
     """Data loader speed on 64-frame JPEG samples (decode + resize + normalise), per worker count."""
     processor = ChatProcessor(load_tokenizer(LLM_HUB_ID), FrameSpec(size=224, max_frames=64))
@@ -311,8 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--only",
-        default="inference,decode,benchmark,train,data",
-        help="comma-separated: inference, decode, benchmark, train, data",
+        default="inference,decode,benchmark,train,frozen,data",
+        help="comma-separated: inference, decode, benchmark, train, frozen, data",
     )
     p.add_argument("--workers", default="1,2", help="worker counts for the data section")
     p.add_argument("--frames", default="8,64", help="frame counts for the inference section")
@@ -334,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
             rows += bench_benchmark(model, device, args.repeats)
     if "train" in args.only.split(","):
         rows += bench_train(model, device, args.repeats)
+    if "frozen" in args.only.split(","):
+        rows += bench_frozen(model, device, args.repeats)
     if "data" in args.only.split(","):
         rows += bench_data([int(w) for w in args.workers.split(",")])
     name = device_name(device)

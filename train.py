@@ -43,6 +43,7 @@ import cli
 import data
 import registry
 from answering import Answerer
+from casts import ConstantCasts
 from cli import UserError
 from config import Config, ConfigError, ModelConfig, load_config, save_config
 from frames import MediaError
@@ -246,6 +247,8 @@ class Trainer:
             self.model = torch.compile(self.model)
         # bf16 autocast on the GPU, and on a CPU with bf16 units (avx512_bf16 / AMX): fp32 weights and optimizer
         self.autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=tc.bf16)
+        # the frozen weights cast to bf16 once, not at every call (casts.py), for each step's forward and backward
+        self.casts = ConstantCasts([self.raw, self.reference], tc.bf16)
         self.max_steps = tc.max_steps
         if tc.epochs:  # rounded up: the last step may reach into the next epoch, so all of the last one is seen
             batches = data.epoch_batches(cfg.data, self.processor, d.world_size)
@@ -276,7 +279,7 @@ class Trainer:
             batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
             data_s += time.perf_counter() - t
             sync = self.ddp is None or micro == tc.accumulate - 1
-            with nullcontext() if sync else self.ddp.no_sync():
+            with nullcontext() if sync else self.ddp.no_sync(), self.casts:
                 loss = self.loss(self.model, batch)
                 (loss / tc.accumulate).backward()
             loss_sum, samples, tokens = loss_sum + loss.detach().float(), samples + n, tokens + k
