@@ -291,10 +291,15 @@ class DataConfig:
     max_text_len: int = 1024  # tokens; longer samples are truncated on the right
     num_workers: int = 2
     shuffle_buffer: int = 256  # samples per worker; 0 = none (shard order is still shuffled by epoch)
+    # how data.train's sources are mixed: "sample" (each batch mixes them by weight) or "batch" (each batch is
+    # drawn whole from one source, the sources' shares of batches by weight): batches of one source pad to
+    # their own lengths, not to the longest source's
+    mix: str = "sample"
     seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("data.stage", self.stage, (1, 2, 3))
+        _choice("data.mix", self.mix, ("sample", "batch"))
         if self.frame_budget is not None and self.frame_budget < self.max_frames:
             raise ConfigError(f"'data.frame_budget' ({self.frame_budget}) is below 'data.max_frames'")
         for key in ("batch_size", "max_frames", "frame_size", "replicate_image_frames", "max_text_len"):

@@ -3,7 +3,8 @@
 Each source (config.SourceConfig: shards, TextVQA, caption sets; readers.py) is a list of units dealt out
 once per epoch to the ranks after a seeded shuffle. The first source of `data.train` sets the epoch: it
 is read once per epoch; the others are mixed in by weight (a smooth weighted round-robin: over any stretch
-each source's share is its weight's to within one sample) and start over whenever they run out. So a mix of
+each source's share is its weight's to within one sample; with `data.mix: batch`, within one batch, each
+batch drawn from one source) and start over whenever they run out. So a mix of
 captions with 14 % text-only retention data is `[{path: captions/*.tar, weight: 0.86}, {path: text/*.tar,
 weight: 0.14}]`, and the realised shares are logged. Validation reads each `data.val` source once, in order.
 
@@ -148,9 +149,18 @@ class SourceDataset(IterableDataset):
         return _weighted(streams, [s.weight for s in self.sources])
 
     def groups(self, counts: Counter) -> Iterator[list[dict]]:
-        """The epoch's batches of raw samples, before any decoding."""
+        """The epoch's batches of raw samples, before any decoding; with data.mix "batch", each from one source,
+        the batches (rather than the samples) mixed by weight."""
         cfg = self.cfg
-        return group_batches(self.raw_samples(counts), cfg.batch_size, cfg.frame_budget, self.processor.num_frames)
+
+        def grouped(samples: Iterator[dict]) -> Iterator[list[dict]]:
+            return group_batches(samples, cfg.batch_size, cfg.frame_budget, self.processor.num_frames)
+
+        if self.split == "train" and cfg.mix == "batch" and len(self.readers) > 1:
+            streams = [grouped(self._stream(0, counts))]
+            streams += [grouped(self._endless(i, counts)) for i in range(1, len(self.readers))]
+            return _weighted(streams, [s.weight for s in self.sources])
+        return grouped(self.raw_samples(counts))
 
     def _decode(self, raw: dict, counts: Counter) -> dict | None:
         where = f"{raw.get('__url__', 'source ' + str(raw['__source__']))}:{raw['__key__']}"

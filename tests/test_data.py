@@ -7,7 +7,7 @@ from conftest import jpeg, mp4
 
 import data
 from collate import collate, group_batches
-from config import DataConfig, ShardSource
+from config import ConfigError, DataConfig, ShardSource
 from frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
 from processors import ChatProcessor
 from tokenization import DESCRIBE_PROMPT, IGNORE_INDEX, chat_ids, encode_sample, prompt_ids
@@ -350,3 +350,25 @@ def test_a_mix_holds_its_weights_over_every_stretch_and_resumes_exactly(tmp_path
             assert abs(drawn[:n].count(source) - w * n) < 1, (n, source)
     for skip in (3, 17, len(batches) - 1):
         same(run(cfg, tokenizer, skip_batches=skip), batches[skip:])
+
+
+def test_a_mix_by_batch_draws_each_batch_from_one_source_by_weight_and_resumes_exactly(tmp_path, tokenizer):
+    """data.mix "batch": every batch holds one source's samples, padded to its own length; the sources' shares
+    of batches follow the weights as the samples' do in a mix by sample; the first source is read once."""
+    write_shard(tmp_path / "short.tar", [chat(i) for i in range(24)])
+    long = [{"__key__": f"L{i}", "json": {"user": "a much longer question " * 6, "assistant": "x"}} for i in range(5)]
+    write_shard(tmp_path / "long.tar", long)
+    mix = [(str(tmp_path / "short.tar"), 0.8), (str(tmp_path / "long.tar"), 0.2)]
+    cfg = config(mix, batch_size=3, mix="batch")
+    batches = run(cfg, tokenizer)
+    drawn = [set(b["sources"]) for b in batches]
+    assert all(len(d) == 1 for d in drawn) and len(batches) == 10  # 8 batches of the first source + 2
+    assert [d.pop() for d in drawn] == [0, 0, 1, 0, 0, 0, 0, 1, 0, 0]  # one in five, as the mix by sample deals
+    assert sorted(k for b in batches for k in b["keys"] if k.startswith("s")) == [f"s{i:04d}" for i in range(24)]
+    by_sample = run(config(mix, batch_size=3), tokenizer)
+    width = max(b["input_ids"].shape[1] for b in batches if b["sources"][0] == 0)
+    assert width < min(b["input_ids"].shape[1] for b in by_sample if 1 in b["sources"])
+    for skip in (2, 7):
+        same(run(cfg, tokenizer, skip_batches=skip), batches[skip:])
+    with pytest.raises(ConfigError, match="data.mix"):
+        config(mix, mix="rows")
