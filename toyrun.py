@@ -55,10 +55,10 @@ def looks(
     return {"uniform": float(np.mean(uniform)), **{k: float(np.mean(v)) for k, v in shares.items()}}
 
 
-def evaluate(model_dir: Path, bench: Any, reads: list[str], out: Path, bf16: bool) -> dict:
-    """Held-out accuracy per read; in bf16 autocast when the model trained in it (about half the time)."""
+def evaluate(answerer: Answerer, bench: Any, reads: list[str], out: Path) -> dict:
+    """Held-out accuracy per read (in bf16 autocast when the model trained in it: about half the time)."""
     shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier model must not be reused
-    return benchmark.evaluate(Answerer(registry.load(model_dir), bf16=bf16), bench, "likelihood", reads, out)
+    return benchmark.evaluate(answerer, bench, "likelihood", reads, out)
 
 
 def run(
@@ -70,23 +70,33 @@ def run(
 ) -> dict:
     """The toy run (see the module docstring); returns what summary.json holds."""
     start = time.perf_counter()
+    phases: dict[str, float] = {}  # seconds of each part, in the order they ran
+
+    def lap(name: str) -> None:
+        phases[name] = round(time.perf_counter() - start - sum(phases.values()), 1)
+
     cfg = load_config(config, list(overrides))
     root, out = Path(cfg.data.train[0].path).parent.parent, Path(cfg.train.out_dir)
     ensure(root, seed=cfg.train.seed, train=clips, size=cfg.data.frame_size, frames=cfg.data.max_frames)
     bench = benchmark.load_benchmark("toy", held_out(cfg.data.train[0].path))
+    lap("world")
     final = train.train(cfg)
-    results = {"foveated": evaluate(final, bench, ["coarse_only", "coarse_fine", "autoregressive"], out / "eval",
-                                     cfg.train.bf16)}  # fmt: skip
+    lap("train")
+    foveated = Answerer(registry.load(final), bf16=cfg.train.bf16)
+    results = {"foveated": evaluate(foveated, bench, ["coarse_only", "coarse_fine", "autoregressive"], out / "eval")}
+    lap("evaluate")
     if glance:
         glance_cfg = load_config(config, [*overrides, *GLANCE, f"train.out_dir={out / 'glance'}"])
-        glance_final = train.train(glance_cfg)
-        results["glance"] = evaluate(glance_final, bench, ["coarse_only"], out / "glance" / "eval", cfg.train.bf16)
-    answerer = Answerer(registry.load(final))
-    shares = looks(answerer, bench.questions, {"static": "coarse_only", "loop": "autoregressive"}, out,
+        glance_answerer = Answerer(registry.load(train.train(glance_cfg)), bf16=cfg.train.bf16)
+        lap("glance_train")
+        results["glance"] = evaluate(glance_answerer, bench, ["coarse_only"], out / "glance" / "eval")
+        lap("glance_evaluate")
+    shares = looks(foveated, bench.questions, {"static": "coarse_only", "loop": "autoregressive"}, out,
                    cfg.train.seed, pictures)  # fmt: skip
     if glance:
-        shares["glance"] = looks(Answerer(registry.load(glance_final)), bench.questions, {"glance": "coarse_only"},
-                                 out, cfg.train.seed, pictures)["glance"]  # fmt: skip
+        shares["glance"] = looks(glance_answerer, bench.questions, {"glance": "coarse_only"}, out, cfg.train.seed,
+                                 pictures)["glance"]  # fmt: skip
+    lap("looks")
     summary = {
         "questions": len(bench.questions),
         "chance": results["foveated"]["chance"],
@@ -94,6 +104,7 @@ def run(
         "by_group": {name: r["groups"]["task"] for name, r in results.items()},
         "share_on_ball": {"clips": min(LOOK_CLIPS, len(bench.questions)), **shares},
         "seconds": round(time.perf_counter() - start),
+        "phases": phases,
         "seed": cfg.train.seed,
         "trained": cfg.model.mode,  # the foveated model's training mode (the glance's is coarse_only)
     }
@@ -117,4 +128,5 @@ def report(summary: dict, out: Path) -> None:
     print(line + (f", the glance's query {100 * look['glance']:.0f} %" if "glance" in look else ""))
     print(f"models: {out / 'final'}" + (f", {out / 'glance' / 'final'}" if "glance" in acc else "")
           + f" (registry.load); attention pictures: {out / 'attention'}")  # fmt: skip
-    print(f"toy run took {summary['seconds']} s")
+    parts = ", ".join(f"{name} {seconds:.0f}" for name, seconds in summary["phases"].items())
+    print(f"toy run took {summary['seconds']} s ({parts})")
