@@ -251,6 +251,21 @@ def bench_benchmark(
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def random_batch(model: VLM, device: torch.device, frames: int, batch: int, text: int, size: int) -> dict[str, Tensor]:
+    """A seeded batch of random frames and text, every token labelled, on `device`."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.llm.config.vocab_size, (batch, text), generator=g)
+    b = {
+        "frames": torch.randn(batch, frames, 3, size, size, generator=g),
+        "frame_mask": torch.ones(batch, frames, dtype=torch.bool),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+    }
+    b = {k: v.to(device) for k, v in b.items()}
+    return b
+
+
 def bench_train(
     model: VLM,
     device: torch.device,
@@ -262,16 +277,7 @@ def bench_train(
 ) -> list[dict]:
     """Training forward+backward per read on one batch; on CUDA also bf16 + torch.compile and FLOP utilisation
     (FLOPs counted by torch's FlopCounterMode on the real step, not estimated)."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.llm.config.vocab_size, (batch, text), generator=g)
-    b = {
-        "frames": torch.randn(batch, frames, 3, size, size, generator=g),
-        "frame_mask": torch.ones(batch, frames, dtype=torch.bool),
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": ids.clone(),
-    }
-    b = {k: v.to(device) for k, v in b.items()}
+    b = random_batch(model, device, frames, batch, text, size)
     variants = [("fp32", model, False)]
     if device.type == "cuda":
         variants += [("bf16", model, True), ("bf16+compile", torch.compile(model), True)]
@@ -298,16 +304,7 @@ def bench_frozen(
 ) -> list[dict]:
     """A bf16 training step with both backbones frozen (lr 0: the toy recipe's setting, short clips and text),
     autocast casting every frozen weight at each call against casts.py's copies made once. The same numbers."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.llm.config.vocab_size, (batch, text), generator=g)
-    b = {
-        "frames": torch.randn(batch, frames, 3, size, size, generator=g),
-        "frame_mask": torch.ones(batch, frames, dtype=torch.bool),
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": ids.clone(),
-    }
-    b = {k: v.to(device) for k, v in b.items()}
+    b = random_batch(model, device, frames, batch, text, size)
     frozen = [p for n, p in model.named_parameters() if model.group_of(n) in ("vision", "llm", "frozen")]
     for p in frozen:
         p.requires_grad_(False)
