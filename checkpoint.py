@@ -108,6 +108,21 @@ def save_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def link_model(src: Path, out: Path) -> None:
+    """Fill an existing directory with the model directory `src` as hard links (copies where the filesystem has
+    none): a run's final model is its last checkpoint's, so it costs no second write of the weights. Safe because
+    no file here is ever rewritten in place; deleting the checkpoint leaves the links whole."""
+    for f in sorted(src.rglob("*")):
+        target = out / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+
+
 def save_model(model: VLM, path: str | Path) -> None:
     save_atomic(path, lambda out: write_model(model, out))
 

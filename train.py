@@ -403,7 +403,9 @@ def train(cfg: Config) -> Path:
     log.close()
     final = out / "final"
     if d.rank == 0:
-        ckpt.save_atomic(final, partial(ckpt.write_model, run.raw))
+        last = ckpt.checkpoint_dir(out, run.state.step) / ckpt.MODEL_DIR  # saved at the last step: the same weights
+        write = partial(ckpt.link_model, last) if last.is_dir() else partial(ckpt.write_model, run.raw)
+        ckpt.save_atomic(final, write)
         if cfg.data.val:
             show_example(run.raw, cfg)
     if d.world_size > 1:

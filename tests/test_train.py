@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -156,6 +157,14 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, mon
         assert kept == ["step-00000004", "step-00000006"]
         assert (Path(cut.train.out_dir) / "checkpoints" / kept[-1] / "config.yaml").is_file()
         assert yaml.safe_load((Path(cut.train.out_dir) / "config.yaml").read_text()) == to_dict(cut)
+        # the final model is the last checkpoint's, linked rather than written twice, and outlives its deletion
+        run = Path(cut.train.out_dir)
+        last, final_dir = run / "checkpoints" / kept[-1] / ckpt.MODEL_DIR, run / "final"
+        files = [sorted(p.relative_to(d) for p in d.rglob("*")) for d in (last, final_dir)]
+        assert files[0] == files[1] and len(files[0]) > 3
+        assert (final_dir / ckpt.WEIGHTS).read_bytes() == (last / ckpt.WEIGHTS).read_bytes()
+        shutil.rmtree(run / "checkpoints")
+        assert all(torch.equal(b[k], v) for k, v in load_file(str(final_dir / ckpt.WEIGHTS)).items())
         # lr 0 froze DINO bit for bit, while the other groups moved
         init = load_file(str(start_model / ckpt.WEIGHTS))
         assert all(torch.equal(init[k], a[k]) == k.startswith("encoder.dino.") for k in init if "norm" not in k)
