@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from frames import IMAGENET_MEAN, IMAGENET_STD
@@ -104,6 +104,22 @@ def save_attention(
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def stack_strips(strips: dict[str, str | Path], out: str | Path, label_width: int = 96) -> Path:
+    """{label: strip PNG} -> one PNG of the strips one under another, each labelled on its left: several reads
+    of the same clip, side by side in time, for a person to compare where each looked."""
+    images = {label: Image.open(path).convert("RGB") for label, path in strips.items()}
+    width = label_width + max(im.width for im in images.values())
+    sheet = Image.new("RGB", (width, sum(im.height for im in images.values())), "white")
+    draw, y = ImageDraw.Draw(sheet), 0
+    for label, im in images.items():
+        sheet.paste(im, (label_width, y))
+        draw.text((6, y + im.height // 2), label, fill="black", anchor="lm")
+        y += im.height
+    out = Path(out).with_suffix(".png")
+    sheet.save(out)
+    return out
 
 
 @torch.no_grad()

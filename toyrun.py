@@ -5,7 +5,8 @@ then the glance: the same model, steps, data and seed, trained to read in coarse
 alone, no feedback), so that each of the two is a model trained for the way it reads. It evaluates the
 held-out split (likelihood protocol): the foveated model in every mode, the glance in its own. Then it
 measures where each looked, apart from whether the answer was read: the share of the final read's attention
-on the ball over LOOK_CLIPS held-out clips (against a uniform look), and draws the attention of a few clips.
+on the ball over LOOK_CLIPS held-out clips (against a uniform look), and draws the attention of a few clips
+(each read's strip, and the reads of a clip one under another).
 Everything lands under train.out_dir: final/ (the foveated model), glance/final/, eval/, attention/, look.json
 and summary.json.
 """
@@ -25,7 +26,7 @@ import benchmark
 import registry
 import train
 from answering import Answerer
-from attention_viz import read_attention, save_attention
+from attention_viz import read_attention, save_attention, stack_strips
 from config import load_config
 from processors import processor_for
 from toyworld import DEFAULT_CONFIG, LOOK_CLIPS, TRAIN_CLIPS, ball_patches, ensure, held_out, look_share, sample
@@ -96,6 +97,9 @@ def run(
     if glance:
         shares["glance"] = looks(glance_answerer, bench.questions, {"glance": "coarse_only"}, out, cfg.train.seed,
                                  pictures)["glance"]  # fmt: skip
+    for q in bench.questions[:pictures]:  # each clip's reads one under another: <id>.png
+        labels = ("loop", "static", "glance") if glance else ("loop", "static")
+        stack_strips({label: out / "attention" / f"{q.id}_{label}.png" for label in labels}, out / "attention" / q.id)
     lap("looks")
     summary = {
         "questions": len(bench.questions),

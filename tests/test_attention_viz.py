@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attention_viz import entropy, patch_maps, read_attention, save_attention, to_uint8
+from attention_viz import entropy, patch_maps, read_attention, save_attention, stack_strips, to_uint8
 from frames import IMAGENET_MEAN, IMAGENET_STD
 from tests.tiny import frames, tiny_model
 
@@ -52,6 +52,19 @@ def test_glimpses_are_rows_of_the_strip(tmp_path):
     attention = torch.rand(2, 3, 1 + 4)  # T=2, k=3, 2x2 patches
     save_attention(grey_frames(2, 28), attention, tmp_path / "k3", scale=1)
     assert Image.open(tmp_path / "k3.png").size == (2 * 28, 3 * 28)
+
+
+def test_stacked_strips_keep_each_read_under_its_label(tmp_path):
+    attention = torch.zeros(2, 1, 1 + 4)
+    attention[:, 0, 1], attention[:, 0, 4] = 1.0, 0.0  # every frame looks at the top-left patch
+    save_attention(grey_frames(2, 28), attention, tmp_path / "a", scale=1)
+    save_attention(grey_frames(2, 28), torch.rand(2, 3, 1 + 4), tmp_path / "b", scale=1)
+    sheet = Image.open(stack_strips({"loop": tmp_path / "a.png", "static": tmp_path / "b.png"}, tmp_path / "s", 40))
+    assert sheet.size == (40 + 2 * 28, 28 + 3 * 28)
+    pixels = np.asarray(sheet)
+    assert np.array_equal(pixels[:28, 40:], np.asarray(Image.open(tmp_path / "a.png")))
+    assert np.array_equal(pixels[28:, 40:], np.asarray(Image.open(tmp_path / "b.png")))
+    assert (pixels[:, :40] < 128).any(axis=-1).sum() > 10  # the labels are drawn
 
 
 def test_entropy_of_uniform_and_peaked_maps():

@@ -224,4 +224,4 @@ def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys
     assert json.loads((run / "summary.json").read_text()) == summary
     assert (run / "final" / "config.json").is_file() and (run / "glance" / "final" / "config.json").is_file()
     pictures = sorted(p.name for p in (run / "attention").glob("*.png"))
-    assert pictures == ["eval0000000_glance.png", "eval0000000_loop.png", "eval0000000_static.png"]
+    assert pictures == ["eval0000000.png", "eval0000000_glance.png", "eval0000000_loop.png", "eval0000000_static.png"]
