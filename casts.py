@@ -24,6 +24,22 @@ import torch
 from torch import Tensor, nn
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` does bf16 arithmetic in hardware: a CUDA GPU that supports it, or a CPU with avx512_bf16
+    or AMX. Elsewhere (an AVX2-only CPU) autocast emulates bf16, and a step is many times slower than in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """`train.bf16` on a device: true and false as said, "auto" where the hardware does bf16 (bf16_native)."""
+    return bf16_native(device) if setting == "auto" else bool(setting)
+
+
 def stamp(p: Tensor) -> tuple[int, int]:
     """What changes when a tensor is changed or replaced: its address and version (an inference tensor, which
     cannot be changed outside inference mode, has no version: -1)."""

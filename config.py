@@ -344,7 +344,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps; the data is read in as many epochs as that takes
     epochs: int = 0  # > 0: instead of max_steps, this many passes over data of known size (not shards)
     accumulate: int = 1  # micro-batches per optimizer step (per process)
-    bf16: bool = True  # bf16 autocast (GPU or CPU; the weights and the optimizer stay fp32)
+    bf16: bool | str = "auto"  # bf16 autocast (weights and optimizer stay fp32); auto: where the hardware does bf16
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False
     dpo_beta: float = 0.1  # stage 3
@@ -365,6 +365,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.best_metric", self.best_metric, ("val_loss", "loss"))
         _choice("train.wandb", self.wandb, ("disabled", "offline", "online"))
+        if isinstance(self.bf16, str):
+            _choice("train.bf16", self.bf16, ("auto",))
         for key in ("max_steps", "accumulate", "save_every", "keep_last", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'train.{key}' must be >= 1, got {getattr(self, key)}")

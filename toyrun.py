@@ -27,6 +27,7 @@ import registry
 import train
 from answering import Answerer
 from attention_viz import read_attention, save_attention, stack_strips
+from casts import use_bf16
 from config import load_config
 from processors import processor_for
 from toyworld import DEFAULT_CONFIG, LOOK_CLIPS, TRAIN_CLIPS, ball_patches, ensure, held_out, look_share, sample
@@ -83,12 +84,13 @@ def run(
     lap("world")
     final = train.train(cfg)
     lap("train")
-    foveated = Answerer(registry.load(final), bf16=cfg.train.bf16)
+    bf16 = use_bf16(cfg.train.bf16, torch.device("cpu"))  # read as trained (registry.load gives a CPU model)
+    foveated = Answerer(registry.load(final), bf16=bf16)
     results = {"foveated": evaluate(foveated, bench, ["coarse_only", "coarse_fine", "autoregressive"], out / "eval")}
     lap("evaluate")
     if glance:
         glance_cfg = load_config(config, [*overrides, *GLANCE, f"train.out_dir={out / 'glance'}"])
-        glance_answerer = Answerer(registry.load(train.train(glance_cfg)), bf16=cfg.train.bf16)
+        glance_answerer = Answerer(registry.load(train.train(glance_cfg)), bf16=bf16)
         lap("glance_train")
         results["glance"] = evaluate(glance_answerer, bench, ["coarse_only"], out / "glance" / "eval")
         lap("glance_evaluate")

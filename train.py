@@ -43,7 +43,7 @@ import cli
 import data
 import registry
 from answering import Answerer
-from casts import ConstantCasts
+from casts import ConstantCasts, use_bf16
 from cli import UserError
 from config import Config, ConfigError, ModelConfig, load_config, save_config
 from frames import MediaError
@@ -245,10 +245,13 @@ class Trainer:
         self.model = self.ddp or self.raw
         if tc.compile:
             self.model = torch.compile(self.model)
-        # bf16 autocast on the GPU, and on a CPU with bf16 units (avx512_bf16 / AMX): fp32 weights and optimizer
-        self.autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=tc.bf16)
+        # bf16 autocast (fp32 weights and optimizer); auto: on a GPU, or a CPU with bf16 units (avx512_bf16, AMX)
+        self.bf16 = use_bf16(tc.bf16, d.device)
+        if tc.bf16 == "auto" and not self.bf16 and d.rank == 0:
+            print(f"train.bf16 auto: fp32: this {d.device.type} has no bf16 arithmetic (emulated, it is far slower)")
+        self.autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=self.bf16)
         # the frozen weights cast to bf16 once, not at every call (casts.py), for each step's forward and backward
-        self.casts = ConstantCasts([self.raw, self.reference], tc.bf16)
+        self.casts = ConstantCasts([self.raw, self.reference], self.bf16)
         self.max_steps = tc.max_steps
         if tc.epochs:  # rounded up: the last step may reach into the next epoch, so all of the last one is seen
             batches = data.epoch_batches(cfg.data, self.processor, d.world_size)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from casts import ConstantCasts
+from casts import ConstantCasts, use_bf16
+from config import ConfigError, load_config
 from tests.test_model import USERS, user_turn_batch
 from tests.tiny import tiny_model
 
@@ -74,3 +75,14 @@ def test_evaluation_casts_every_weight_and_scores_as_autocast_does(tokenizer):
     assert model.dino_to_llm.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="constant must be"):
         ConstantCasts([model], enabled=True, constant="some")
+
+
+def test_bf16_auto_follows_the_hardware_and_other_words_are_refused(tmp_path):
+    """train.bf16 auto is bf16 only where the device does it in hardware: emulated on an AVX2 CPU, a toy step
+    took 36 s against 1.8 s in fp32."""
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert use_bf16("auto", cpu) == native and use_bf16(True, cpu) and not use_bf16(False, cpu)
+    assert load_config(None, []).train.bf16 == "auto" and load_config(None, ["train.bf16=false"]).train.bf16 is False
+    with pytest.raises(ConfigError, match="'train.bf16' must be one of \\('auto',\\), got 'maybe'"):
+        load_config(None, ["train.bf16=maybe"])
