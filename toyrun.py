@@ -28,6 +28,7 @@ import train
 from answering import Answerer
 from attention_viz import read_attention, save_attention, stack_strips
 from casts import use_bf16
+from cli import UserError
 from config import load_config
 from processors import processor_for
 from toyworld import DEFAULT_CONFIG, LOOK_CLIPS, TRAIN_CLIPS, ball_patches, ensure, held_out, look_share, sample
@@ -63,15 +64,43 @@ def evaluate(answerer: Answerer, bench: Any, reads: list[str], out: Path) -> dic
     return benchmark.evaluate(answerer, bench, "likelihood", reads, out)
 
 
+def seeded(config: str | Path, overrides: list[str], seed: int) -> list[str]:
+    """The overrides that run the config on another seed without touching the default run: train.seed, the world
+    beside the config's (data/toy -> data/toy_s<seed>, every train and val source moved there) and the run's
+    out_dir (runs/toy -> runs/toy_s<seed>)."""
+    cfg = load_config(config, list(overrides))
+    root = Path(cfg.data.train[0].path).parent.parent
+    moved = root.with_name(f"{root.name}_s{seed}")
+
+    def sources(found: list) -> str:
+        out = []
+        for source in found:
+            if not str(source.path).startswith(str(root)):
+                raise UserError(f"--seed moves the world at {root}, but the source {source.path} lies elsewhere")
+            out.append({"path": str(moved / Path(source.path).relative_to(root)), "weight": source.weight})
+        return json.dumps(out)  # JSON is YAML: the override parser reads it as a list of sources
+
+    out_dir = Path(cfg.train.out_dir)
+    seed_args = [f"train.seed={seed}", f"train.out_dir={out_dir.with_name(f'{out_dir.name}_s{seed}')}"]
+    seed_args.append(f"data.train={sources(cfg.data.train)}")
+    if cfg.data.val:
+        seed_args.append(f"data.val={sources(cfg.data.val)}")
+    return [*overrides, *seed_args]
+
+
 def run(
     config: str | Path = DEFAULT_CONFIG,
     overrides: list[str] = (),
     clips: int = TRAIN_CLIPS,
     pictures: int = 4,
     glance: bool = True,
+    seed: int | None = None,
 ) -> dict:
-    """The toy run (see the module docstring); returns what summary.json holds."""
+    """The toy run (see the module docstring); returns what summary.json holds. `seed`: the same recipe on
+    another seed, in its own world and out_dir (`seeded`)."""
     start = time.perf_counter()
+    if seed is not None:
+        overrides = seeded(config, list(overrides), seed)
     phases: dict[str, float] = {}  # seconds of each part, in the order they ran
 
     def lap(name: str) -> None:

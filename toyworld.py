@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.max_steps=10")
     r.add_argument("--clips", type=int, default=TRAIN_CLIPS, help="training clips to generate")
     r.add_argument("--no-glance", action="store_true", help="train the foveated model only, not the glance too")
+    r.add_argument("--seed", type=int, help="the recipe on seed N: its world in data/toy_sN, its run in runs/toy_sN")
     g = sub.add_parser("generate", help="write the shards only")
     g.add_argument("--out", default="data/toy")
     g.add_argument("--seed", type=int, default=0)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.command == "run":
         import toyrun  # the run trains and evaluates: it sits above the world it runs on
 
-        toyrun.run(a.config, a.set, a.clips, glance=not a.no_glance)
+        toyrun.run(a.config, a.set, a.clips, glance=not a.no_glance, seed=a.seed)
     else:
         generate(a.out, a.seed, a.train, a.eval, a.size, a.frames)
 

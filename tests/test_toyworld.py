@@ -225,3 +225,21 @@ def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys
     assert (run / "final" / "config.json").is_file() and (run / "glance" / "final" / "config.json").is_file()
     pictures = sorted(p.name for p in (run / "attention").glob("*.png"))
     assert pictures == ["eval0000000.png", "eval0000000_glance.png", "eval0000000_loop.png", "eval0000000_static.png"]
+
+
+def test_another_seed_runs_in_its_own_world_and_out_dir():
+    """`toyworld.py run --seed N`: the toy recipe unchanged but for the seed, the world and the run beside the
+    default ones, so seeds are one flag and never overwrite seed 0's world or refuse its checkpoints."""
+    import toyrun
+    from config import load_config, to_dict
+
+    base = load_config(toyworld.DEFAULT_CONFIG, [])
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyrun.seeded(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"], 2))
+    assert (cfg.train.seed, cfg.train.out_dir, cfg.train.max_steps) == (2, "runs/toy_s2", 7)
+    sources = [(s.path, s.weight) for s in cfg.data.train]
+    assert sources == [("data/toy_s2/ask/*.tar", 4.0), ("data/toy_s2/qa/*.tar", 1.0)]
+    assert [s.path for s in cfg.data.val] == ["data/toy_s2/ask_val/*.tar"]
+    a, b = to_dict(cfg), to_dict(base)
+    for d in (a, b):
+        del d["train"]["seed"], d["train"]["out_dir"], d["train"]["max_steps"], d["data"]["train"], d["data"]["val"]
+    assert a == b
