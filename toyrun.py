@@ -75,7 +75,7 @@ def seeded(config: str | Path, overrides: list[str], seed: int) -> list[str]:
     def sources(found: list) -> str:
         out = []
         for source in found:
-            if not str(source.path).startswith(str(root)):
+            if not Path(source.path).is_relative_to(root):  # a path, not a string prefix: data/toy_x is not in it
                 raise UserError(f"--seed moves the world at {root}, but the source {source.path} lies elsewhere")
             out.append({"path": str(moved / Path(source.path).relative_to(root)), "weight": source.weight})
         return json.dumps(out)  # JSON is YAML: the override parser reads it as a list of sources

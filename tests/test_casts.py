@@ -77,7 +77,7 @@ def test_evaluation_casts_every_weight_and_scores_as_autocast_does(tokenizer):
         ConstantCasts([model], enabled=True, constant="some")
 
 
-def test_bf16_auto_follows_the_hardware_and_other_words_are_refused(tmp_path):
+def test_bf16_auto_follows_the_hardware_and_other_words_are_refused():
     """train.bf16 auto is bf16 only where the device does it in hardware: emulated on an AVX2 CPU, a toy step
     took 36 s against 1.8 s in fp32."""
     cpu = torch.device("cpu")
