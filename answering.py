@@ -3,7 +3,10 @@
 `prepare(media)` decodes a question's pixels and runs the model's visual side once (`Visual`); every read,
 option and reply of that question continues from it. `score` returns each answer's mean token cross-entropy
 as the assistant turn (over the answer and its end-of-turn token, what stage-2 training labels), all answers
-batched on ONE shared prefix [frames, prompt] whose KV cache is repeated per answer; `generate` replies.
+batched on ONE shared prefix [frames, prompt] whose KV cache is repeated per answer; `prepare_batch` and
+`score_batch` do the same for several questions at once (one pass over all their prefixes, one over all their
+answers: what a benchmark does on a CPU, where a small LLM call costs about as much for eight rows as for one);
+`generate` replies.
 Reads (`model.reads`: the foveated model's modes, or one default read) are named, so results carry them.
 """
 
@@ -28,6 +31,14 @@ class Prepared:
     """One question's media, decoded and encoded once."""
 
     pictures: list[Any]  # the decoded frames (the SmolVLM prompt is built from them)
+    visual: Visual
+
+
+@dataclass
+class PreparedBatch:
+    """Several questions' media, encoded as one batch: question b is the Visual's clip b."""
+
+    pictures: list[list[Any]]
     visual: Visual
 
 
@@ -68,19 +79,36 @@ class Answerer:
     def prepare(self, media: Media) -> Prepared:
         return self.prepare_pictures(media.pictures(self.processor.frames))
 
-    @torch.inference_mode()
     def prepare_pictures(self, pictures: list[Any]) -> Prepared:
         """Already decoded frames (e.g. a training sample's, processors' `pictures`) -> the prepared question."""
-        inputs = {k: v.to(self.device) for k, v in self.processor.visual(pictures).items()}
+        return Prepared(pictures, self.prepare_batch([pictures]).visual)
+
+    @torch.inference_mode()
+    def prepare_batch(self, pictures: list[list[Any]]) -> PreparedBatch:
+        """Several questions' decoded frames -> one encoding of them all (batched, padded to the longest clip)."""
+        inputs = {k: v.to(self.device) for k, v in self.processor.visual_batch(pictures).items()}
         with self.casts, self.autocast:
-            return Prepared(pictures, self.model.prepare(**inputs))
+            return PreparedBatch(pictures, self.model.prepare(**inputs))
 
     def score(self, state: Prepared, question: str, answers: list[str], read: str) -> list[float]:
-        prompt = self.processor.prompt(question, state.pictures)
-        continuations, labels = self.processor.answers(question, answers)
+        return self.score_batch(PreparedBatch([state.pictures], state.visual), [question], [answers], read)[0]
+
+    def score_batch(
+        self, batch: PreparedBatch, questions: list[str], answers: list[list[str]], read: str
+    ) -> list[list[float]]:
+        """Each question's answers scored in one batched pass of every question and answer: per question, what
+        `score` gives it alone (up to float rounding)."""
+        prompts = [self.processor.prompt(q, p) for q, p in zip(questions, batch.pictures, strict=True)]
+        pairs = [self.processor.answers(q, a) for q, a in zip(questions, answers, strict=True)]
+        continuations, labels = [c for c, _ in pairs], [y for _, y in pairs]
         with self.casts, self.autocast:
-            nll = self.model.option_nll(state.visual, prompt, continuations, labels, **self.reads[read])
-        return nll.float().tolist()
+            nll = self.model.options_nll(batch.visual, prompts, continuations, labels, **self.reads[read])
+        nll = nll.float().tolist()
+        out, start = [], 0
+        for a in answers:
+            out.append(nll[start : start + len(a)])
+            start += len(a)
+        return out
 
     def generate(self, state: Prepared, question: str, read: str, max_new_tokens: int = 64) -> str:
         ids = torch.tensor([self.processor.prompt(question, state.pictures)], device=self.device)

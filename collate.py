@@ -38,6 +38,36 @@ def pad_text(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_
     return out
 
 
+def pad_frames(clips: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clips (T_i, 3, H, W) -> frames (B, T_max, 3, H, W) zero-padded and frame_mask (B, T_max)."""
+    b, t_max = len(clips), max(len(c) for c in clips)
+    frames = torch.zeros(b, t_max, *clips[0].shape[1:], dtype=torch.float32)  # (B,T,3,H,W)
+    frame_mask = torch.zeros(b, t_max, dtype=torch.bool)  # (B,T)
+    for i, c in enumerate(clips):
+        frames[i, : len(c)] = c
+        frame_mask[i, : len(c)] = True
+    return {"frames": frames, "frame_mask": frame_mask}
+
+
+def pad_views(views: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    """Each row's image views (N_i, 3, H_i, W_i) and pixel mask (N_i, H_i, W_i), or None for a row without ->
+    pixel_values (B, N, 3, H, W) and pixel_attention_mask (B, N, H, W), padded as the Idefics3 image processor
+    pads them: missing views are all-zero images (Idefics3 skips those), pixels past a view's own size are zero
+    and masked out. Empty when no row has views."""
+    real = [v for v, _ in filter(None, views)]
+    if not real:
+        return {}
+    n, h, w = max(len(v) for v in real), max(v.shape[-2] for v in real), max(v.shape[-1] for v in real)
+    pixels = torch.zeros(len(views), n, 3, h, w, dtype=real[0].dtype)  # (B, N, 3, H, W)
+    mask = torch.zeros(len(views), n, h, w, dtype=torch.long)  # (B, N, H, W)
+    for i, row in enumerate(views):
+        if row is not None:
+            v, m = row
+            pixels[i, : len(v), :, : v.shape[-2], : v.shape[-1]] = v
+            mask[i, : len(v), : v.shape[-2], : v.shape[-1]] = m
+    return {"pixel_values": pixels, "pixel_attention_mask": mask}
+
+
 def collate(samples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a list of samples into one batch.
 
@@ -46,14 +76,7 @@ def collate(samples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
-    b = len(samples)
-    t_max = max(len(s["frames"]) for s in samples)
-    frames = torch.zeros(b, t_max, *samples[0]["frames"].shape[1:], dtype=torch.float32)  # (B,T,3,H,W)
-    frame_mask = torch.zeros(b, t_max, dtype=torch.bool)  # (B,T)
-    for i, s in enumerate(samples):
-        frames[i, : len(s["frames"])] = s["frames"]
-        frame_mask[i, : len(s["frames"])] = True
-    batch = {"frames": frames, "frame_mask": frame_mask}
+    batch = pad_frames([s["frames"] for s in samples])
     dpo = "chosen_input_ids" in samples[0]
     if any(("chosen_input_ids" in s) != dpo for s in samples):
         raise ValueError("cannot mix preference pairs and plain samples in one batch")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from collate import collate, pad_text
+from collate import collate, pad_frames, pad_text, pad_views
 from frames import IMAGE_EXTS, FrameSpec, probe_video, read_image, sample_indices, video_frames
 from tokenization import DESCRIBE_PROMPT, IGNORE_INDEX, answer_labels, chat_ids, encode_sample, prompt_ids
 
@@ -147,8 +147,11 @@ class ChatProcessor:
 
     def visual(self, pictures: Sequence[Image.Image | np.ndarray]) -> dict[str, torch.Tensor]:
         """A batch of one clip for the model's `prepare`."""
-        frames = self.clip(pictures)[None]  # (1, T, 3, S, S)
-        return {"frames": frames, "frame_mask": torch.ones(frames.shape[:2], dtype=torch.bool)}
+        return self.visual_batch([pictures])
+
+    def visual_batch(self, pictures: Sequence[Sequence[Image.Image | np.ndarray]]) -> dict[str, torch.Tensor]:
+        """Several clips, padded to the longest, for one `prepare`: clip b is batch row b."""
+        return pad_frames([self.clip(p) for p in pictures])
 
     def prompt(self, question: str, pictures: Sequence[Any] = ()) -> list[int]:
         """The tokens of a user turn and the generation prompt: what the model continues (the frames come as
@@ -257,18 +260,8 @@ class SmolVLMProcessor:
         pixel_attention_mask (B, N, H, W) padded as the image processor pads them: missing views are all-zero
         images (Idefics3 skips those), and pixels past a view's own size are zero and masked out."""
         batch = pad_text([s["input_ids"] for s in samples], [s["labels"] for s in samples], self.pad_id)
-        views = [s["pixel_values"] for s in samples if "pixel_values" in s]
-        if not views:
-            return batch
-        n, h, w = max(len(v) for v in views), max(v.shape[-2] for v in views), max(v.shape[-1] for v in views)
-        pixels = torch.zeros(len(samples), n, 3, h, w, dtype=views[0].dtype)  # (B, N, 3, H, W)
-        mask = torch.zeros(len(samples), n, h, w, dtype=torch.long)  # (B, N, H, W)
-        for i, s in enumerate(samples):
-            if "pixel_values" in s:
-                v, m = s["pixel_values"], s["pixel_attention_mask"]
-                pixels[i, : len(v), :, : v.shape[-2], : v.shape[-1]] = v
-                mask[i, : len(v), : v.shape[-2], : v.shape[-1]] = m
-        return {**batch, "pixel_values": pixels, "pixel_attention_mask": mask}
+        views = [(s["pixel_values"], s["pixel_attention_mask"]) if "pixel_values" in s else None for s in samples]
+        return {**batch, **pad_views(views)}
 
     @property
     def tokenizer(self) -> Any:
@@ -289,6 +282,11 @@ class SmolVLMProcessor:
             return {}
         inputs = self._inputs(pictures, "")
         return {"pixel_values": inputs["pixel_values"], "pixel_attention_mask": inputs["pixel_attention_mask"]}
+
+    def visual_batch(self, pictures: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+        """Several questions' images for one `prepare`, views padded as in training batches: row b is question b."""
+        rows = [self.visual(p) for p in pictures]
+        return pad_views([(r["pixel_values"][0], r["pixel_attention_mask"][0]) if r else None for r in rows])
 
     def prompt(self, question: str, pictures: Sequence[Any] = ()) -> list[int]:
         """The prompt's ids, every image expanded into its image tokens."""

@@ -488,7 +488,6 @@ class VLM(nn.Module):
             raise ValueError("generate needs eos_token_id: neither the LLM nor its tokenizer names one")
         return torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
 
-    @torch.inference_mode()
     def option_nll(
         self,
         visual: Visual,
@@ -498,22 +497,43 @@ class VLM(nn.Module):
         mean: bool = True,
         **read: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Mean NLL (n,) of each continuation's labelled tokens after the shared prefix [frames, prompt] (with
-        `mean=False`: their summed NLL and token counts, for a corpus perplexity).
+        """One question's `options_nll`: `visual` holds its one clip."""
+        return self.options_nll(visual, [prompt], [continuations], [labels], mean, **read)
 
-        The prefix (one clip) runs once; the n continuations run as one batch on its KV cache, right-padded,
-        with positions counted over real tokens as the model does.
+    @torch.inference_mode()
+    def options_nll(
+        self,
+        visual: Visual,
+        prompts: list[list[int]],
+        continuations: list[list[list[int]]],
+        labels: list[list[list[int]]],
+        mean: bool = True,
+        **read: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Mean NLL (N,) of each continuation's labelled tokens after its question's prefix [frames, prompt], the
+        B questions' N continuations in order (with `mean=False`: their summed NLL and token counts, for a corpus
+        perplexity). `visual` holds the B clips, question b reading clip b.
+
+        The B prefixes run once, as one right-padded batch; the continuations run as one batch on their KV caches,
+        each row its question's, with positions counted over real tokens: what each would see alone.
         """
-        device, n = next(self.parameters()).device, len(continuations)
-        ids = torch.tensor([prompt], device=device)
-        pre = self.prefix(visual, ids, torch.ones_like(ids), True, None, **read)
-        pre.past.batch_repeat_interleave(n)
-        cont, cont_mask = _pad(continuations, device)  # (n, L)
-        target, _ = _pad(labels, device)
+        device = next(self.parameters()).device
+        ids, prompt_mask = _pad(prompts, device)  # (B, Lp)
+        pre = self.prefix(visual, ids, prompt_mask, True, None, **read)
+        counts = torch.tensor([len(c) for c in continuations], device=device)
+        rows = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts)  # (N,) each one's question
+        pre.past.batch_select_indices(rows)
+        cont, cont_mask = _pad([c for cs in continuations for c in cs], device)  # (N, L)
+        target, _ = _pad([y for ys in labels for y in ys], device)
         target = target.masked_fill(cont_mask == 0, IGNORE_INDEX)
-        mask = torch.cat([pre.mask.expand(n, -1), cont_mask], dim=1)  # (n, S + L)
-        hidden = self._llm(self.embed(cont), mask, pre.past)  # (n, L, D)
-        logits = torch.cat([self.lm_head(pre.hidden[:, -1]).expand(n, -1)[:, None], self.lm_head(hidden)], dim=1)
+        mask = torch.cat([pre.mask[rows], cont_mask], dim=1)  # (N, S + L)
+        hidden = self._llm(self.embed(cont), mask, pre.past)  # (N, L, D)
+        # the answer's first token is predicted by the prompt's last token, or by the last frame slot where the
+        # prompt ends with the frames
+        end = prompt_mask.sum(1) - 1  # (B,)
+        last = pre.hidden[torch.arange(len(prompts), device=device), end]  # (B, D)
+        last = torch.where(((end + 1 == pre.cut) & pre.framed)[:, None], pre.last_visual.to(last.dtype), last)
+        logits = torch.cat([self.lm_head(last)[rows][:, None], self.lm_head(hidden)], dim=1)
         nll, count = token_nll(logits, F.pad(target, (1, 0), value=IGNORE_INDEX))  # position 0 from the prefix
         return nll / count.clamp(min=1) if mean else (nll, count)
 

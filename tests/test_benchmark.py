@@ -20,7 +20,7 @@ from frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
 from model import FoveatedVLM
 from smolvlm import SmolVLM
 from tests.conftest import jpeg, mp4
-from tests.tiny import IMAGE, tiny_model, tiny_smolvlm
+from tests.tiny import IMAGE, tiny_connector_model, tiny_model, tiny_smolvlm
 from tokenization import chat_ids
 from vlm import token_nll
 
@@ -374,3 +374,57 @@ def test_smolvlm_textvqa_and_shared_prefix_scores(smolvlm_dir, tmp_path):
             full.append(out.nll / out.count)
     assert (shared - torch.cat(full)).abs().max() <= 1e-4
     assert np.ptp(shared.numpy()) > 1e-4
+
+
+BATCH_QUESTIONS = [  # (media, question, answers): clips of different lengths, a text-only one, 2-4 options
+    (Media("video", [mp4(8, 32)]), "Which object is it?", ["A. a red ball", "B. a green cube", "C. a cone", "D. no"]),
+    (Media("none"), "Is the sky green, would you say, on an ordinary day?", ["yes", "no"]),
+    (Media("video", [mp4(3, 32)]), "What colour?", ["red", "a very dark shade of blue", "green"]),
+    (Media("image", [jpeg((200, 30, 30))]), "Name it.", ["A. red", "B. blue"]),
+]
+
+
+@pytest.mark.parametrize("kind", ["foveated", "foveated_user_turn", "mlp", "smolvlm"])
+def test_batched_scores_equal_each_question_scored_alone(tokenizer, kind):
+    """score_batch over questions of different prompt lengths, clip lengths (a text-only one among them) and
+    option counts gives each question what score gives it alone, in every read of every kind."""
+    if kind.startswith("foveated"):
+        model = tiny_model(tokenizer=tokenizer, frames_at="user_turn" if kind.endswith("user_turn") else "start")
+    elif kind == "mlp":
+        model = tiny_connector_model("mlp", tokenizer, frames_at="user_turn")
+    else:
+        model = tiny_smolvlm(tokenizer, 8, 32)
+    answerer = Answerer(model)
+    pictures = [m.pictures(answerer.frames) for m, _, _ in BATCH_QUESTIONS]
+    questions, answers = [q for _, q, _ in BATCH_QUESTIONS], [a for _, _, a in BATCH_QUESTIONS]
+    batch = answerer.prepare_batch(pictures)
+    for read in answerer.reads:
+        together = answerer.score_batch(batch, questions, answers, read)
+        assert [len(x) for x in together] == [len(a) for a in answers]
+        for p, q, a, scores in zip(pictures, questions, answers, together, strict=True):
+            alone = answerer.score(answerer.prepare_pictures(p), q, a, read)
+            assert torch.tensor(scores) == pytest.approx(torch.tensor(alone), abs=1e-4), (read, q)
+            assert max(alone) - min(alone) > 1e-3  # the options really differ
+
+
+def test_evaluate_in_batches_gives_the_records_of_one_at_a_time(fvlm, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "000000.tar")) as w:
+        for i in range(5):
+            options = ["a red ball", "a green cube", "a blue cone", "nothing"][: 2 + i % 3]
+            sample = {"question": "Which?" + " really" * i, "options": options, "answer": "AB"[i % 2]}
+            w.write({"__key__": f"q{i}", "mp4": mp4(3 + i, 32), "json": sample})
+        bad = {"question": "?", "options": ["x", "y"], "answer": "A"}
+        w.write({"__key__": "q5", "mp4": b"not a video", "json": bad})
+    bench = load_benchmark("shards", str(shards / "*.tar"))
+    one = benchmark.evaluate(Answerer(fvlm), bench, "likelihood", list(MODES), tmp_path / "one")
+    two = benchmark.evaluate(Answerer(fvlm), bench, "likelihood", list(MODES), tmp_path / "two", batch_size=4)
+    assert one["overall"] == two["overall"] and two["errors"] == 1 and two["questions"] == 6
+    ones, twos = (lines(tmp_path / d / "shards_likelihood.jsonl") for d in ("one", "two"))
+    assert [r["id"] for r in ones] == [r["id"] for r in twos]
+    for a, b in zip(ones, twos, strict=True):
+        assert a.keys() == b.keys() and a.get("error") == b.get("error")
+        for m in MODES:
+            assert a["modes"][m]["pred"] == b["modes"][m]["pred"]
+            assert a["modes"][m].get("losses", []) == pytest.approx(b["modes"][m].get("losses", []), abs=1e-4)
