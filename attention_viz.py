@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from frames import IMAGENET_MEAN, IMAGENET_STD
 
@@ -122,7 +123,6 @@ def stack_strips(strips: dict[str, str | Path], out: str | Path, label_width: in
     return out
 
 
-@torch.no_grad()
 def read_attention(model, frames: Tensor, input_ids: Tensor, read: str = "autoregressive") -> Tensor | None:
     """The attention of `model` over one clip (T, 3, H, W) in the named read (a foveated mode) -> (T, k, 1+P),
     or None for a kind whose read has none.
@@ -130,9 +130,22 @@ def read_attention(model, frames: Tensor, input_ids: Tensor, read: str = "autore
     `input_ids` (L,) is the prompt; under causal attention it cannot change where the queries look,
     but the autoregressive loop runs the whole sequence.
     """
+    return read_attentions(model, [frames], input_ids, read)[0]
+
+
+@torch.no_grad()
+def read_attentions(
+    model, clips: list[Tensor], input_ids: Tensor, read: str = "autoregressive"
+) -> list[Tensor | None]:
+    """`read_attention` of several clips (T_i, 3, H, W) after the same prompt, read as one padded batch: each clip's
+    (T_i, k, 1+P), what it gives alone."""
     device = next(model.parameters()).device
-    frames, ids = frames[None].to(device), input_ids[None].to(device)
-    frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
+    frames = pad_sequence([c.to(device) for c in clips], batch_first=True)  # (B, T, 3, H, W)
+    lengths = torch.tensor([len(c) for c in clips], device=device)
+    frame_mask = torch.arange(frames.shape[1], device=device) < lengths[:, None]  # (B, T)
+    ids = input_ids.to(device).expand(len(clips), -1)  # (B, L)
     visual = model.prepare(frames, frame_mask)
     attention = model.prefix(visual, ids, torch.ones_like(ids), **model.reads[read]).attention
-    return None if attention is None else attention[0].cpu()
+    if attention is None:
+        return [None] * len(clips)
+    return [a[:n].cpu() for a, n in zip(attention, lengths.tolist(), strict=True)]

@@ -26,13 +26,14 @@ import benchmark
 import registry
 import train
 from answering import Answerer
-from attention_viz import read_attention, save_attention, stack_strips
+from attention_viz import read_attentions, save_attention, stack_strips
 from casts import use_bf16
 from cli import UserError
 from config import load_config
 from processors import processor_for
 from toyworld import DEFAULT_CONFIG, LOOK_CLIPS, TRAIN_CLIPS, ball_patches, ensure, held_out, look_share, sample
 
+EVAL_BATCH = 25  # held-out questions scored together: on a CPU a small LLM call costs about as much for many rows
 GLANCE = ["model.mode=coarse_only"]  # what makes the glance: the run config's model trained to read coarse_only
 
 
@@ -41,27 +42,27 @@ def looks(
 ) -> dict[str, float]:
     """Mean share of attention on the ball over the first LOOK_CLIPS clips, per {label: read} (and a uniform look);
     attention pictures of the first `pictures` clips, `out/attention/<id>_<label>.png`."""
-    model = answerer.model
-    patch, shares, uniform = model.encoder.dino.config.patch_size, {label: [] for label in reads}, []
-    prompt = processor_for(model).prompt
-    for i, q in enumerate(questions[: max(LOOK_CLIPS, pictures)]):
-        index = int(q.id.removeprefix("eval"))
-        scene = sample(seed, "eval", index, answerer.frames.size, model.frames.max_frames)["scene"]
-        clip = q.media.frames(answerer.frames)  # (T, 3, H, W)
-        ids = torch.tensor(prompt(q.prompt))
-        uniform.append(np.mean([ball_patches(scene, t, patch).mean() for t in range(scene["frames"])]))
-        for label, read in reads.items():
-            attention = read_attention(model, clip, ids, read)
-            if i < pictures:
-                save_attention(clip, attention, out / "attention" / f"{q.id}_{label}", patch=patch)
-            shares[label].append(look_share(attention, scene, patch))
+    model, frames = answerer.model, answerer.frames
+    patch, shares = model.encoder.dino.config.patch_size, {}
+    chosen = questions[: max(LOOK_CLIPS, pictures)]
+    clips = [q.media.frames(frames) for q in chosen]  # (T, 3, H, W) each
+    indices = [int(q.id.removeprefix("eval")) for q in chosen]
+    scenes = [sample(seed, "eval", i, frames.size, model.frames.max_frames)["scene"] for i in indices]
+    uniform = [np.mean([ball_patches(s, t, patch).mean() for t in range(s["frames"])]) for s in scenes]
+    # under causal attention the prompt after the frames cannot move a query, so one prompt serves every clip
+    ids = torch.tensor(processor_for(model).prompt(chosen[0].prompt))
+    for label, read in reads.items():
+        attentions = read_attentions(model, clips, ids, read)  # the clips as one batch
+        for q, clip, attention in list(zip(chosen, clips, attentions, strict=True))[:pictures]:
+            save_attention(clip, attention, out / "attention" / f"{q.id}_{label}", patch=patch)
+        shares[label] = [look_share(a, s, patch) for a, s in zip(attentions, scenes, strict=True)]
     return {"uniform": float(np.mean(uniform)), **{k: float(np.mean(v)) for k, v in shares.items()}}
 
 
 def evaluate(answerer: Answerer, bench: Any, reads: list[str], out: Path) -> dict:
     """Held-out accuracy per read (in bf16 autocast when the model trained in it: about half the time)."""
     shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier model must not be reused
-    return benchmark.evaluate(answerer, bench, "likelihood", reads, out)
+    return benchmark.evaluate(answerer, bench, "likelihood", reads, out, EVAL_BATCH)
 
 
 def seeded(config: str | Path, overrides: list[str], seed: int) -> list[str]:

@@ -9,7 +9,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attention_viz import entropy, patch_maps, read_attention, save_attention, stack_strips, to_uint8
+from attention_viz import (
+    entropy,
+    patch_maps,
+    read_attention,
+    read_attentions,
+    save_attention,
+    stack_strips,
+    to_uint8,
+)
 from frames import IMAGENET_MEAN, IMAGENET_STD
 from tests.tiny import frames, tiny_model
 
@@ -86,3 +94,14 @@ def test_read_attention_gives_one_distribution_per_frame_and_glimpse():
         assert torch.allclose(attention.sum(-1), torch.ones(3, 2), atol=1e-5)
     fine = read_attention(model, clip, ids, "autoregressive")
     assert not torch.allclose(fine, read_attention(model, clip, ids, "coarse_only"))  # the queries moved
+
+
+def test_clips_read_together_look_where_each_looks_alone():
+    model = tiny_model(glimpses=2)
+    clips = [frames(1, 3, seed=1)[0], frames(1, 2, seed=2)[0], frames(1, 4, seed=3)[0]]  # padded to 4 frames
+    ids = torch.tensor([5, 6, 7])
+    for mode in ("coarse_only", "coarse_fine", "autoregressive"):
+        together = read_attentions(model, clips, ids, mode)
+        for clip, attention in zip(clips, together, strict=True):
+            assert attention.shape == (len(clip), 2, 1 + 16)
+            assert torch.allclose(attention, read_attention(model, clip, ids, mode), atol=1e-5)
