@@ -23,14 +23,14 @@ class PatchCache:
 
     keys: list[Tensor]  # per layer (N, heads, 1+P, head_dim)
     values: list[Tensor]  # per layer (N, heads, 1+P, head_dim)
-    features: Tensor  # (N, 1+P, D) final layer-normed hidden states
+    features: Tensor | None  # (N, 1+P, D) final layer-normed hidden states (the shallow read's; None for the deep)
 
     def narrow(self, start: int, length: int) -> PatchCache:
         """Frames start..start+length as views (no copy)."""
         return PatchCache(
             [k.narrow(0, start, length) for k in self.keys],
             [v.narrow(0, start, length) for v in self.values],
-            self.features.narrow(0, start, length),
+            None if self.features is None else self.features.narrow(0, start, length),
         )
 
 
@@ -57,14 +57,17 @@ class FoveatedEncoder(nn.Module):
         w = self.query_in.weight.double()  # (D, query_dim)
         return torch.linalg.lstsq(w, target.unsqueeze(1)).solution.squeeze(1).to(self.query_in.weight.dtype)
 
+    @staticmethod
+    def _heads(layer: nn.Module, proj: nn.Module, x: Tensor) -> Tensor:
+        """x (N, S, D) through one of the layer's projections -> (N, heads, S, head_dim)."""
+        att = layer.attention
+        return proj(x).view(*x.shape[:2], att.num_attention_heads, att.head_dim).transpose(1, 2)
+
     def _patch_layer(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         att = layer.attention
         n, s, d = h.shape
         x = layer.norm1(h)
-        q, k, v = (
-            p(x).view(n, s, att.num_attention_heads, att.head_dim).transpose(1, 2)
-            for p in (att.q_proj, att.k_proj, att.v_proj)
-        )
+        q, k, v = (self._heads(layer, p, x) for p in (att.q_proj, att.k_proj, att.v_proj))
         drop = att.attention_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=att.scaling)  # (N, H, S, hd)
         h = h + layer.drop_path(layer.layer_scale1(att.o_proj(a.transpose(1, 2).reshape(n, s, d))))
@@ -72,17 +75,30 @@ class FoveatedEncoder(nn.Module):
         return h, k, v
 
     def encode_patches(self, frames: Tensor) -> PatchCache:
-        """frames (N, 3, H, W), ImageNet-normalised -> the per-layer patch cache of all N frames."""
+        """frames (N, 3, H, W), ImageNet-normalised -> the per-layer patch cache of all N frames.
+
+        The deep read takes only each layer's keys and values, so of the last layer only those are computed:
+        its attention and MLP over the patches (about 7 % of the pass) feed nothing but the final features, which
+        only the shallow read uses."""
         h = self.dino.embeddings(frames)  # (N, 1+P, D)
         keys, values = [], []
-        for layer in self.dino.encoder.layer:
+        *layers, last = self.dino.encoder.layer
+        if not self.deep:
+            layers.append(last)
+        for layer in layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h, k, v = checkpoint(self._patch_layer, layer, h, use_reentrant=False)
             else:
                 h, k, v = self._patch_layer(layer, h)
             keys.append(k)
             values.append(v)
-        return PatchCache(keys, values, self.dino.layernorm(h))
+        if not self.deep:
+            return PatchCache(keys, values, self.dino.layernorm(h))
+        x = last.norm1(h)
+        att = last.attention
+        keys.append(self._heads(last, att.k_proj, x))
+        values.append(self._heads(last, att.v_proj, x))
+        return PatchCache(keys, values, None)
 
     def query_attend(self, queries: Tensor, cache: PatchCache) -> tuple[Tensor, Tensor]:
         """queries (N, k, query_dim), one row of k queries per cached frame.
