@@ -38,7 +38,7 @@ GLANCE = ["model.mode=coarse_only"]  # what makes the glance: the run config's m
 
 
 def looks(
-    answerer: Answerer, questions: list, reads: dict[str, str], out: Path, seed: int, pictures: int
+    answerer: Answerer, questions: list, reads: dict[str, str], out: Path, seed: int, pictures: int, task: str
 ) -> dict[str, float]:
     """Mean share of attention on the ball over the first LOOK_CLIPS clips, per {label: read} (and a uniform look);
     attention pictures of the first `pictures` clips, `out/attention/<id>_<label>.png`."""
@@ -47,7 +47,7 @@ def looks(
     chosen = questions[: max(LOOK_CLIPS, pictures)]
     clips = [q.media.frames(frames) for q in chosen]  # (T, 3, H, W) each
     indices = [int(q.id.removeprefix("eval")) for q in chosen]
-    scenes = [sample(seed, "eval", i, frames.size, model.frames.max_frames)["scene"] for i in indices]
+    scenes = [sample(seed, "eval", i, frames.size, model.frames.max_frames, task)["scene"] for i in indices]
     uniform = [np.mean([ball_patches(s, t, patch).mean() for t in range(s["frames"])]) for s in scenes]
     # under causal attention the prompt after the frames cannot move a query, so one prompt serves every clip
     ids = torch.tensor(processor_for(model).prompt(chosen[0].prompt))
@@ -69,24 +69,29 @@ def seeded(config: str | Path, overrides: list[str], seed: int) -> list[str]:
     """The overrides that run the config on another seed without touching the default run: train.seed, the world
     beside the config's (data/toy -> data/toy_s<seed>, every train and val source moved there) and the run's
     out_dir (runs/toy -> runs/toy_s<seed>)."""
+    return [*beside(config, overrides, f"s{seed}"), f"train.seed={seed}"]
+
+
+def beside(config: str | Path, overrides: list[str], suffix: str) -> list[str]:
+    """The overrides that move the config's world and run beside the default ones: data/toy -> data/toy_<suffix>
+    (every train and val source), runs/toy -> runs/toy_<suffix>."""
     cfg = load_config(config, list(overrides))
     root = Path(cfg.data.train[0].path).parent.parent
-    moved = root.with_name(f"{root.name}_s{seed}")
+    moved = root.with_name(f"{root.name}_{suffix}")
 
     def sources(found: list) -> str:
         out = []
         for source in found:
             if not Path(source.path).is_relative_to(root):  # a path, not a string prefix: data/toy_x is not in it
-                raise UserError(f"--seed moves the world at {root}, but the source {source.path} lies elsewhere")
+                raise UserError(f"the run moves the world at {root}, but the source {source.path} lies elsewhere")
             out.append({"path": str(moved / Path(source.path).relative_to(root)), "weight": source.weight})
         return json.dumps(out)  # JSON is YAML: the override parser reads it as a list of sources
 
     out_dir = Path(cfg.train.out_dir)
-    seed_args = [f"train.seed={seed}", f"train.out_dir={out_dir.with_name(f'{out_dir.name}_s{seed}')}"]
-    seed_args.append(f"data.train={sources(cfg.data.train)}")
+    args = [f"train.out_dir={out_dir.with_name(f'{out_dir.name}_{suffix}')}", f"data.train={sources(cfg.data.train)}"]
     if cfg.data.val:
-        seed_args.append(f"data.val={sources(cfg.data.val)}")
-    return [*overrides, *seed_args]
+        args.append(f"data.val={sources(cfg.data.val)}")
+    return [*overrides, *args]
 
 
 def run(
@@ -96,11 +101,16 @@ def run(
     pictures: int = 4,
     glance: bool = True,
     seed: int | None = None,
+    task: str = "ball",
 ) -> dict:
     """The toy run (see the module docstring); returns what summary.json holds. `seed`: the same recipe on
-    another seed, in its own world and out_dir (`seeded`)."""
+    another seed, in its own world and out_dir (`seeded`); `task` cued: the world of that task (toyworld.py),
+    in data/toy_cued and runs/toy_cued."""
     start = time.perf_counter()
-    if seed is not None:
+    if task != "ball":
+        overrides = beside(config, list(overrides), task if seed is None else f"{task}_s{seed}")
+        overrides += [] if seed is None else [f"train.seed={seed}"]
+    elif seed is not None:
         overrides = seeded(config, list(overrides), seed)
     phases: dict[str, float] = {}  # seconds of each part, in the order they ran
 
@@ -109,7 +119,7 @@ def run(
 
     cfg = load_config(config, list(overrides))
     root, out = Path(cfg.data.train[0].path).parent.parent, Path(cfg.train.out_dir)
-    ensure(root, seed=cfg.train.seed, train=clips, size=cfg.data.frame_size, frames=cfg.data.max_frames)
+    ensure(root, seed=cfg.train.seed, train=clips, size=cfg.data.frame_size, frames=cfg.data.max_frames, task=task)
     bench = benchmark.load_benchmark("toy", held_out(cfg.data.train[0].path))
     lap("world")
     final = train.train(cfg)
@@ -125,10 +135,10 @@ def run(
         results["glance"] = evaluate(glance_answerer, bench, ["coarse_only"], out / "glance" / "eval")
         lap("glance_evaluate")
     shares = looks(foveated, bench.questions, {"static": "coarse_only", "loop": "autoregressive"}, out,
-                   cfg.train.seed, pictures)  # fmt: skip
+                   cfg.train.seed, pictures, task)  # fmt: skip
     if glance:
         shares["glance"] = looks(glance_answerer, bench.questions, {"glance": "coarse_only"}, out, cfg.train.seed,
-                                 pictures)["glance"]  # fmt: skip
+                                 pictures, task)["glance"]  # fmt: skip
     for q in bench.questions[:pictures]:  # each clip's reads one under another: <id>.png
         labels = ("loop", "static", "glance") if glance else ("loop", "static")
         stack_strips({label: out / "attention" / f"{q.id}_{label}.png" for label in labels}, out / "attention" / q.id)
@@ -142,6 +152,7 @@ def run(
         "seconds": round(time.perf_counter() - start),
         "phases": phases,
         "seed": cfg.train.seed,
+        "task": task,
         "trained": cfg.model.mode,  # the foveated model's training mode (the glance's is coarse_only)
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -158,7 +169,8 @@ def report(summary: dict, out: Path) -> None:
     print(f"  foveated, trained {summary['trained']}:  {modes}")
     if "glance" in acc:
         print(f"  glance, trained coarse_only:    coarse_only {acc['glance']['coarse_only']:5.1f}")
-    print(f"share of attention on the ball, {look['clips']} held-out clips (uniform: {100 * look['uniform']:.0f} %):")
+    target = "the ball" if summary.get("task", "ball") == "ball" else "the cue, then the cued shape"
+    print(f"share of attention on {target}, {look['clips']} held-out clips (uniform: {100 * look['uniform']:.0f} %):")
     line = f"  the loop's queries (autoregressive) {100 * look['loop']:.0f} %"
     line += f", its static query {100 * look['static']:.0f} %"
     print(line + (f", the glance's query {100 * look['glance']:.0f} %" if "glance" in look else ""))

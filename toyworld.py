@@ -7,6 +7,11 @@ the options are the four colours (chance 25 %). The ball is a few percent of eac
 spreads its attention over the frame carries its colour faintly and one that finds it carries it plainly:
 what a query learns here is to go where the ball is, and the attention pictures show whether it follows.
 
+The cued task (`--task cued`) is the world where a glance should not carry the answer: frame 0 shows a white
+shape (the cue) and no colour; the later frames show four coloured shapes, each shape once and each colour
+once, drifting from random places; the question asks the colour of the one shaped like the cue. A static
+query sees four colours in every later frame; a query written from what frame 0 showed can go to one shape.
+
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
   caption/NNNNNN.tar  stage 1: `caption` describing the clip ("A red ball moves from the top left to ...")
   qa/NNNNNN.tar       stage 2: `user` (the multiple-choice prompt) / `assistant` ("C. blue")
@@ -55,6 +60,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {  # the ball's colours: the answers,
 SHAPES = ("circle", "square", "triangle", "diamond")  # of the grey clutter
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION = "What colour is the ball?"
+TASKS = ("ball", "cued")  # the world's task: the one ball's colour, or the colour of the shape the first frame shows
+CUED_QUESTION = "What colour is the shape the first frame shows?"
 SPLITS = {"train": 0, "eval": 1}  # independent random streams: no eval clip is a training clip
 SHARD_SIZE = 500
 GROUPS = ("ball near the centre", "ball off-centre")  # the evaluation's `task`: off-centre is the harder look
@@ -98,6 +105,31 @@ def make_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, clutt
     }
 
 
+def make_cued_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, clutter: int = 6) -> dict[str, Any]:
+    """A clip of the cued task: frame 0 shows a white shape (the cue) in the middle of the clutter; the later frames
+    show four coloured shapes (each shape once, each colour once) drifting from random places, and the answer is
+    the colour of the one shaped like the cue. A glance sees four colours in every later frame and which of them
+    is the answer only in how they bind to shapes; a query written from the cue can go to the one shape."""
+    scene = make_scene(rng, size, frames, clutter)
+    r = scene["ball"]["radius"]
+    shapes, colours = rng.permutation(len(SHAPES)).tolist(), rng.permutation(len(COLOURS)).tolist()
+    objects, starts = [], []
+    while len(starts) < len(SHAPES):  # starts apart by more than a diameter: no shape covers another at first
+        xy = rng.uniform(r + 1, size - r - 1, 2)
+        starts = [*starts, xy] if all(np.linalg.norm(xy - o) > 2.5 * r for o in starts) else starts[:-1]
+    for shape, colour, start in zip(shapes, colours, starts, strict=True):
+        step = rng.uniform(-size / 16, size / 16, 2)
+        path = [np.clip(start + t * step, r + 1, size - r - 1).round().astype(int).tolist() for t in range(frames)]
+        objects.append({"shape": SHAPES[shape], "colour": list(COLOURS)[colour], "radius": r, "path": path})
+    target = int(rng.integers(len(objects)))
+    scene["cue"] = {"shape": objects[target]["shape"], "xy": [size // 2, size // 2], "radius": int(1.5 * r)}
+    scene["objects"], scene["target"] = objects, target
+    # the target stands in for the ball (answer, group, look share); frame 0 holds only the cue
+    scene["ball"] = {**objects[target], "path": [scene["cue"]["xy"], *objects[target]["path"][1:]]}
+    scene["task"] = "cued"
+    return scene
+
+
 def _shape(draw: ImageDraw.ImageDraw, shape: str, xy: list[int], r: int, fill: tuple[int, ...]) -> None:
     x, y = xy
     if shape == "circle":
@@ -121,14 +153,26 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
         draw = ImageDraw.Draw(im)
         for c in scene["clutter"][t]:
             _shape(draw, c["shape"], c["xy"], c["r"], (c["grey"],) * 3)
-        _shape(draw, "circle", ball["path"][t], ball["radius"], COLOURS[ball["colour"]])
+        if scene.get("task", "ball") == "ball":
+            _shape(draw, "circle", ball["path"][t], ball["radius"], COLOURS[ball["colour"]])
+        elif t == 0:  # the cue: white, outlined in black so that no grey clutter looks like it
+            cue, r = scene["cue"], scene["cue"]["radius"]
+            _shape(draw, cue["shape"], cue["xy"], r + 2, (0, 0, 0))
+            _shape(draw, cue["shape"], cue["xy"], r, (255, 255, 255))
+        else:
+            for o in scene["objects"]:
+                _shape(draw, o["shape"], o["path"][t], o["radius"], COLOURS[o["colour"]])
         images.append(im)
     return images
 
 
 def answer_of(scene: dict[str, Any]) -> str:
-    """The ball's colour: what every question about the scene asks."""
+    """The ball's colour (in the cued task, the cued shape's): what every question about the scene asks."""
     return scene["ball"]["colour"]
+
+
+def question_of(scene: dict[str, Any]) -> str:
+    return CUED_QUESTION if scene.get("task", "ball") == "cued" else QUESTION
 
 
 def group_of(scene: dict[str, Any]) -> str:
@@ -138,8 +182,11 @@ def group_of(scene: dict[str, Any]) -> str:
 
 
 def ball_patches(scene: dict[str, Any], t: int, patch: int) -> np.ndarray:
-    """(P,) bool, row-major: which patches of frame t the ball's bounding square overlaps."""
+    """(P,) bool, row-major: which patches of frame t the ball's bounding square overlaps (in the cued task, the
+    cue's in frame 0 and the cued shape's after)."""
     (x, y), r = scene["ball"]["path"][t], scene["ball"]["radius"]
+    if t == 0 and scene.get("task", "ball") == "cued":
+        r = scene["cue"]["radius"] + 2
     starts = np.arange(scene["size"] // patch) * patch
     cols, rows = (starts <= x + r) & (starts + patch > x - r), (starts <= y + r) & (starts + patch > y - r)
     return (rows[:, None] & cols[None]).ravel()
@@ -169,9 +216,9 @@ def held_out(train_glob: str) -> Path:
     return family.parent / EVAL_OF.get(family.name, "eval")
 
 
-def plain_reply(colour: str) -> str:
-    """The answer to QUESTION asked plainly."""
-    return f"The ball is {colour}."
+def plain_reply(colour: str, task: str = "ball") -> str:
+    """The answer to the task's question asked plainly."""
+    return f"It is {colour}." if task == "cued" else f"The ball is {colour}."
 
 
 def _corner(scene: dict[str, Any], xy: list[int]) -> str:
@@ -180,16 +227,19 @@ def _corner(scene: dict[str, Any], xy: list[int]) -> str:
 
 
 def caption(scene: dict[str, Any]) -> str:
+    if scene.get("task", "ball") == "cued":
+        shapes = ", ".join(f"a {o['colour']} {o['shape']}" for o in scene["objects"])
+        return f"A white {scene['cue']['shape']} is shown, then {shapes} move among grey shapes."
     path, colour = scene["ball"]["path"], scene["ball"]["colour"]
     first, last = _corner(scene, path[0]), _corner(scene, path[-1])
     where = f"stays at the {first}" if first == last else f"moves from the {first} to the {last}"
     return f"A {colour} ball {where}, among grey shapes."
 
 
-def sample(seed: int, split: str, index: int, size: int = 112, frames: int = 4) -> dict[str, Any]:
+def sample(seed: int, split: str, index: int, size: int = 112, frames: int = 4, task: str = "ball") -> dict[str, Any]:
     """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another)."""
     rng = _rng(seed, split, index)
-    scene = make_scene(rng, size, frames)
+    scene = (make_cued_scene if task == "cued" else make_scene)(rng, size, frames)
     options = list(COLOURS)
     answer = options.index(answer_of(scene))
     wrong = int(rng.choice([i for i in range(len(options)) if i != answer]))
@@ -206,16 +256,17 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     """The tar members of one clip for each shard family: the same frames, a JSON per family."""
     media = {f"{t:03d}.jpg": _jpeg(im) for t, im in enumerate(s["frames"])}
     options, answer, scene = s["options"], s["answer"], s["scene"]
-    user = mcq_prompt(QUESTION, options)
+    question = question_of(scene)
+    user = mcq_prompt(question, options)
     reply = [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
     qa = {"user": user, "assistant": reply[answer], "scene": scene}
-    plain = [plain_reply(o) for o in options]
-    ask = {"user": QUESTION, "assistant": plain[answer], "scene": scene}
+    plain = [plain_reply(o, scene.get("task", "ball")) for o in options]
+    ask = {"user": question, "assistant": plain[answer], "scene": scene}
     metas = {
         "ask": ask,
         "ask_val": ask,
         "ask_eval": {
-            "question": QUESTION,
+            "question": question,
             "options": plain,
             "answer": LETTERS[answer],
             "format": "plain",
@@ -228,7 +279,7 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
         "val": qa,
         "dpo": {"user": user, "chosen": reply[answer], "rejected": reply[s["wrong"]], "scene": scene},
         "eval": {
-            "question": QUESTION,
+            "question": question,
             "options": options,
             "answer": LETTERS[answer],
             "task": group_of(scene),
@@ -238,7 +289,9 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
     return {name: {"__key__": key, "json": json.dumps(m).encode(), **media} for name, m in metas.items()}
 
 
-def _write(out: Path, split: str, families: tuple[str, ...], n: int, seed: int, size: int, frames: int) -> None:
+def _write(
+    out: Path, split: str, families: tuple[str, ...], n: int, seed: int, size: int, frames: int, task: str
+) -> None:
     """Write clips 0..n-1 of `split` into out/<family>/NNNNNN.tar for each family (SHARD_SIZE clips a shard)."""
     for family in families:
         (out / family).mkdir(parents=True, exist_ok=True)
@@ -246,39 +299,61 @@ def _write(out: Path, split: str, families: tuple[str, ...], n: int, seed: int, 
         name = f"{start // SHARD_SIZE:06d}.tar"
         sinks = {f: wds.TarWriter(str(out / f / name), mtime=0.0) for f in families}  # mtime 0: same bytes
         for i in range(start, min(n, start + SHARD_SIZE)):
-            recs = records(sample(seed, split, i, size, frames), f"{split}{i:07d}")
+            recs = records(sample(seed, split, i, size, frames, task), f"{split}{i:07d}")
             for family, sink in sinks.items():
                 sink.write(recs[family])
         for sink in sinks.values():
             sink.close()
 
 
-def _manifest(seed: int, train: int, eval: int, size: int, frames: int) -> dict[str, int]:
-    """What toyworld.json records: the generator's version and the settings the shards were written with."""
-    return {"world": WORLD, "seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
+def _manifest(seed: int, train: int, eval: int, size: int, frames: int, task: str) -> dict[str, Any]:
+    """What toyworld.json records: the generator's version and the settings the shards were written with (the task
+    only where it is not the ball, so that ball worlds written before the cued task existed stay valid)."""
+    settings = {"world": WORLD, "seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
+    return settings if task == "ball" else {**settings, "task": task}
+
+
+def task_of(root: str | Path) -> str:
+    """The task of the world written at `root` (its manifest's; the ball where none is recorded)."""
+    manifest = Path(root) / MANIFEST
+    return json.loads(manifest.read_text()).get("task", "ball") if manifest.is_file() else "ball"
 
 
 def generate(
-    out: str | Path, seed: int = 0, train: int = TRAIN_CLIPS, eval: int = EVAL_CLIPS, size: int = 112, frames: int = 4
+    out: str | Path,
+    seed: int = 0,
+    train: int = TRAIN_CLIPS,
+    eval: int = EVAL_CLIPS,
+    size: int = 112,
+    frames: int = 4,
+    task: str = "ball",
 ) -> Path:
     """Write every shard family into `out` (see the module docstring), then the manifest."""
+    if task not in TASKS:
+        raise ValueError(f"unknown toy task {task!r}: one of {TASKS}")
     out = Path(out)
-    _write(out, "train", ("caption", "qa", "ask", "dpo"), train, seed, size, frames)
-    _write(out, "eval", ("val", "eval", "ask_val", "ask_eval", "caption_eval"), eval, seed, size, frames)
-    (out / MANIFEST).write_text(json.dumps(_manifest(seed, train, eval, size, frames), indent=1))
+    _write(out, "train", ("caption", "qa", "ask", "dpo"), train, seed, size, frames, task)
+    _write(out, "eval", ("val", "eval", "ask_val", "ask_eval", "caption_eval"), eval, seed, size, frames, task)
+    (out / MANIFEST).write_text(json.dumps(_manifest(seed, train, eval, size, frames, task), indent=1))
     return out
 
 
 def ensure(
-    out: str | Path, seed: int = 0, train: int = TRAIN_CLIPS, eval: int = EVAL_CLIPS, size: int = 112, frames: int = 4
+    out: str | Path,
+    seed: int = 0,
+    train: int = TRAIN_CLIPS,
+    eval: int = EVAL_CLIPS,
+    size: int = 112,
+    frames: int = 4,
+    task: str = "ball",
 ) -> Path:
     """`generate(out, ...)` unless `out` already holds exactly that world (its manifest says so)."""
     out = Path(out)
     manifest = out / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()) == _manifest(seed, train, eval, size, frames):
+    if manifest.is_file() and json.loads(manifest.read_text()) == _manifest(seed, train, eval, size, frames, task):
         return out
-    print(f"toyworld: writing {train} training and {eval} held-out clips to {out}", flush=True)
-    return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames)
+    print(f"toyworld: writing {train} training and {eval} held-out clips ({task} task) to {out}", flush=True)
+    return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames, task=task)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,6 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--clips", type=int, default=TRAIN_CLIPS, help="training clips to generate")
     r.add_argument("--no-glance", action="store_true", help="train the foveated model only, not the glance too")
     r.add_argument("--seed", type=int, help="the recipe on seed N: its world in data/toy_sN, its run in runs/toy_sN")
+    r.add_argument(
+        "--task",
+        choices=TASKS,
+        default="ball",
+        help="cued: the colour of the shape the first frame shows, among four (world in data/toy_cued, run in "
+        "runs/toy_cued)",
+    )
     g = sub.add_parser("generate", help="write the shards only")
     g.add_argument("--out", default="data/toy")
     g.add_argument("--seed", type=int, default=0)
@@ -297,13 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--eval", type=int, default=EVAL_CLIPS, help="held-out clips")
     g.add_argument("--size", type=int, default=112, help="frame size in pixels")
     g.add_argument("--frames", type=int, default=4)
+    g.add_argument("--task", choices=TASKS, default="ball")
     a = p.parse_args(argv)
     if a.command == "run":
         import toyrun  # the run trains and evaluates: it sits above the world it runs on
 
-        toyrun.run(a.config, a.set, a.clips, glance=not a.no_glance, seed=a.seed)
+        toyrun.run(a.config, a.set, a.clips, glance=not a.no_glance, seed=a.seed, task=a.task)
     else:
-        generate(a.out, a.seed, a.train, a.eval, a.size, a.frames)
+        generate(a.out, a.seed, a.train, a.eval, a.size, a.frames, a.task)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,12 @@ def test_ensure_regenerates_only_for_other_settings_or_another_generator(world, 
     toyworld.ensure(world, **SETTINGS)
     assert calls == []
     toyworld.ensure(world, **{**SETTINGS, "seed": 4})
-    assert calls == [{**SETTINGS, "seed": 4}]
+    assert calls == [{**SETTINGS, "seed": 4, "task": "ball"}]
+    toyworld.ensure(world, **SETTINGS, task="cued")  # the other task is another world
+    assert calls[-1] == {**SETTINGS, "task": "cued"}
     monkeypatch.setattr(toyworld, "WORLD", toyworld.WORLD + 1)  # shards an earlier generator wrote are rewritten
     toyworld.ensure(world, **SETTINGS)
-    assert calls == [{**SETTINGS, "seed": 4}, SETTINGS]
+    assert calls[-1] == {**SETTINGS, "task": "ball"} and len(calls) == 3
 
 
 def pixel(raw: dict, t: int, xy: list[int]) -> np.ndarray:
@@ -243,3 +245,41 @@ def test_another_seed_runs_in_its_own_world_and_out_dir():
     for d in (a, b):
         del d["train"]["seed"], d["train"]["out_dir"], d["train"]["max_steps"], d["data"]["train"], d["data"]["val"]
     assert a == b
+
+
+def test_the_cued_task_asks_the_colour_of_the_shape_the_first_frame_shows(tmp_path):
+    """Frame 0 holds the white cue and no coloured shape; the later frames each shape once in each colour once,
+    drawn where the scene says; the answer is the colour of the one shaped like the cue, in every family, and
+    the look share's target is the cue in frame 0 and that shape after."""
+    root = toyworld.generate(tmp_path / "cued", **{**SETTINGS, "size": 112}, task="cued")
+    assert toyworld.task_of(root) == "cued" and toyworld.task_of(tmp_path) == "ball"
+    asks, evals = read(root / "ask" / "000000.tar"), read(root / "ask_eval" / "000000.tar")
+    for raw in asks:
+        meta = json.loads(raw["json"])
+        scene = meta["scene"]
+        objects, cue = scene["objects"], scene["cue"]
+        assert sorted(o["shape"] for o in objects) == sorted(toyworld.SHAPES)
+        assert sorted(o["colour"] for o in objects) == sorted(toyworld.COLOURS)
+        (target,) = [o for o in objects if o["shape"] == cue["shape"]]
+        assert meta["user"] == toyworld.CUED_QUESTION and meta["assistant"] == f"It is {target['colour']}."
+        assert np.abs(pixel(raw, 0, cue["xy"]) - 255).max() < 30  # the white cue
+        first = np.asarray(Image.open(io.BytesIO(raw["000.jpg"])).convert("RGB"), dtype=int)
+        assert (np.abs(first - first.mean(-1, keepdims=True)).max(-1) < 40).all()  # no colour in frame 0
+        for o in objects:
+            assert np.abs(pixel(raw, 1, o["path"][1]) - toyworld.COLOURS[o["colour"]]).max() < 40
+        r = cue["radius"]
+        for t in range(FRAMES):
+            mask = toyworld.ball_patches(scene, t, 14).reshape(8, 8)
+            x, y = cue["xy"] if t == 0 else target["path"][t]
+            assert mask[y // 14, x // 14] and mask.sum() <= (((2 * (r + 2)) // 14 + 2) ** 2 if t == 0 else 9)
+    assert [json.loads(e["json"])["question"] for e in evals] == [toyworld.CUED_QUESTION] * SETTINGS["eval"]
+    assert json.loads((root / toyworld.MANIFEST).read_text())["task"] == "cued"
+
+
+def test_a_cued_run_lives_beside_the_ball_world():
+    import toyrun
+    from config import load_config
+
+    overrides = toyrun.beside(toyworld.DEFAULT_CONFIG, [], "cued")
+    cfg = load_config(toyworld.DEFAULT_CONFIG, overrides)
+    assert cfg.train.out_dir == "runs/toy_cued" and cfg.data.train[0].path == "data/toy_cued/ask/*.tar"
