@@ -65,11 +65,13 @@ def evaluate(answerer: Answerer, bench: Any, reads: list[str], out: Path) -> dic
     return benchmark.evaluate(answerer, bench, "likelihood", reads, out, EVAL_BATCH)
 
 
-def seeded(config: str | Path, overrides: list[str], seed: int) -> list[str]:
-    """The overrides that run the config on another seed without touching the default run: train.seed, the world
-    beside the config's (data/toy -> data/toy_s<seed>, every train and val source moved there) and the run's
-    out_dir (runs/toy -> runs/toy_s<seed>)."""
-    return [*beside(config, overrides, f"s{seed}"), f"train.seed={seed}"]
+def placed(config: str | Path, overrides: list[str], seed: int | None = None, task: str = "ball") -> list[str]:
+    """The overrides that run the config on another seed or task without touching the default run: train.seed, and
+    the world and run beside the config's (data/toy -> data/toy_s<seed>, data/toy_cued, data/toy_cued_s<seed>; the
+    same for runs/toy). None for the default seed and the ball: the overrides unchanged."""
+    parts = ([task] if task != "ball" else []) + ([f"s{seed}"] if seed is not None else [])
+    moved = beside(config, list(overrides), "_".join(parts)) if parts else list(overrides)
+    return moved + ([f"train.seed={seed}"] if seed is not None else [])
 
 
 def beside(config: str | Path, overrides: list[str], suffix: str) -> list[str]:
@@ -104,14 +106,10 @@ def run(
     task: str = "ball",
 ) -> dict:
     """The toy run (see the module docstring); returns what summary.json holds. `seed`: the same recipe on
-    another seed, in its own world and out_dir (`seeded`); `task` cued: the world of that task (toyworld.py),
-    in data/toy_cued and runs/toy_cued."""
+    another seed, `task` cued: the world of that task (toyworld.py); either in its own world and out_dir
+    (`placed`)."""
     start = time.perf_counter()
-    if task != "ball":
-        overrides = beside(config, list(overrides), task if seed is None else f"{task}_s{seed}")
-        overrides += [] if seed is None else [f"train.seed={seed}"]
-    elif seed is not None:
-        overrides = seeded(config, list(overrides), seed)
+    overrides = placed(config, list(overrides), seed, task)
     phases: dict[str, float] = {}  # seconds of each part, in the order they ran
 
     def lap(name: str) -> None:

@@ -236,7 +236,7 @@ def test_another_seed_runs_in_its_own_world_and_out_dir():
     from config import load_config, to_dict
 
     base = load_config(toyworld.DEFAULT_CONFIG, [])
-    cfg = load_config(toyworld.DEFAULT_CONFIG, toyrun.seeded(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"], 2))
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyrun.placed(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"], 2))
     assert (cfg.train.seed, cfg.train.out_dir, cfg.train.max_steps) == (2, "runs/toy_s2", 7)
     sources = [(s.path, s.weight) for s in cfg.data.train]
     assert sources == [("data/toy_s2/ask/*.tar", 4.0), ("data/toy_s2/qa/*.tar", 1.0)]
@@ -280,6 +280,9 @@ def test_a_cued_run_lives_beside_the_ball_world():
     import toyrun
     from config import load_config
 
-    overrides = toyrun.beside(toyworld.DEFAULT_CONFIG, [], "cued")
-    cfg = load_config(toyworld.DEFAULT_CONFIG, overrides)
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyrun.placed(toyworld.DEFAULT_CONFIG, [], task="cued"))
     assert cfg.train.out_dir == "runs/toy_cued" and cfg.data.train[0].path == "data/toy_cued/ask/*.tar"
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyrun.placed(toyworld.DEFAULT_CONFIG, [], 3, "cued"))
+    assert (cfg.train.out_dir, cfg.train.seed) == ("runs/toy_cued_s3", 3)
+    assert cfg.data.val[0].path == "data/toy_cued_s3/ask_val/*.tar"
+    assert toyrun.placed(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"]) == ["train.max_steps=7"]
