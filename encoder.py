@@ -4,6 +4,9 @@ The patch side never attends to a query, so each layer's keys and values of the 
 not depend on the query. `encode_patches` runs the backbone once per frame and keeps them;
 `query_attend` then sends any number of queries through the same layers, with the same weights,
 at the cost of a handful of extra tokens instead of a second backbone pass.
+
+Two models that read the same batches through the same frozen backbone (a run and its glance, trained side by
+side: train.train_together) can share one `PatchMemo`: the second model's patch pass of a batch is the first's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Dinov2Model
+
+from casts import stamp
 
 
 @dataclass
@@ -34,6 +39,53 @@ class PatchCache:
         )
 
 
+@dataclass
+class _Pass:
+    key: tuple
+    weights: list[tuple[Tensor, tuple[int, int]]]  # the backbone's weights and their stamps, held
+    frames: Tensor
+    cache: PatchCache
+
+
+class PatchMemo:
+    """The last `size` patch passes, kept for a second encoder that reads the same frames through the same frozen
+    weights (a run and its glance taking steps in turn: `size` is the micro-batches of a step).
+
+    A pass is reused only when nothing could make it differ: the frames are equal (compared whole), the weights in
+    the backbone's slots are the same tensors unchanged since (identity and version; they are held here, so an
+    address cannot be reused by another tensor), and the deep/shallow read, train/eval mode, inference mode and
+    autocast are the same; and only while no gradient can reach the backbone (its weights frozen), so the kept
+    tensors carry no graph."""
+
+    def __init__(self, size: int = 1) -> None:
+        self.size = size
+        self.passes: list[_Pass] = []  # oldest first
+
+    @staticmethod
+    def _key(encoder: FoveatedEncoder, frames: Tensor) -> tuple:
+        device = frames.device.type
+        cast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        inference = torch.is_inference_mode_enabled()  # inference tensors cannot serve a training step
+        return encoder.deep, encoder.training, cast, inference, tuple(frames.shape), frames.dtype, frames.device
+
+    def get(self, encoder: FoveatedEncoder, frames: Tensor) -> PatchCache | None:
+        key, weights = self._key(encoder, frames), list(encoder.dino.parameters())
+        for done in self.passes:
+            if (
+                done.key == key
+                and len(weights) == len(done.weights)
+                and all(w is h and stamp(w) == s for w, (h, s) in zip(weights, done.weights, strict=True))
+                and torch.equal(frames, done.frames)
+            ):
+                return done.cache
+        return None
+
+    def put(self, encoder: FoveatedEncoder, frames: Tensor, cache: PatchCache) -> None:
+        weights = [(w, stamp(w)) for w in encoder.dino.parameters()]
+        self.passes = [*self.passes, _Pass(self._key(encoder, frames), weights, frames.detach().clone(), cache)]
+        self.passes = self.passes[-self.size :]
+
+
 class FoveatedEncoder(nn.Module):
     def __init__(self, dino: Dinov2Model, query_dim: int = 384, deep: bool = True):
         super().__init__()
@@ -43,6 +95,7 @@ class FoveatedEncoder(nn.Module):
         self.query_in = nn.Linear(query_dim, dim, bias=False)
         self.query_out = nn.Linear(dim, dim)
         self.gradient_checkpointing = False
+        self.memo: PatchMemo | None = None  # shared with another model's encoder (FoveatedVLM.share_frozen)
 
     @property
     def dim(self) -> int:
@@ -75,11 +128,23 @@ class FoveatedEncoder(nn.Module):
         return h, k, v
 
     def encode_patches(self, frames: Tensor) -> PatchCache:
-        """frames (N, 3, H, W), ImageNet-normalised -> the per-layer patch cache of all N frames.
+        """frames (N, 3, H, W), ImageNet-normalised -> the per-layer patch cache of all N frames (the memo's, when
+        another encoder sharing it has just encoded the same frames through these frozen weights).
 
         The deep read takes only each layer's keys and values, so of the last layer only those are computed:
         its attention and MLP over the patches (about 7 % of the pass) feed nothing but the final features, which
         only the shallow read uses."""
+        frozen = not (torch.is_grad_enabled() and any(p.requires_grad for p in self.dino.parameters()))
+        memo = self.memo if frozen and not frames.requires_grad else None
+        cached = memo.get(self, frames) if memo is not None else None
+        if cached is not None:
+            return cached
+        cache = self._encode(frames)
+        if memo is not None:
+            memo.put(self, frames, cache)
+        return cache
+
+    def _encode(self, frames: Tensor) -> PatchCache:
         h = self.dino.embeddings(frames)  # (N, 1+P, D)
         keys, values = [], []
         *layers, last = self.dino.encoder.layer

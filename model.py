@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model, DynamicCache
 
 from config import MODES, FoveatedConfig
-from encoder import FoveatedEncoder, PatchCache
+from encoder import FoveatedEncoder, PatchCache, PatchMemo
 from frames import FrameSpec
 from kvcache import StaticKV
 from vlm import VLM, Output, Prefix, Visual, labelled_nll, through_labels
@@ -85,6 +85,26 @@ class FoveatedVLM(VLM):
 
     def uses_cache(self, mode: str = "coarse_fine") -> bool:
         return mode == "autoregressive"
+
+    def share_frozen(self, other: VLM, batches: int = 1) -> bool:
+        """One frozen DINOv2 and one patch memo of `batches` passes for both encoders, when both backbones are
+        frozen (every weight at lr 0) and equal: the other model's patch pass of a batch is then this one's
+        (encoder.PatchMemo)."""
+        if not isinstance(other, FoveatedVLM) or other.encoder.deep != self.encoder.deep:
+            return False
+        mine, theirs = self.encoder.dino, other.encoder.dino
+        if any(p.requires_grad for p in (*mine.parameters(), *theirs.parameters())):
+            return False
+        a, b = mine.state_dict(), theirs.state_dict()
+        if mine.config.to_dict() != theirs.config.to_dict() or a.keys() != b.keys():
+            return False
+        if not all(a[k].device == b[k].device and torch.equal(a[k], b[k]) for k in a):
+            return False
+        other.encoder.dino = mine
+        memo = self.encoder.memo or PatchMemo(batches)
+        memo.size = max(memo.size, batches)
+        self.encoder.memo = other.encoder.memo = memo
+        return True
 
     def checkpoint_activations(self) -> None:
         super().checkpoint_activations()

@@ -1,8 +1,10 @@
 """The toy run, the main command (`python toyworld.py run`): a placed look against a glance, in minutes on a CPU.
 
-It writes the toy world if it is missing (toyworld.py), trains the foveated model with configs/toy.yaml, and
-then the glance: the same model, steps, data and seed, trained to read in coarse_only mode (the static query
-alone, no feedback), so that each of the two is a model trained for the way it reads. It evaluates the
+It writes the toy world if it is missing (toyworld.py) and trains the foveated model with configs/toy.yaml and,
+beside it step for step, the glance: the same model, steps, data and seed, trained to read in coarse_only mode
+(the static query alone, no feedback), so that each of the two is a model trained for the way it reads. Taking
+their steps in turn, they share each batch's frozen DINOv2 pass (train.train_together); each ends as it would
+alone. It evaluates the
 held-out split (likelihood protocol): the foveated model in every mode, the glance in its own. Then it
 measures where each looked, apart from whether the answer was read: the share of the final read's attention
 on the ball over LOOK_CLIPS held-out clips (against a uniform look), and draws the attention of a few clips
@@ -120,16 +122,16 @@ def run(
     ensure(root, seed=cfg.train.seed, train=clips, size=cfg.data.frame_size, frames=cfg.data.max_frames, task=task)
     bench = benchmark.load_benchmark("toy", held_out(cfg.data.train[0].path))
     lap("world")
-    final = train.train(cfg)
+    # the glance trains beside the foveated model, step for step on the same batches: one frozen DINOv2 pass each
+    glance_cfg = load_config(config, [*overrides, *GLANCE, f"train.out_dir={out / 'glance'}"])
+    final, *glance_final = train.train_together([cfg, glance_cfg] if glance else [cfg])
     lap("train")
     bf16 = use_bf16(cfg.train.bf16, torch.device("cpu"))  # read as trained (registry.load gives a CPU model)
     foveated = Answerer(registry.load(final), bf16=bf16)
     results = {"foveated": evaluate(foveated, bench, ["coarse_only", "coarse_fine", "autoregressive"], out / "eval")}
     lap("evaluate")
     if glance:
-        glance_cfg = load_config(config, [*overrides, *GLANCE, f"train.out_dir={out / 'glance'}"])
-        glance_answerer = Answerer(registry.load(train.train(glance_cfg)), bf16=bf16)
-        lap("glance_train")
+        glance_answerer = Answerer(registry.load(glance_final[0]), bf16=bf16)
         results["glance"] = evaluate(glance_answerer, bench, ["coarse_only"], out / "glance" / "eval")
         lap("glance_evaluate")
     shares = looks(foveated, bench.questions, {"static": "coarse_only", "loop": "autoregressive"}, out,

@@ -260,6 +260,17 @@ class Trainer:
         self.schedule = Schedule(o.schedule, self.max_steps, o.warmup, o.target_lr, o.min_lr_ratio)
         self.stream = Stream(partial(self.loader, split="train"), d, self.state)
         self.nonfinite = 0  # steps in a row skipped for a NaN/inf loss or gradient
+        self.rng = ckpt.rng_state()  # this run's RNG streams, swapped in while it works (train_together)
+
+    @contextmanager
+    def own_rng(self) -> Iterator[None]:
+        """The process's RNGs set to this run's for the block, and this run's kept from them after it: runs that
+        take turns each draw from their own streams, as if each ran alone."""
+        ckpt.set_rng_state(*self.rng)
+        try:
+            yield
+        finally:
+            self.rng = ckpt.rng_state()
 
     def loader(self, epoch: int = 0, skip_batches: int = 0, split: str = "train") -> Iterator[dict]:
         d = self.d
@@ -382,39 +393,85 @@ _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed ou
 
 def train(cfg: Config) -> Path:
     """Run (or continue) the configured training; returns the directory of the final model."""
-    tc, out = cfg.train, Path(cfg.train.out_dir)
-    d = init_dist(tc.ddp_timeout)
-    log = RunLog(cfg, enabled=d.rank == 0)  # fails here, before any work, if wandb is asked for but missing
-    run = Trainer(cfg, d, find_resume(cfg))
-    cfg.model = run.raw.config  # the run config saved beside the model describes the model trained
-    if d.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / ckpt.RUN_CONFIG)
-    log.start(run.state.step)
-    bar = tqdm(total=run.max_steps, initial=run.state.step, disable=d.rank != 0, dynamic_ncols=True)
-    with bar, lost_peers(d, run.state):  # the bar ends its line before any error is printed
-        while run.state.step < run.max_steps:
-            row = run.step()
-            if tc.val_every and run.state.step % tc.val_every == 0:
-                row["val_loss"] = run.validate()
-            log.write(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if run.state.step % tc.save_every == 0 or run.state.step == run.max_steps:
-                run.state.metric = row.get(tc.best_metric)
-                run.save()
-    log.close()
-    final = out / "final"
-    if d.rank == 0:
-        last = ckpt.checkpoint_dir(out, run.state.step) / ckpt.MODEL_DIR  # saved at the last step: the same weights
-        write = partial(ckpt.link_model, last) if last.is_dir() else partial(ckpt.write_model, run.raw)
-        ckpt.save_atomic(final, write)
-        if cfg.data.val:
-            show_example(run.raw, cfg)
+    return train_together([cfg])[0]
+
+
+def train_together(cfgs: list[Config]) -> list[Path]:
+    """Several runs (or their continuations) taking steps in turn in one process, each with its own model,
+    optimizer, data, RNG streams, log and out_dir, so each ends as it would alone. What makes it faster than one
+    after another: models that read the same batches through the same frozen backbone share that work
+    (VLM.share_frozen), e.g. a run and its glance, which differ only in how they read. Returns each run's final
+    model directory."""
+    outs = [Path(cfg.train.out_dir) for cfg in cfgs]
+    if len(set(outs)) < len(outs):
+        raise ConfigError(f"runs trained together need their own train.out_dir each, got {[str(o) for o in outs]}")
+    d = init_dist(cfgs[0].train.ddp_timeout)
+    logs = [RunLog(cfg, enabled=d.rank == 0) for cfg in cfgs]  # fails here, before any work, if wandb is missing
+    runs = []
+    for cfg, out in zip(cfgs, outs, strict=True):
+        run = Trainer(cfg, d, find_resume(cfg))
+        cfg.model = run.raw.config  # the run config saved beside the model describes the model trained
+        if d.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / ckpt.RUN_CONFIG)
+        runs.append(run)
+    for run in runs[1:]:  # the frozen work of a batch done once (and its bf16 weight copies made once)
+        if run.bf16 == runs[0].bf16 and runs[0].raw.share_frozen(run.raw, runs[0].cfg.train.accumulate):
+            runs[0].casts.models += run.casts.models
+            run.casts = runs[0].casts
+    for run, log in zip(runs, logs, strict=True):
+        log.start(run.state.step)
+    named = len(runs) > 1
+    bars = [
+        tqdm(
+            total=run.max_steps,
+            initial=run.state.step,
+            desc=out.name if named else None,
+            position=i,
+            disable=d.rank != 0,
+            dynamic_ncols=True,
+        )
+        for i, (run, out) in enumerate(zip(runs, outs, strict=True))
+    ]
+    with lost_peers(d, runs[0].state):
+        try:  # the bars end their lines before any error is printed
+            while any(run.state.step < run.max_steps for run in runs):
+                for run, log, bar in zip(runs, logs, bars, strict=True):
+                    if run.state.step < run.max_steps:
+                        with run.own_rng():
+                            take_step(run, log, bar)
+        finally:
+            for bar in bars:
+                bar.close()
+    finals = []
+    for run, log, out in zip(runs, logs, outs, strict=True):
+        log.close()
+        final = out / "final"
+        if d.rank == 0:
+            last = ckpt.checkpoint_dir(out, run.state.step) / ckpt.MODEL_DIR  # saved at the last step: the same weights
+            write = partial(ckpt.link_model, last) if last.is_dir() else partial(ckpt.write_model, run.raw)
+            ckpt.save_atomic(final, write)
+            if run.cfg.data.val:
+                show_example(run.raw, run.cfg)
+        finals.append(final)
     if d.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return final
+    return finals
+
+
+def take_step(run: Trainer, log: RunLog, bar: tqdm) -> None:
+    """One optimizer step of a run, then what follows it: validation, the log row, the bar, a checkpoint."""
+    tc = run.cfg.train
+    row = run.step()
+    if tc.val_every and run.state.step % tc.val_every == 0:
+        row["val_loss"] = run.validate()
+    log.write(row)
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.4f}")
+    if run.state.step % tc.save_every == 0 or run.state.step == run.max_steps:
+        run.state.metric = row.get(tc.best_metric)
+        run.save()
 
 
 def show_example(model: VLM, cfg: Config) -> dict[str, str]:

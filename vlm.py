@@ -550,6 +550,13 @@ class VLM(nn.Module):
             return "llm"
         return "connector"
 
+    def share_frozen(self, other: VLM, batches: int = 1) -> bool:
+        """Let `other`, a model that reads the same batches (`batches` at a time) right after this one (runs trained
+        side by side), reuse this model's work on them that depends only on frozen weights both hold equal; True
+        when something is shared.
+        Exact: shared work is reused only for equal inputs through unchanged weights. The base shares nothing."""
+        return False
+
     def merge_lora(self) -> VLM:
         """Fold the LLM's LoRA adapters into its weights (for export): the same logits, no adapters, a plain LLM
         that saves without adapter.safetensors. Returns the model."""

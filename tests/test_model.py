@@ -494,3 +494,28 @@ def test_a_loss_without_logits_runs_only_through_the_last_label_and_equals_the_f
     for name, g in g_full.items():
         assert (g - g_cut[name]).abs().max() <= 1e-10 * max(1.0, g.abs().max().item()), name
     assert narrow < wide  # the last two columns were not run (in each pass over the text that had logits)
+
+
+def test_two_models_with_one_frozen_dino_share_a_patch_pass_only_for_equal_frames_and_weights():
+    """share_frozen: the second model's patch pass of frames the first just encoded is the first's (the same
+    tensors), equal to its own; other frames, a changed weight or a backbone that trains get a pass of their own."""
+    a, b = tiny_model(), tiny_model()
+    assert not a.share_frozen(b)  # DINOv2 still trains in both
+    for m in (a, b):
+        m.encoder.dino.requires_grad_(False)
+    assert not a.share_frozen(tiny_model(seed=1).requires_grad_(False))  # another backbone
+    own = b.encoder.encode_patches(frames(3, 1)[:, 0])  # before sharing: b's own DINOv2
+    assert a.share_frozen(b, batches=2) and b.encoder.dino is a.encoder.dino
+    x, y, z = frames(3, 1)[:, 0], frames(3, 1, seed=1)[:, 0], frames(3, 1, seed=2)[:, 0]
+    first, second = a.encoder.encode_patches(x), a.encoder.encode_patches(y)  # two micro-batches
+    assert b.encoder.encode_patches(x.clone()) is first and b.encoder.encode_patches(y.clone()) is second
+    assert all(torch.equal(k, j) for k, j in zip(first.keys + first.values, own.keys + own.values, strict=True))
+    assert b.encoder.encode_patches(z) is not first  # frames never seen: a pass of its own
+    a.encoder.encode_patches(x)
+    with torch.no_grad():
+        a.encoder.dino.embeddings.patch_embeddings.projection.weight.mul_(1.5)  # a new version of a weight
+    again = b.encoder.encode_patches(x)
+    assert again is not first and not torch.equal(again.keys[0], first.keys[0])
+    a.encoder.dino.requires_grad_(True)
+    with torch.enable_grad():  # a gradient could reach DINOv2: nothing is kept or reused
+        assert b.encoder.encode_patches(x) is not b.encoder.encode_patches(x)

@@ -185,6 +185,43 @@ def test_gradient_checkpointing_changes_no_number(tmp_path, start_model):
     assert runs[0] == runs[1]
 
 
+def test_runs_trained_together_end_as_they_would_alone_and_share_the_frozen_pass(tmp_path, start_model, monkeypatch):
+    """A run and its glance (the same model and data, read coarse_only) taking steps in turn: each logs the losses
+    and ends with the weights it has alone, bit for bit, while the glance's every DINOv2 patch pass is the run's."""
+    import encoder
+
+    def config(out: str, mode: str) -> Config:
+        cfg = make_config(tmp_path, start_model, out, optim={"lr_vision": 0.0}, train={"max_steps": 4})
+        cfg.model.mode = mode
+        return cfg
+
+    alone = [config("fov_alone", "coarse_fine"), config("glance_alone", "coarse_only")]
+    for cfg in alone:
+        train.train(cfg)
+    calls: list[tuple[int, bool]] = []  # (encoder, whether the memo had its pass)
+    real_get = encoder.PatchMemo.get
+
+    def get(self, enc, frames):
+        found = real_get(self, enc, frames)
+        calls.append((id(enc), found is not None))
+        return found
+
+    monkeypatch.setattr(encoder.PatchMemo, "get", get)
+    together = [config("fov", "coarse_fine"), config("glance", "coarse_only")]
+    finals = train.train_together(together)
+    assert finals == [Path(cfg.train.out_dir) / "final" for cfg in together]
+    for a, b in zip(alone, together, strict=True):
+        assert losses(a.train.out_dir) == losses(b.train.out_dir)
+        x = load_file(str(Path(a.train.out_dir) / "final" / ckpt.WEIGHTS))
+        y = load_file(str(Path(b.train.out_dir) / "final" / ckpt.WEIGHTS))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    first = calls[0][0]
+    glance = [hit for enc, hit in calls if enc != first]
+    assert len(glance) == 4 * 2 and all(glance)  # 4 steps of 2 micro-batches, each read by the run just before
+    with pytest.raises(Exception, match="their own train.out_dir each"):
+        train.train_together([config("same", "coarse_fine"), config("same", "coarse_only")])
+
+
 def test_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path, start_model):
     cfg = make_config(tmp_path, start_model)
     config_file = tmp_path / "run.yaml"
