@@ -5,6 +5,7 @@
     python bench.py --only decode        # greedy decoding: dynamic vs static KV cache vs torch.compile
     python bench.py --only benchmark     # option scoring: shared encoding + prefix vs naive
     python bench.py --only frozen        # bf16 steps with frozen backbones: per-call weight casts vs casts.py's
+    python bench.py --only pair          # the toy run's foveated step and glance step: DINOv2 pass each vs shared
     python bench.py --kind pixel_shuffle --only inference   # any kind of model (registry.py)
 
 Timings do not depend on weight values, so by default the backbones are the real
@@ -16,6 +17,8 @@ figures only for the same device.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import platform
 import statistics
@@ -320,6 +323,41 @@ def bench_frozen(
     return rows
 
 
+def bench_pair(
+    model: VLM, device: torch.device, repeats: int, frames: int = 4, batch: int = 4, text: int = 24, size: int = 112
+) -> list[dict]:
+    """A training step of the foveated model (its training read) and then of its glance (coarse_only) on the same
+    batch, both backbones frozen, as the toy run trains them: each model its own frozen DINOv2 pass, against the
+    glance reusing the model's (VLM.share_frozen, what train.train_together does). Every pair gets new frames,
+    so the only pass reused is the model's for its glance. Foveated models only."""
+    if model.kind != "foveated":
+        return []
+    b = random_batch(model, device, frames, batch, text, size)
+    glance = copy.deepcopy(model)
+    glance.config = dataclasses.replace(glance.config, mode="coarse_only")
+    for m in (model, glance):
+        for n, p in m.named_parameters():
+            p.requires_grad_(m.group_of(n) not in ("vision", "llm", "frozen"))
+        m.train()
+    shift = iter(range(1, 1 << 30))
+
+    def pair() -> None:
+        fresh = {**b, "frames": b["frames"] + 1e-3 * next(shift)}
+        for m in (model, glance):
+            batch_loss(m, fresh, m.train_read).backward()
+            m.zero_grad(set_to_none=True)
+
+    rows, base = [], None
+    for name in ("a DINOv2 pass each", "one DINOv2 pass shared"):
+        if base is not None and not model.share_frozen(glance):
+            raise RuntimeError("the glance could not share the model's frozen DINOv2")
+        seconds = timed(pair, device, repeats)
+        base = base or seconds
+        rows.append(_row("pair", f"{model.kind} step + glance step, backbones frozen, {name}", seconds, base, "each"))
+    model.requires_grad_(True).eval()
+    return rows
+
+
 def bench_data(workers: list[int]) -> list[dict]:
     """Data loader speed on 64-frame JPEG samples (decode + resize + normalise), per worker count."""
     processor = ChatProcessor(load_tokenizer(LLM_HUB_ID), FrameSpec(size=224, max_frames=64))
@@ -348,8 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--only",
-        default="inference,decode,benchmark,train,frozen,data",
-        help="comma-separated: inference, decode, benchmark, train, frozen, data",
+        default="inference,decode,benchmark,train,frozen,pair,data",
+        help="comma-separated: inference, decode, benchmark, train, frozen, pair, data",
     )
     p.add_argument("--workers", default="1,2", help="worker counts for the data section")
     p.add_argument("--frames", default="8,64", help="frame counts for the inference section")
@@ -373,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_train(model, device, args.repeats)
     if "frozen" in args.only.split(","):
         rows += bench_frozen(model, device, args.repeats)
+    if "pair" in args.only.split(","):
+        rows += bench_pair(model, device, args.repeats)
     if "data" in args.only.split(","):
         rows += bench_data([int(w) for w in args.workers.split(",")])
     name = device_name(device)

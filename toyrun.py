@@ -36,6 +36,11 @@ from processors import processor_for
 from toyworld import DEFAULT_CONFIG, LOOK_CLIPS, TRAIN_CLIPS, ball_patches, ensure, held_out, look_share, sample
 
 EVAL_BATCH = 25  # held-out questions scored together: on a CPU a small LLM call costs about as much for many rows
+TARGETS = {  # what the look share measures, per task
+    "ball": "the ball",
+    "cued": "the cue, then the cued shape",
+    "marked": "the white ball, then the one in its place",
+}
 GLANCE = ["model.mode=coarse_only"]  # what makes the glance: the run config's model trained to read coarse_only
 
 
@@ -169,7 +174,7 @@ def report(summary: dict, out: Path) -> None:
     print(f"  foveated, trained {summary['trained']}:  {modes}")
     if "glance" in acc:
         print(f"  glance, trained coarse_only:    coarse_only {acc['glance']['coarse_only']:5.1f}")
-    target = "the ball" if summary.get("task", "ball") == "ball" else "the cue, then the cued shape"
+    target = TARGETS[summary.get("task", "ball")]
     print(f"share of attention on {target}, {look['clips']} held-out clips (uniform: {100 * look['uniform']:.0f} %):")
     line = f"  the loop's queries (autoregressive) {100 * look['loop']:.0f} %"
     line += f", its static query {100 * look['static']:.0f} %"

@@ -11,6 +11,10 @@ The cued task (`--task cued`) is the world where a glance should not carry the a
 shape (the cue) and no colour; the later frames show four coloured shapes, each shape once and each colour
 once, drifting from random places; the question asks the colour of the one shaped like the cue. A static
 query sees four colours in every later frame; a query written from what frame 0 showed can go to one shape.
+The marked task (`--task marked`) asks where rather than what: frame 0 shows a white ball at a random place and
+nothing else, the later frames four coloured balls (each colour once) standing still, one of them where the white
+one was, and the question asks that one's colour. What frame 0 tells is a place, which a query reaches through
+DINOv2's position embeddings, rather than a shape to match.
 
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
   caption/NNNNNN.tar  stage 1: `caption` describing the clip ("A red ball moves from the top left to ...")
@@ -60,8 +64,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {  # the ball's colours: the answers,
 SHAPES = ("circle", "square", "triangle", "diamond")  # of the grey clutter
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION = "What colour is the ball?"
-TASKS = ("ball", "cued")  # the world's task: the one ball's colour, or the colour of the shape the first frame shows
+# the world's task: the ball's colour, the colour of the shape the first frame shows, of the ball where it shows one
+TASKS = ("ball", "cued", "marked")
 CUED_QUESTION = "What colour is the shape the first frame shows?"
+MARKED_QUESTION = "What colour is the ball where the first frame shows a white one?"
 SPLITS = {"train": 0, "eval": 1}  # independent random streams: no eval clip is a training clip
 SHARD_SIZE = 500
 GROUPS = ("ball near the centre", "ball off-centre")  # the evaluation's `task`: off-centre is the harder look
@@ -130,6 +136,35 @@ def make_cued_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, 
     return scene
 
 
+def make_marked_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, clutter: int = 6) -> dict[str, Any]:
+    """A clip of the marked task: frame 0 shows a white ball (the cue) at a random place and nothing else but the
+    noisy background, so that any read of it carries the place; the later frames four coloured balls standing
+    still among the clutter (each colour once, apart), one of them where the cue was, and the answer is that
+    one's colour. The places change from clip to clip and every colour is in every later frame, so a glance
+    cannot tell which is meant; a query written from frame 0 can go to the place."""
+    scene = make_scene(rng, size, frames, clutter)
+    scene["clutter"][0] = []
+    r = scene["ball"]["radius"]
+    colours, starts = rng.permutation(len(COLOURS)).tolist(), []
+    while len(starts) < len(COLOURS):  # apart by more than a diameter: no ball covers another
+        xy = rng.uniform(r + 1, size - r - 1, 2).round().astype(int)
+        starts = [*starts, xy] if all(np.linalg.norm(xy - o) > 2.5 * r for o in starts) else starts
+    objects = [
+        {"shape": "circle", "colour": list(COLOURS)[c], "radius": r, "path": [xy.tolist()] * frames}
+        for c, xy in zip(colours, starts, strict=True)
+    ]
+    target = int(rng.integers(len(objects)))
+    scene["cue"] = {"shape": "circle", "xy": objects[target]["path"][0], "radius": r}
+    scene["objects"], scene["target"] = objects, target
+    scene["ball"] = objects[target]  # the target stands in for the ball (answer, group, look share)
+    scene["task"] = "marked"
+    return scene
+
+
+SCENES = {"ball": make_scene, "cued": make_cued_scene, "marked": make_marked_scene}
+QUESTIONS = {"ball": QUESTION, "cued": CUED_QUESTION, "marked": MARKED_QUESTION}
+
+
 def _shape(draw: ImageDraw.ImageDraw, shape: str, xy: list[int], r: int, fill: tuple[int, ...]) -> None:
     x, y = xy
     if shape == "circle":
@@ -167,12 +202,12 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
 
 
 def answer_of(scene: dict[str, Any]) -> str:
-    """The ball's colour (in the cued task, the cued shape's): what every question about the scene asks."""
+    """The ball's colour (in the cued and marked tasks, the cued one's): what every question about the scene asks."""
     return scene["ball"]["colour"]
 
 
 def question_of(scene: dict[str, Any]) -> str:
-    return CUED_QUESTION if scene.get("task", "ball") == "cued" else QUESTION
+    return QUESTIONS[scene.get("task", "ball")]
 
 
 def group_of(scene: dict[str, Any]) -> str:
@@ -182,11 +217,11 @@ def group_of(scene: dict[str, Any]) -> str:
 
 
 def ball_patches(scene: dict[str, Any], t: int, patch: int) -> np.ndarray:
-    """(P,) bool, row-major: which patches of frame t the ball's bounding square overlaps (in the cued task, the
-    cue's in frame 0 and the cued shape's after)."""
+    """(P,) bool, row-major: which patches of frame t the ball's bounding square overlaps (in the cued and marked
+    tasks, the cue's, outline included, in frame 0 and the cued one's after)."""
     (x, y), r = scene["ball"]["path"][t], scene["ball"]["radius"]
-    if t == 0 and scene.get("task", "ball") == "cued":
-        r = scene["cue"]["radius"] + 2
+    if t == 0 and scene.get("task", "ball") != "ball":
+        (x, y), r = scene["cue"]["xy"], scene["cue"]["radius"] + 2
     starts = np.arange(scene["size"] // patch) * patch
     cols, rows = (starts <= x + r) & (starts + patch > x - r), (starts <= y + r) & (starts + patch > y - r)
     return (rows[:, None] & cols[None]).ravel()
@@ -218,7 +253,7 @@ def held_out(train_glob: str) -> Path:
 
 def plain_reply(colour: str, task: str = "ball") -> str:
     """The answer to the task's question asked plainly."""
-    return f"It is {colour}." if task == "cued" else f"The ball is {colour}."
+    return f"It is {colour}." if task != "ball" else f"The ball is {colour}."
 
 
 def _corner(scene: dict[str, Any], xy: list[int]) -> str:
@@ -227,6 +262,9 @@ def _corner(scene: dict[str, Any], xy: list[int]) -> str:
 
 
 def caption(scene: dict[str, Any]) -> str:
+    if scene.get("task", "ball") == "marked":
+        balls = ", ".join(f"a {o['colour']} ball at the {_corner(scene, o['path'][-1])}" for o in scene["objects"])
+        return f"A white ball is shown at the {_corner(scene, scene['cue']['xy'])}, then {balls}, among grey shapes."
     if scene.get("task", "ball") == "cued":
         shapes = ", ".join(f"a {o['colour']} {o['shape']}" for o in scene["objects"])
         return f"A white {scene['cue']['shape']} is shown, then {shapes} move among grey shapes."
@@ -239,7 +277,7 @@ def caption(scene: dict[str, Any]) -> str:
 def sample(seed: int, split: str, index: int, size: int = 112, frames: int = 4, task: str = "ball") -> dict[str, Any]:
     """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another)."""
     rng = _rng(seed, split, index)
-    scene = (make_cued_scene if task == "cued" else make_scene)(rng, size, frames)
+    scene = SCENES[task](rng, size, frames)
     options = list(COLOURS)
     answer = options.index(answer_of(scene))
     wrong = int(rng.choice([i for i in range(len(options)) if i != answer]))
@@ -369,8 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         "--task",
         choices=TASKS,
         default="ball",
-        help="cued: the colour of the shape the first frame shows, among four (world in data/toy_cued, run in "
-        "runs/toy_cued)",
+        help="cued: the colour of the shape the first frame shows, among four; marked: the colour of the ball where "
+        "the first frame shows a white one (world in data/toy_<task>, run in runs/toy_<task>)",
     )
     g = sub.add_parser("generate", help="write the shards only")
     g.add_argument("--out", default="data/toy")

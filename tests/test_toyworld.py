@@ -276,6 +276,51 @@ def test_the_cued_task_asks_the_colour_of_the_shape_the_first_frame_shows(tmp_pa
     assert json.loads((root / toyworld.MANIFEST).read_text())["task"] == "cued"
 
 
+def test_the_marked_task_asks_the_colour_of_the_ball_where_the_first_frame_shows_a_white_one(tmp_path):
+    """Frame 0 holds the white cue alone on the background; the later frames the four colours once each, as balls
+    standing still and apart among the clutter, one of them where the cue was; the answer is that one's colour,
+    and the look share's target is the cue in frame 0 and that ball after. The clips' places differ, so no place
+    answers for all of them."""
+    root = toyworld.generate(tmp_path / "marked", **{**SETTINGS, "size": 112}, task="marked")
+    assert toyworld.task_of(root) == "marked"
+    places = set()
+    for raw in read(root / "ask" / "000000.tar"):
+        meta = json.loads(raw["json"])
+        scene = meta["scene"]
+        objects, cue = scene["objects"], scene["cue"]
+        assert sorted(o["colour"] for o in objects) == sorted(toyworld.COLOURS)
+        (target,) = [o for o in objects if o["path"][1] == cue["xy"]]
+        assert meta["user"] == toyworld.MARKED_QUESTION and meta["assistant"] == f"It is {target['colour']}."
+        assert np.abs(pixel(raw, 0, cue["xy"]) - 255).max() < 30  # the white cue
+        first = np.asarray(Image.open(io.BytesIO(raw["000.jpg"])).convert("RGB"), dtype=int)
+        yy, xx = np.mgrid[:112, :112]
+        away = np.hypot(xx - cue["xy"][0], yy - cue["xy"][1]) > cue["radius"] + 6
+        assert (np.abs(first[away] - 110) < 20).all()  # frame 0: the cue on the bare background, no clutter
+        for o in objects:
+            assert all(xy == o["path"][0] for xy in o["path"])  # standing still
+            for t in range(1, FRAMES):
+                assert np.abs(pixel(raw, t, o["path"][t]) - toyworld.COLOURS[o["colour"]]).max() < 40
+        xy = np.array([o["path"][0] for o in objects])
+        assert min(np.linalg.norm(a - b) for i, a in enumerate(xy) for b in xy[i + 1 :]) > 2.5 * target["radius"]
+        for t in range(FRAMES):
+            mask = toyworld.ball_patches(scene, t, 14).reshape(8, 8)
+            x, y = target["path"][t]
+            bound = ((2 * (target["radius"] + 2)) // 14 + 2) ** 2 if t == 0 else 9  # frame 0: the outlined cue
+            assert mask[y // 14, x // 14] and mask.sum() <= bound
+        places.add(tuple(cue["xy"]))
+    assert len(places) == SETTINGS["train"]
+    assert "A white ball is shown at the" in toyworld.caption(scene)
+    load = toyrun_config("marked")
+    assert load.train.out_dir == "runs/toy_marked" and load.data.train[0].path == "data/toy_marked/ask/*.tar"
+
+
+def toyrun_config(task: str):
+    import toyrun
+    from config import load_config
+
+    return load_config(toyworld.DEFAULT_CONFIG, toyrun.placed(toyworld.DEFAULT_CONFIG, [], task=task))
+
+
 def test_a_cued_run_lives_beside_the_ball_world():
     import toyrun
     from config import load_config
