@@ -19,15 +19,12 @@ import copy
 import dataclasses
 import itertools
 import math
-import os
 import random
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -49,6 +46,7 @@ from config import Config, ConfigError, ModelConfig, load_config, save_config
 from frames import MediaError
 from losses import batch_loss
 from optim import build_optimizer
+from processes import Dist, init_dist, lost_peers
 from processors import exchange, meta_of, processor_for
 from readers import open_reader
 from runlog import RunLog
@@ -58,34 +56,6 @@ from vlm import VLM
 
 class NonFinite(UserError):
     """Too many steps in a row whose loss or gradient was NaN/inf."""
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Sum `values` over all processes."""
-        if self.world_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def init_dist(timeout: float) -> Dist:
-    """One process per device; torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else a single process. A collective
-    that waits `timeout` seconds for a process that has died fails instead of hanging."""
-    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
-    return Dist(int(os.environ.get("RANK", 0)), world_size, device)
 
 
 class Stream:
@@ -372,25 +342,6 @@ class Trainer:
             dist.barrier()
 
 
-@contextmanager
-def lost_peers(d: Dist, state: ckpt.TrainState) -> Iterator[None]:
-    """A collective that fails because another process died (a closed connection) or stalled (train.ddp_timeout)
-    becomes one clear error on the survivors instead of a backend traceback."""
-    try:
-        yield
-    except RuntimeError as e:
-        text = str(e)
-        if d.world_size == 1 or not (isinstance(e, dist.DistError) or any(w in text for w in _PEER_LOST)):
-            raise
-        raise UserError(
-            f"process {d.rank} lost the other processes at step {state.step + 1} ({text.splitlines()[0][:160]}): "
-            "one of them died or stalled, see its log; then continue with train.resume=auto"
-        ) from e
-
-
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Socket Timeout")
-
-
 def train(cfg: Config) -> Path:
     """Run (or continue) the configured training; returns the directory of the final model."""
     return train_together([cfg])[0]
@@ -433,7 +384,7 @@ def train_together(cfgs: list[Config]) -> list[Path]:
         )
         for i, (run, out) in enumerate(zip(runs, outs, strict=True))
     ]
-    with lost_peers(d, runs[0].state):
+    with lost_peers(d, lambda: min(run.state.step for run in runs)):
         try:  # the bars end their lines before any error is printed
             while any(run.state.step < run.max_steps for run in runs):
                 for run, log, bar in zip(runs, logs, bars, strict=True):
