@@ -302,13 +302,18 @@ def bench_train(
     return rows
 
 
+def backbone_params(model: VLM) -> list[Tensor]:
+    """The vision and LLM weights (LoRA's frozen bases too): what the toy recipe freezes with lr 0."""
+    return [p for n, p in model.named_parameters() if model.group_of(n) in ("vision", "llm", "frozen")]
+
+
 def bench_frozen(
     model: VLM, device: torch.device, repeats: int, frames: int = 4, batch: int = 4, text: int = 24, size: int = 112
 ) -> list[dict]:
     """A bf16 training step with both backbones frozen (lr 0: the toy recipe's setting, short clips and text),
     autocast casting every frozen weight at each call against casts.py's copies made once. The same numbers."""
     b = random_batch(model, device, frames, batch, text, size)
-    frozen = [p for n, p in model.named_parameters() if model.group_of(n) in ("vision", "llm", "frozen")]
+    frozen = backbone_params(model)
     for p in frozen:
         p.requires_grad_(False)
     rows, base = [], None
@@ -336,8 +341,8 @@ def bench_pair(
     glance = copy.deepcopy(model)
     glance.config = dataclasses.replace(glance.config, mode="coarse_only")
     for m in (model, glance):
-        for n, p in m.named_parameters():
-            p.requires_grad_(m.group_of(n) not in ("vision", "llm", "frozen"))
+        for p in backbone_params(m):
+            p.requires_grad_(False)
         m.train()
     shift = iter(range(1, 1 << 30))
 
@@ -354,7 +359,10 @@ def bench_pair(
         seconds = timed(pair, device, repeats)
         base = base or seconds
         rows.append(_row("pair", f"{model.kind} step + glance step, backbones frozen, {name}", seconds, base, "each"))
-    model.requires_grad_(True).eval()
+    for p in backbone_params(model):
+        p.requires_grad_(True)
+    model.encoder.memo = None  # the glance is gone: nothing is left to share
+    model.eval()
     return rows
 
 

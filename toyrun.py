@@ -33,14 +33,19 @@ from casts import use_bf16
 from cli import UserError
 from config import load_config
 from processors import processor_for
-from toyworld import DEFAULT_CONFIG, LOOK_CLIPS, TRAIN_CLIPS, ball_patches, ensure, held_out, look_share, sample
+from toyworld import (
+    DEFAULT_CONFIG,
+    LOOK_CLIPS,
+    TARGETS,
+    TRAIN_CLIPS,
+    ball_patches,
+    ensure,
+    held_out,
+    look_share,
+    sample,
+)
 
 EVAL_BATCH = 25  # held-out questions scored together: on a CPU a small LLM call costs about as much for many rows
-TARGETS = {  # what the look share measures, per task
-    "ball": "the ball",
-    "cued": "the cue, then the cued shape",
-    "marked": "the white ball, then the one in its place",
-}
 GLANCE = ["model.mode=coarse_only"]  # what makes the glance: the run config's model trained to read coarse_only
 
 
@@ -128,8 +133,8 @@ def run(
     bench = benchmark.load_benchmark("toy", held_out(cfg.data.train[0].path))
     lap("world")
     # the glance trains beside the foveated model, step for step on the same batches: one frozen DINOv2 pass each
-    glance_cfg = load_config(config, [*overrides, *GLANCE, f"train.out_dir={out / 'glance'}"])
-    final, *glance_final = train.train_together([cfg, glance_cfg] if glance else [cfg])
+    glance_cfg = [load_config(config, [*overrides, *GLANCE, f"train.out_dir={out / 'glance'}"])] if glance else []
+    final, *glance_final = train.train_together([cfg, *glance_cfg])
     lap("train")
     bf16 = use_bf16(cfg.train.bf16, torch.device("cpu"))  # read as trained (registry.load gives a CPU model)
     foveated = Answerer(registry.load(final), bf16=bf16)

@@ -64,8 +64,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {  # the ball's colours: the answers,
 SHAPES = ("circle", "square", "triangle", "diamond")  # of the grey clutter
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION = "What colour is the ball?"
-# the world's task: the ball's colour, the colour of the shape the first frame shows, of the ball where it shows one
-TASKS = ("ball", "cued", "marked")
 CUED_QUESTION = "What colour is the shape the first frame shows?"
 MARKED_QUESTION = "What colour is the ball where the first frame shows a white one?"
 SPLITS = {"train": 0, "eval": 1}  # independent random streams: no eval clip is a training clip
@@ -161,8 +159,15 @@ def make_marked_scene(rng: np.random.Generator, size: int = 112, frames: int = 4
     return scene
 
 
+# the world's tasks: the ball's colour, the colour of the shape the first frame shows, of the ball where it shows one
 SCENES = {"ball": make_scene, "cued": make_cued_scene, "marked": make_marked_scene}
+TASKS = tuple(SCENES)
 QUESTIONS = {"ball": QUESTION, "cued": CUED_QUESTION, "marked": MARKED_QUESTION}
+TARGETS = {  # what the look share measures (ball_patches), per task
+    "ball": "the ball",
+    "cued": "the cue, then the cued shape",
+    "marked": "the white ball, then the one in its place",
+}
 
 
 def _shape(draw: ImageDraw.ImageDraw, shape: str, xy: list[int], r: int, fill: tuple[int, ...]) -> None:
