@@ -39,10 +39,11 @@ import data
 import registry
 from casts import ConstantCasts
 from config import ModelConfig
+from decoding import token_nll
 from frames import FrameSpec
 from losses import batch_loss
 from processors import ChatProcessor
-from vlm import VLM, token_nll
+from vlm import VLM
 from weights import DINOV2_SMALL, LLM_HUB_ID, load_tokenizer
 
 # SmolLM2-135M's shape, for weight-free timing (DINOv2-small's comes from weights.py)

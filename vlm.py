@@ -10,10 +10,9 @@ evaluation, chat, the demo, the speed benchmark) use nothing else. The base owns
   template). Padded frames and padded text are masked out, and positions are the running count of real
   tokens, so a sample padded inside a batch sees exactly the keys and positions it would see alone; a
   text-only sample (T = 0) is valid;
-- `prefix` (the LLM state after frames + text, with its KV cache), the loss, greedy and beam-search
-  generation on the KV cache (a growing one, or for inference a preallocated static one: kvcache.StaticKV,
-  fixed shapes at every decode step, optionally torch.compile'd), option scoring on one shared prefix,
-  parameter groups by submodule name, activation checkpointing and the per-batch counts the log needs.
+- `prefix` (the LLM state after frames + text, with its KV cache), the loss, parameter groups by submodule
+  name, activation checkpointing and the per-batch counts the log needs; generation and option scoring
+  continue from the prefix (decoding.py, part of the base).
 
 A kind implements `prepare` (frames -> a `Visual` state: what its reads need, computed once per clip) and
 `visual_tokens` (state -> tokens). A kind with several ways to read (the foveated model's modes) names them
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from beam import beam_search
 from casts import stamp
+from decoding import Decoding
 from frames import FrameSpec
 from kvcache import StaticKV, StepCache, kv_layer
 from lora import add_lora, is_lora_param, merge_lora
@@ -69,15 +68,6 @@ class Prefix:
     framed: Tensor  # (R,) bool: the row's clip has at least one frame slot before text[cut]
     cut: int  # text position right after the frames: tokens before it are the head
     frame_hidden: Tensor | None = None  # (R, T*S, D) hidden states at the frame slots (parallel reads only)
-
-
-def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row summed negative log-likelihood of the labelled tokens, and their count: (R,), (R,).
-    Position j of `logits` (R, L, V) predicts token j+1 of `labels` (R, L)."""
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target.clamp(min=0), reduction="none")  # (R, L-1)
-    keep = target != IGNORE_INDEX
-    return (nll * keep).sum(1), keep.sum(1)
 
 
 def labelled_nll(
@@ -126,20 +116,7 @@ def positions(mask: Tensor, new: int) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
 
 
-CACHES = ("dynamic", "static")  # generate's KV caches: growing, or preallocated (kvcache.StaticKV)
-
-
-def _pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Right-padded ids (n, L) with pad 0 and their mask (n, L)."""
-    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, device=device)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
-class VLM(nn.Module):
+class VLM(Decoding, nn.Module):
     """The base: see the module docstring. Subclasses set `kind` and implement `prepare` / `visual_tokens`."""
 
     kind = ""
@@ -401,141 +378,6 @@ class VLM(nn.Module):
             out.nll, out.count = labelled_nll(self.lm_head, pre.hidden, labels, pre.last_visual, pre.framed, pre.cut)
             out.loss = out.nll.sum() / out.count.sum().clamp(min=1)
         return out
-
-    # ---- generation and scoring ---------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(
-        self,
-        visual: Visual,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        max_new_tokens: int = 64,
-        eos_token_id: int | list[int] | None = None,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        no_repeat_ngram_size: int = 0,
-        cache: str = "dynamic",
-        compile: bool = False,
-        **read: Any,
-    ) -> Tensor:
-        """Continuation of right-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), through the first
-        end id; greedy, or beam search with `num_beams` > 1 (beam.py: the beams share each prompt's prefix, its
-        KV cache repeated). Finished rows are filled with the first end id.
-
-        `cache` "static" preallocates the KV cache for prefix + max_new_tokens (the same tokens as "dynamic"), so
-        every decode step has fixed shapes; `compile` then runs that step through torch.compile (CUDA graphs on
-        a GPU; the first call compiles)."""
-        if cache not in CACHES:
-            raise ValueError(f"cache must be one of {CACHES}, not {cache!r}")
-        if compile and cache != "static":
-            raise ValueError("compile needs cache='static': only a static cache gives the decode step fixed shapes")
-        room = max_new_tokens if cache == "static" else None
-        pre = self.prefix(visual, input_ids, attention_mask, True, None, room, **read)
-        ends = self._ends(eos_token_id, input_ids.device)
-        last = attention_mask.long().sum(1) - 1  # last real prompt token of each row
-        hidden = pre.hidden[torch.arange(len(last)), last]  # (B, D)
-        if num_beams > 1:
-            return self._beams(pre, hidden, input_ids, attention_mask, ends.tolist(), num_beams, max_new_tokens,
-                               length_penalty, no_repeat_ngram_size, compile)  # fmt: skip
-        if no_repeat_ngram_size:
-            raise ValueError("no_repeat_ngram_size needs beam search here: set num_beams > 1")
-        mask, out = pre.mask, []
-        done = torch.zeros_like(last, dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            token = self.lm_head(hidden).argmax(-1)  # (B,)
-            token = torch.where(done, ends[0], token)
-            out.append(token)
-            done |= torch.isin(token, ends)
-            if done.all():
-                break
-            mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
-            hidden = self._llm(self.embed(token)[:, None], mask, pre.past, compile)[:, -1]
-        return torch.stack(out, dim=1) if out else input_ids.new_zeros(len(input_ids), 0)
-
-    def _beams(
-        self,
-        pre: Prefix,
-        hidden: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        ends: list[int],
-        k: int,
-        max_new_tokens: int,
-        length_penalty: float,
-        no_repeat_ngram_size: int,
-        compiled: bool = False,
-    ) -> Tensor:
-        pre.past.batch_repeat_interleave(k)  # a StaticKV's too: then reordered in place
-        mask = pre.mask.repeat_interleave(k, dim=0)  # (B*K, S)
-
-        def step(tokens: Tensor, beams: Tensor) -> Tensor:
-            nonlocal mask
-            pre.past.reorder_cache(beams)
-            mask = torch.cat([mask[beams], mask.new_ones(len(tokens), 1)], dim=1)
-            return self.lm_head(self._llm(self.embed(tokens)[:, None], mask, pre.past, compiled)[:, -1])
-
-        prompts = [row[: int(n)].tolist() for row, n in zip(input_ids, attention_mask.sum(1), strict=True)]
-        first = self.lm_head(hidden).repeat_interleave(k, dim=0)
-        return beam_search(first, step, prompts, k, max_new_tokens, ends, length_penalty, no_repeat_ngram_size)
-
-    def _ends(self, eos_token_id: int | list[int] | None, device: torch.device) -> Tensor:
-        if eos_token_id is None:
-            eos_token_id = getattr(self.llm.generation_config, "eos_token_id", None)
-        if eos_token_id is None and self.tokenizer is not None:
-            eos_token_id = self.tokenizer.eos_token_id
-        if eos_token_id is None:
-            raise ValueError("generate needs eos_token_id: neither the LLM nor its tokenizer names one")
-        return torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
-
-    def option_nll(
-        self,
-        visual: Visual,
-        prompt: list[int],
-        continuations: list[list[int]],
-        labels: list[list[int]],
-        mean: bool = True,
-        **read: Any,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """One question's `options_nll`: `visual` holds its one clip."""
-        return self.options_nll(visual, [prompt], [continuations], [labels], mean, **read)
-
-    @torch.inference_mode()
-    def options_nll(
-        self,
-        visual: Visual,
-        prompts: list[list[int]],
-        continuations: list[list[list[int]]],
-        labels: list[list[list[int]]],
-        mean: bool = True,
-        **read: Any,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Mean NLL (N,) of each continuation's labelled tokens after its question's prefix [frames, prompt], the
-        B questions' N continuations in order (with `mean=False`: their summed NLL and token counts, for a corpus
-        perplexity). `visual` holds the B clips, question b reading clip b.
-
-        The B prefixes run once, as one right-padded batch; the continuations run as one batch on their KV caches,
-        each row its question's, with positions counted over real tokens: what each would see alone.
-        """
-        device = next(self.parameters()).device
-        ids, prompt_mask = _pad(prompts, device)  # (B, Lp)
-        pre = self.prefix(visual, ids, prompt_mask, True, None, **read)
-        counts = torch.tensor([len(c) for c in continuations], device=device)
-        rows = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts)  # (N,) each one's question
-        pre.past.batch_select_indices(rows)
-        cont, cont_mask = _pad([c for cs in continuations for c in cs], device)  # (N, L)
-        target, _ = _pad([y for ys in labels for y in ys], device)
-        target = target.masked_fill(cont_mask == 0, IGNORE_INDEX)
-        mask = torch.cat([pre.mask[rows], cont_mask], dim=1)  # (N, S + L)
-        hidden = self._llm(self.embed(cont), mask, pre.past)  # (N, L, D)
-        # the answer's first token is predicted by the prompt's last token, or by the last frame slot where the
-        # prompt ends with the frames
-        end = prompt_mask.sum(1) - 1  # (B,)
-        last = pre.hidden[torch.arange(len(prompts), device=device), end]  # (B, D)
-        last = torch.where(((end + 1 == pre.cut) & pre.framed)[:, None], pre.last_visual.to(last.dtype), last)
-        logits = torch.cat([self.lm_head(last)[rows][:, None], self.lm_head(hidden)], dim=1)
-        nll, count = token_nll(logits, F.pad(target, (1, 0), value=IGNORE_INDEX))  # position 0 from the prefix
-        return nll / count.clamp(min=1) if mean else (nll, count)
 
     # ---- training support ---------------------------------------------------------------------
 

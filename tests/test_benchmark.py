@@ -15,6 +15,7 @@ import registry
 from answering import Answerer
 from benchmarks import Media, load_benchmark
 from config import MODES
+from decoding import token_nll
 from encoder import FoveatedEncoder
 from frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
 from model import FoveatedVLM
@@ -22,7 +23,6 @@ from smolvlm import SmolVLM
 from tests.conftest import jpeg, mp4
 from tests.tiny import IMAGE, tiny_connector_model, tiny_model, tiny_smolvlm
 from tokenization import chat_ids
-from vlm import token_nll
 
 OPTIONS = ["a red ball", "a green cube", "a blue cone", "nothing"]
 
