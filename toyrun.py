@@ -9,8 +9,8 @@ held-out split (likelihood protocol): the foveated model in every mode, the glan
 measures where each looked, apart from whether the answer was read: the share of the final read's attention
 on the ball over LOOK_CLIPS held-out clips (against a uniform look), and draws the attention of a few clips
 (each read's strip, and the reads of a clip one under another).
-Everything lands under train.out_dir: final/ (the foveated model), glance/final/, eval/, attention/, look.json
-and summary.json.
+Everything lands under train.out_dir: final/ (the foveated model), glance/final/, eval/, attention/ and
+summary.json (the accuracies, the look shares and the seconds of each part).
 """
 
 from __future__ import annotations
