@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import platform
 import statistics
@@ -345,7 +346,7 @@ def bench_pair(
         for p in backbone_params(m):
             p.requires_grad_(False)
         m.train()
-    shift = iter(range(1, 1 << 30))
+    shift = itertools.count(1)
 
     def pair() -> None:
         fresh = {**b, "frames": b["frames"] + 1e-3 * next(shift)}

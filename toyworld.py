@@ -146,7 +146,8 @@ def make_marked_scene(rng: np.random.Generator, size: int = 112, frames: int = 4
     colours, starts = rng.permutation(len(COLOURS)).tolist(), []
     while len(starts) < len(COLOURS):  # apart by more than a diameter: no ball covers another
         xy = rng.uniform(r + 1, size - r - 1, 2).round().astype(int)
-        starts = [*starts, xy] if all(np.linalg.norm(xy - o) > 2.5 * r for o in starts) else starts
+        if all(np.linalg.norm(xy - o) > 2.5 * r for o in starts):
+            starts.append(xy)
     objects = [
         {"shape": "circle", "colour": list(COLOURS)[c], "radius": r, "path": [xy.tolist()] * frames}
         for c, xy in zip(colours, starts, strict=True)
