@@ -32,6 +32,26 @@ def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return (nll * keep).sum(1), keep.sum(1)
 
 
+def shared_lead(continuations: list[list[int]], labels: list[list[int]]) -> int:
+    """How many leading tokens (and labels) all of a question's continuations share, leaving each at least one."""
+    pairs = [list(zip(c, y, strict=True)) for c, y in zip(continuations, labels, strict=True)]
+    n = 0
+    while n < min(map(len, pairs)) - 1 and all(p[n] == pairs[0][n] for p in pairs):
+        n += 1
+    return n
+
+
+def _labelled(model: Any, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row summed NLL and count (R,), (R,) of the labelled `target` (R, L), token i predicted from
+    `hidden` (R, L, D) at i, through the LM head at the labelled positions only."""
+    keep = target != IGNORE_INDEX
+    nll = hidden.new_zeros(len(hidden), dtype=torch.float32)
+    if keep.any():
+        loss = F.cross_entropy(model.lm_head(hidden[keep]).float(), target[keep], reduction="none")
+        nll = nll.index_add(0, keep.nonzero()[:, 0], loss)
+    return nll, keep.sum(1)
+
+
 CACHES = ("dynamic", "static")  # generate's KV caches: growing, or preallocated (kvcache.StaticKV)
 
 
@@ -158,25 +178,45 @@ class Decoding:
         B questions' N continuations in order (with `mean=False`: their summed NLL and token counts, for a corpus
         perplexity). `visual` holds the B clips, question b reading clip b.
 
-        The B prefixes run once, as one right-padded batch; the continuations run as one batch on their KV caches,
-        each row its question's, with positions counted over real tokens: what each would see alone.
+        The B prefixes run once, as one right-padded batch, each extended by the leading tokens all its
+        continuations share ("The ball is" of "The ball is red." / "... blue."), which then run once rather than
+        once per option; the rest of the continuations run as one batch on their KV caches, each row its
+        question's, with positions counted over real tokens: what each would see alone. The LM head runs only
+        where a label asks.
         """
         device = next(self.parameters()).device
-        ids, prompt_mask = _pad(prompts, device)  # (B, Lp)
+        b = len(prompts)
+        shared = [shared_lead(cs, ys) for cs, ys in zip(continuations, labels, strict=True)]  # leading tokens
+        ids, prompt_mask = _pad(
+            [p + cs[0][:k] for p, cs, k in zip(prompts, continuations, shared, strict=True)], device
+        )
         pre = self.prefix(visual, ids, prompt_mask, True, None, **read)
-        counts = torch.tensor([len(c) for c in continuations], device=device)
-        rows = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts)  # (N,) each one's question
-        pre.past.batch_select_indices(rows)
-        cont, cont_mask = _pad([c for cs in continuations for c in cs], device)  # (N, L)
-        target, _ = _pad([y for ys in labels for y in ys], device)
-        target = target.masked_fill(cont_mask == 0, IGNORE_INDEX)
-        mask = torch.cat([pre.mask[rows], cont_mask], dim=1)  # (N, S + L)
-        hidden = self._llm(self.embed(cont), mask, pre.past)  # (N, L, D)
-        # the answer's first token is predicted by the prompt's last token, or by the last frame slot where the
-        # prompt ends with the frames
-        end = prompt_mask.sum(1) - 1  # (B,)
-        last = pre.hidden[torch.arange(len(prompts), device=device), end]  # (B, D)
-        last = torch.where(((end + 1 == pre.cut) & pre.framed)[:, None], pre.last_visual.to(last.dtype), last)
-        logits = torch.cat([self.lm_head(last)[rows][:, None], self.lm_head(hidden)], dim=1)
-        nll, count = token_nll(logits, F.pad(target, (1, 0), value=IGNORE_INDEX))  # position 0 from the prefix
+        # prompt position j predicts token j+1; the continuation's first token is predicted by the prompt's last
+        # position, or by the last frame slot where the prompt ends with the frames
+        start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # (B,)
+        bridge = (start + 1 == pre.cut) & pre.framed
+        ahead = pre.hidden.clone()  # (B, Lp, D): what each extended prompt's positions predict from
+        ahead[bridge, start[bridge]] = pre.last_visual[bridge].to(ahead.dtype)
+        # the shared tokens, once per question
+        common, common_mask = _pad([ys[0][:k] for ys, k in zip(labels, shared, strict=True)], device)  # (B, K)
+        common = common.masked_fill(common_mask == 0, IGNORE_INDEX)
+        at = (start[:, None] + torch.arange(common.shape[1], device=device)).clamp(max=ahead.shape[1] - 1)  # (B, K)
+        common_nll, common_count = _labelled(self, ahead[torch.arange(b, device=device)[:, None], at], common)
+        # the rest of each continuation: its first token from the extended prompt's last position, the others
+        # from the continuation's own hidden states, run only up to the last token a label asks for
+        rows = torch.repeat_interleave(
+            torch.arange(b, device=device), torch.tensor([len(c) for c in continuations], device=device)
+        )  # (N,)
+        rest, rest_mask = _pad([c[k:] for cs, k in zip(continuations, shared, strict=True) for c in cs], device)
+        target, _ = _pad([y[k:] for ys, k in zip(labels, shared, strict=True) for y in ys], device)
+        target = target.masked_fill(rest_mask == 0, IGNORE_INDEX)  # (N, L): token i predicted from slot i
+        asked = (target != IGNORE_INDEX).any(0).nonzero()
+        run = int(asked[-1]) if len(asked) else 0  # the tokens whose outputs predict a labelled one
+        slots = ahead[rows, prompt_mask.sum(1)[rows] - 1][:, None]  # (N, 1, D)
+        if run:
+            pre.past.batch_select_indices(rows)
+            mask = torch.cat([pre.mask[rows], rest_mask[:, :run]], dim=1)  # (N, S + run)
+            slots = torch.cat([slots, self._llm(self.embed(rest[:, :run]), mask, pre.past).to(slots.dtype)], dim=1)
+        nll, count = _labelled(self, slots, target[:, : run + 1])  # (N,), (N,)
+        nll, count = nll + common_nll[rows], count + common_count[rows]
         return nll / count.clamp(min=1) if mean else (nll, count)

@@ -15,7 +15,7 @@ import registry
 from answering import Answerer
 from benchmarks import Media, load_benchmark
 from config import MODES
-from decoding import token_nll
+from decoding import shared_lead, token_nll
 from encoder import FoveatedEncoder
 from frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
 from model import FoveatedVLM
@@ -160,12 +160,21 @@ def test_resume_ignores_a_line_cut_short(fvlm_dir, mvbench, tmp_path):
     assert summary["answered_now"] == 1 and summary["overall"]["n"] == 3
 
 
+LETTERED = ["A. a red ball", "B. a green cube", "C. a cone", "D. nothing at all, really"]
+# the plain wording's options share their first tokens ("The ball is"), which run once
+PLAIN = ["The ball is red.", "The ball is green.", "The ball is light blue.", "The ball is yellow."]
+
+
+@pytest.mark.parametrize("answers", [LETTERED, PLAIN], ids=["lettered", "plain"])
 @pytest.mark.parametrize("mode", MODES)
-def test_shared_prefix_scores_equal_full_sequences(fvlm, mode):
+def test_shared_prefix_scores_equal_full_sequences(fvlm, mode, answers):
+    """The options scored on the prompt's KV cache (the tokens they share run once) equal each option's whole
+    sequence through forward."""
     answerer = Answerer(fvlm, max_frames=4, size=IMAGE)
     media = Media("video", [mp4(8, 32)])
     prompt = "Which object is it?\nA. a red ball\nB. a green cube\nC. a cone\nD. nothing at all, really"
-    answers = ["A. a red ball", "B. a green cube", "C. a cone", "D. nothing at all, really"]
+    continuations, labels = answerer.processor.answers(prompt, answers)
+    assert shared_lead(continuations, labels) == (3 if answers is PLAIN else 0)
     shared = torch.tensor(answerer.score(answerer.prepare(media), prompt, answers, mode))
     frames = media.frames(answerer.frames)[None]
     fm = torch.ones(1, len(frames[0]), dtype=torch.bool)
@@ -381,6 +390,7 @@ BATCH_QUESTIONS = [  # (media, question, answers): clips of different lengths, a
     (Media("none"), "Is the sky green, would you say, on an ordinary day?", ["yes", "no"]),
     (Media("video", [mp4(3, 32)]), "What colour?", ["red", "a very dark shade of blue", "green"]),
     (Media("image", [jpeg((200, 30, 30))]), "Name it.", ["A. red", "B. blue"]),
+    (Media("video", [mp4(5, 32)]), "What colour is it?", ["It is red.", "It is blue.", "It is a dark green."]),
 ]
 
 
