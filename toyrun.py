@@ -138,10 +138,12 @@ def run(
     lap("train")
     bf16 = use_bf16(cfg.train.bf16, torch.device("cpu"))  # read as trained (registry.load gives a CPU model)
     foveated = Answerer(registry.load(final), bf16=bf16)
+    if glance:  # the glance reads each batch of clips through the foveated model's frozen DINOv2 pass of it
+        glance_answerer = Answerer(registry.load(glance_final[0]), bf16=bf16)
+        foveated.model.share_frozen(glance_answerer.model, -(-len(bench.questions) // EVAL_BATCH))
     results = {"foveated": evaluate(foveated, bench, ["coarse_only", "coarse_fine", "autoregressive"], out / "eval")}
     lap("evaluate")
     if glance:
-        glance_answerer = Answerer(registry.load(glance_final[0]), bf16=bf16)
         results["glance"] = evaluate(glance_answerer, bench, ["coarse_only"], out / "glance" / "eval")
         lap("glance_evaluate")
     shares = looks(foveated, bench.questions, {"static": "coarse_only", "loop": "autoregressive"}, out,
