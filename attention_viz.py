@@ -134,9 +134,7 @@ def read_attention(model, frames: Tensor, input_ids: Tensor, read: str = "autore
 
 
 @torch.no_grad()
-def read_attentions(
-    model, clips: list[Tensor], input_ids: Tensor, read: str = "autoregressive"
-) -> list[Tensor | None]:
+def read_attentions(model, clips: list[Tensor], input_ids: Tensor, read: str = "autoregressive") -> list[Tensor | None]:
     """`read_attention` of several clips (T_i, 3, H, W) after the same prompt, read as one padded batch: each clip's
     (T_i, k, 1+P), what it gives alone."""
     device = next(model.parameters()).device
@@ -145,7 +143,8 @@ def read_attentions(
     frame_mask = torch.arange(frames.shape[1], device=device) < lengths[:, None]  # (B, T)
     ids = input_ids.to(device).expand(len(clips), -1)  # (B, L)
     visual = model.prepare(frames, frame_mask)
-    attention = model.prefix(visual, ids, torch.ones_like(ids), **model.reads[read]).attention
+    read_kw = model.reads[read]  # on a KV cache where the read advances on one: the loop's steps not rerun
+    attention = model.prefix(visual, ids, torch.ones_like(ids), model.uses_cache(**read_kw), **read_kw).attention
     if attention is None:
         return [None] * len(clips)
     return [a[:n].cpu() for a, n in zip(attention, lengths.tolist(), strict=True)]
