@@ -31,8 +31,12 @@ def message(e: BaseException) -> str:
     """The one line for an expected failure."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"no space left on the device while writing {e.filename or 'a file'}: free some space and run again"
-    if isinstance(e, OSError) and e.filename and e.strerror and type(e) in (FileNotFoundError, NotADirectoryError,
-                                                                          IsADirectoryError, PermissionError):
+    if (
+        isinstance(e, OSError)
+        and e.filename
+        and e.strerror
+        and type(e) in (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    ):
         return f"{e.filename}: {e.strerror}"  # the bare OS error, not a message of ours that names the file
     return " ".join(str(e).split())  # one line
 

@@ -82,4 +82,3 @@ class ConnectorVLM(VLM):
         """A randomly initialised model of the saved shapes (checkpoint.py loads the weights into it)."""
         llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**backbones["llm"]))
         return cls(config, tower_from_config(backbones["tower"]), llm, tokenizer, frames)
-

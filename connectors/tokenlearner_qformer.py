@@ -36,9 +36,7 @@ class TokenLearner(nn.Module):
             convs = [nn.Conv2d(dim if i == 0 else num_tokens, num_tokens, 3, padding=1, bias=False) for i in range(4)]
             self.score = nn.Sequential(convs[0], nn.GELU(), convs[1], nn.GELU(), convs[2], nn.GELU(), convs[3])
 
-    def forward(
-        self, x: torch.Tensor, return_maps: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, return_maps: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (N, P, dim) → tokens (N, T, dim) [, maps (N, T, P)]."""
         n, p, d = x.shape
         h = self.norm(x)  # (N, P, dim)

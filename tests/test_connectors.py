@@ -58,16 +58,27 @@ def test_grouped_kv_attention_matches_repeated_heads():
 
 
 def test_qformer_grouped_kv_runs():
-    qf = LlamaQFormer(num_queries=3, dim=24, context_dim=10, out_dim=12, num_heads=6, num_kv_heads=3,
-                      intermediate_size=32)
+    qf = LlamaQFormer(
+        num_queries=3, dim=24, context_dim=10, out_dim=12, num_heads=6, num_kv_heads=3, intermediate_size=32
+    )
     assert qf(torch.randn(2, 7, 10)).shape == (2, 3, 12)
 
 
 @pytest.mark.parametrize("version", ["1", "1.1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_connector_shape_and_dtype(version, dtype):
-    cfg = TokenLearnerQFormerConfig(vision_hidden=20, text_hidden=12, num_queries=6, num_tokens=8, version=version,
-                                    bottleneck=8, hidden_size=16, num_heads=4, num_kv_heads=2, intermediate_size=32)
+    cfg = TokenLearnerQFormerConfig(
+        vision_hidden=20,
+        text_hidden=12,
+        num_queries=6,
+        num_tokens=8,
+        version=version,
+        bottleneck=8,
+        hidden_size=16,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=32,
+    )
     connector = TokenLearnerQFormer(cfg).to(dtype)
     out = connector(torch.randn(3, 64, 20, dtype=dtype))
     assert out.shape == (3, 6, 12) and out.dtype == dtype
@@ -81,8 +92,17 @@ LLM = 12
 
 
 def _qformer_config(**overrides) -> TokenLearnerQFormerConfig:
-    sizes = dict(vision_hidden=DIM, text_hidden=LLM, num_queries=6, num_tokens=8, bottleneck=8, hidden_size=16,
-                 num_heads=4, num_kv_heads=2, intermediate_size=32)
+    sizes = dict(
+        vision_hidden=DIM,
+        text_hidden=LLM,
+        num_queries=6,
+        num_tokens=8,
+        bottleneck=8,
+        hidden_size=16,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=32,
+    )
     return TokenLearnerQFormerConfig(**{**sizes, **overrides})
 
 
@@ -97,8 +117,12 @@ def _build(name: str) -> torch.nn.Module:
 
 
 def test_registry_names_each_connector_and_the_config_moves_with_its_module():
-    assert CONNECTORS == {"pixel_shuffle": PixelShuffle, "mlp": MLPProjector, "cls_gate": ClsGate,
-                          "tokenlearner_qformer": TokenLearnerQFormer}
+    assert CONNECTORS == {
+        "pixel_shuffle": PixelShuffle,
+        "mlp": MLPProjector,
+        "cls_gate": ClsGate,
+        "tokenlearner_qformer": TokenLearnerQFormer,
+    }
     assert tlqf_module.TokenLearnerQFormerConfig is TokenLearnerQFormerConfig
     assert tlqf_module.TokenLearnerQFormer is TokenLearnerQFormer
 
@@ -106,9 +130,11 @@ def test_registry_names_each_connector_and_the_config_moves_with_its_module():
 @pytest.mark.parametrize(("scale", "grid"), [(2, 4), (2, 6), (3, 6), (3, 9), (4, 8), (4, 32)])
 def test_pixel_shuffle_equals_idefics3_connector(scale, grid):
     dv, d = 8, 12
-    config = Idefics3Config(vision_config={"hidden_size": dv, "num_attention_heads": 2},
-                            text_config={"model_type": "llama", "hidden_size": d, "num_attention_heads": 2},
-                            scale_factor=scale)
+    config = Idefics3Config(
+        vision_config={"hidden_size": dv, "num_attention_heads": 2},
+        text_config={"model_type": "llama", "hidden_size": d, "num_attention_heads": 2},
+        scale_factor=scale,
+    )
     theirs = Idefics3Connector(config)
     ours = PixelShuffle(dv, d, scale)
     ours.proj.weight.data.copy_(theirs.modality_projection.proj.weight)  # (d, dv·r²): same feature layout

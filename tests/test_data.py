@@ -307,8 +307,10 @@ def test_numbered_frames_are_sampled_at_data_fps_when_the_sample_states_its_rate
     plain = {"__key__": "plain", "json": {"user": "q", "assistant": "a"}, **frames}
     write_shard(tmp_path / "f.tar", [timed, plain])
     by = by_key(run(config(str(tmp_path / "f.tar"), batch_size=1, fps=1.0, max_frames=8), tokenizer))
-    reds = [round(float(by["timed"][0]["frames"][0, t, 0].mean() * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255 / 20)
-            for t in range(3)]
+    reds = [
+        round(float(by["timed"][0]["frames"][0, t, 0].mean() * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255 / 20)
+        for t in range(3)
+    ]
     assert int(by["timed"][0]["frame_mask"].sum()) == 3 and reds == [2, 6, 10]  # centres of three 4-frame seconds
     assert int(by["plain"][0]["frame_mask"].sum()) == 8
 
