@@ -137,9 +137,9 @@ def run(
     final, *glance_final = train.train_together([cfg, *glance_cfg])
     lap("train")
     bf16 = use_bf16(cfg.train.bf16, torch.device("cpu"))  # read as trained (registry.load gives a CPU model)
-    foveated = Answerer(registry.load(final), bf16=bf16)
-    if glance:  # the glance reads each batch of clips through the foveated model's frozen DINOv2 pass of it
-        glance_answerer = Answerer(registry.load(glance_final[0]), bf16=bf16)
+    foveated = Answerer(registry.load(final).requires_grad_(False), bf16=bf16)  # read only
+    if glance:  # where both kept DINOv2 frozen, the glance reads each batch through the foveated model's pass of it
+        glance_answerer = Answerer(registry.load(glance_final[0]).requires_grad_(False), bf16=bf16)
         foveated.model.share_frozen(glance_answerer.model, -(-len(bench.questions) // EVAL_BATCH))
     results = {"foveated": evaluate(foveated, bench, ["coarse_only", "coarse_fine", "autoregressive"], out / "eval")}
     lap("evaluate")

@@ -198,12 +198,16 @@ def test_the_plain_wording_is_evaluated_as_whole_replies(world):
         assert q.options["ABCD".index(q.answer)] == v["assistant"]
 
 
-def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys):
+def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys, monkeypatch):
     """toyrun.run with a tiny model: the world, a few steps of the foveated model and of the glance, evaluation
     in every mode, where each looked, the pictures and the summary."""
     import yaml
 
+    import benchmark
+    import registry
     import toyrun
+    from answering import Answerer
+    from encoder import PatchMemo
     from tests.tiny import IMAGE, tiny_model
 
     start = tmp_path / "start"
@@ -216,6 +220,14 @@ def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys
         "train": {"init_from": str(start), "max_steps": 3, "save_every": 3, "out_dir": str(tmp_path / "run")},
     }  # fmt: skip
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
+    hits, get = [], PatchMemo.get  # reuses of an evaluation batch's DINOv2 pass: the glance's of the foveated's
+
+    def counted(memo: PatchMemo, encoder, frames):
+        found = get(memo, encoder, frames)
+        hits.extend([1] if found is not None and len(frames) >= toyrun.EVAL_BATCH else [])  # not a sample's
+        return found
+
+    monkeypatch.setattr(PatchMemo, "get", counted)
     summary = toyrun.run(tmp_path / "toy.yaml", clips=8, pictures=1)
     assert set(summary["accuracy"]) == {"foveated", "glance"} and summary["questions"] == toyworld.EVAL_CLIPS
     assert summary["trained"] == "coarse_fine" and "foveated, trained coarse_fine:" in capsys.readouterr().out
@@ -227,6 +239,17 @@ def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys
     assert (run / "final" / "config.json").is_file() and (run / "glance" / "final" / "config.json").is_file()
     pictures = sorted(p.name for p in (run / "attention").glob("*.png"))
     assert pictures == ["eval0000000.png", "eval0000000_glance.png", "eval0000000_loop.png", "eval0000000_static.png"]
+    # the glance's evaluation read each batch through the foveated model's DINOv2 pass: as it reads alone
+    bench = benchmark.load_benchmark("toy", toyworld.held_out(str(root / "ask" / "*.tar")))
+    alone = Answerer(registry.load(run / "glance" / "final"))
+    benchmark.evaluate(alone, bench, "likelihood", ["coarse_only"], tmp_path / "alone", toyrun.EVAL_BATCH)
+    shared, own = (
+        [json.loads(line)["modes"]["coarse_only"]["losses"] for line in (d / "toy_likelihood.jsonl").open()]
+        for d in (run / "glance" / "eval", tmp_path / "alone")
+    )
+    assert len(own) == toyworld.EVAL_CLIPS and shared == own
+    # every batch of the glance's evaluation, and the looks' second and third reads of their clips
+    assert len(hits) == -(-toyworld.EVAL_CLIPS // toyrun.EVAL_BATCH) + 2
 
 
 def test_another_seed_runs_in_its_own_world_and_out_dir():
