@@ -5,7 +5,8 @@ with a prefix once the frames and the prompt have been read. It uses only the ba
 (the LLM state after [frames, text], with its KV cache), `_llm` (one LLM call on that cache), `embed` and
 `lm_head`. Greedy and beam-search generation (beam.py) run on a growing KV cache or, for inference, on a
 preallocated static one (kvcache.StaticKV: fixed shapes at every decode step, optionally torch.compile'd);
-option scoring runs every question's prefix once and all its continuations as one batch on their caches.
+option scoring runs every question's prefix once, with the tokens all its options begin with, and the rest of
+all its continuations as one batch on their caches.
 """
 
 from __future__ import annotations
