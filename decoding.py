@@ -42,13 +42,13 @@ def shared_lead(continuations: list[list[int]], labels: list[list[int]]) -> int:
     return n
 
 
-def _labelled(model: Any, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def head_nll(head: Any, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row summed NLL and count (R,), (R,) of the labelled `target` (R, L), token i predicted from
-    `hidden` (R, L, D) at i, through the LM head at the labelled positions only."""
+    `hidden` (R, L, D) at i, through `head` (the LM head) at the labelled positions only."""
     keep = target != IGNORE_INDEX
     nll = hidden.new_zeros(len(hidden), dtype=torch.float32)
     if keep.any():
-        loss = F.cross_entropy(model.lm_head(hidden[keep]).float(), target[keep], reduction="none")
+        loss = F.cross_entropy(head(hidden[keep]).float(), target[keep], reduction="none")
         nll = nll.index_add(0, keep.nonzero()[:, 0], loss)
     return nll, keep.sum(1)
 
@@ -202,7 +202,7 @@ class Decoding:
         common, common_mask = _pad([ys[0][:k] for ys, k in zip(labels, shared, strict=True)], device)  # (B, K)
         common = common.masked_fill(common_mask == 0, IGNORE_INDEX)
         at = (start[:, None] + torch.arange(common.shape[1], device=device)).clamp(max=ahead.shape[1] - 1)  # (B, K)
-        common_nll, common_count = _labelled(self, ahead[torch.arange(b, device=device)[:, None], at], common)
+        common_nll, common_count = head_nll(self.lm_head, ahead[torch.arange(b, device=device)[:, None], at], common)
         # the rest of each continuation: its first token from the extended prompt's last position, the others
         # from the continuation's own hidden states, run only up to the last token a label asks for
         rows = torch.repeat_interleave(
@@ -218,6 +218,6 @@ class Decoding:
             pre.past.batch_select_indices(rows)
             mask = torch.cat([pre.mask[rows], rest_mask[:, :run]], dim=1)  # (N, S + run)
             slots = torch.cat([slots, self._llm(self.embed(rest[:, :run]), mask, pre.past).to(slots.dtype)], dim=1)
-        nll, count = _labelled(self, slots, target[:, : run + 1])  # (N,), (N,)
+        nll, count = head_nll(self.lm_head, slots, target[:, : run + 1])  # (N,), (N,)
         nll, count = nll + common_nll[rows], count + common_count[rows]
         return nll / count.clamp(min=1) if mean else (nll, count)

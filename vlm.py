@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from casts import stamp
-from decoding import Decoding
+from decoding import Decoding, head_nll
 from frames import FrameSpec
 from kvcache import StaticKV, StepCache, kv_layer
 from lora import add_lora, is_lora_param, merge_lora
@@ -84,12 +84,7 @@ def labelled_nll(
     if bridge is not None and 1 <= cut < labels.shape[1]:
         target = target.clone()
         target[framed, cut - 1] = IGNORE_INDEX
-    keep = target != IGNORE_INDEX
-    nll = hidden.new_zeros(len(hidden), dtype=torch.float32)
-    if keep.any():
-        logits = head(hidden[:, :-1][keep])  # (K, V)
-        nll = nll.index_add(0, keep.nonzero()[:, 0], F.cross_entropy(logits.float(), target[keep], reduction="none"))
-    count = keep.sum(1)
+    nll, count = head_nll(head, hidden[:, :-1], target)
     if bridge is not None and cut < labels.shape[1]:
         first = labels[:, cut]
         ok = framed & (first != IGNORE_INDEX)
