@@ -33,12 +33,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import cli
-from answering import Answerer, Prepared
-from attention_viz import entropy, overlay, patch_maps
-from benchmarks import Media
-from conversation import Conversation
-from frames import IMAGE_EXTS, FrameSpec, MediaError, letterboxed, probe_video
-from vlm import VLM
+import registry
+from config import FoveatedConfig
+from evals.answering import Answerer, Prepared
+from evals.attention_viz import entropy, overlay, patch_maps
+from evals.conversation import Conversation
+from inputs.frames import IMAGE_EXTS, FrameSpec, Media, MediaError, letterboxed, probe_video
+from layouts import toy
+from vlm.base import VLM
 
 MAX_BYTES = 64 * 2**20  # an upload's size
 MAX_PIXELS = 4096 * 4096  # an image's, or a video frame's, width x height
@@ -294,14 +296,10 @@ def respond(
 def load_model(path: str | Path | None) -> tuple[VLM, str]:
     """The model to serve, and a line about it for the page: `path`, else the toy run's checkpoint when there is
     one, else the foveated model on the packaged backbones with an untrained connector."""
-    import registry
-
     if path is not None:
         return registry.load(path), f"Model: `{path}`."
     if DEFAULT_MODEL.is_dir():
         return registry.load(DEFAULT_MODEL), f"Model: the toy run's checkpoint, `{DEFAULT_MODEL.relative_to(ROOT)}`."
-    from config import FoveatedConfig
-
     model = registry.new_model(FoveatedConfig(dino="packaged", llm="packaged"))
     note = (
         "Model: the foveated model on the packaged DINOv2-small and SmolLM2-135M. **Its connector is untrained**: "
@@ -329,17 +327,15 @@ def write_examples(
 ) -> list[tuple[Path, str]]:
     """Toy-world media made here (nothing downloaded): held-out clips `clips` as mp4 and clip `still`'s first frame as
     jpg, each labelled with its ball's colour (three different ones), so a trained toy model can be checked by eye."""
-    import toyworld
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for n, index in enumerate(clips):
-        s = toyworld.sample(0, "eval", index, size, frames)
+        s = toy.sample(0, "eval", index, size, frames)
         path = folder / f"toy_clip_{n + 1}.mp4"
         _write_mp4(s["frames"], path, fps=4)
         out.append((path, f"toy clip {n + 1} ({s['options'][s['answer']]} ball)"))
-    s = toyworld.sample(0, "eval", still, size, 1)
+    s = toy.sample(0, "eval", still, size, 1)
     path = folder / "toy_frame.jpg"
     s["frames"][0].save(path, quality=92)
     out.append((path, f"toy frame ({s['options'][s['answer']]} ball)"))

@@ -21,10 +21,7 @@ import copy
 import dataclasses
 import itertools
 import json
-import platform
-import statistics
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -38,14 +35,14 @@ from transformers import Dinov2Config, LlamaConfig
 import cli
 import data
 import registry
-from casts import ConstantCasts
 from config import ModelConfig
-from decoding import token_nll
-from frames import FrameSpec
-from losses import batch_loss
-from processors import ChatProcessor
-from vlm import VLM
-from weights import DINOV2_SMALL, LLM_HUB_ID, load_tokenizer
+from evals.timing import device_name, timed
+from inputs.frames import FrameSpec
+from inputs.processors import ChatProcessor
+from vlm.base import VLM
+from vlm.casts import ConstantCasts
+from vlm.loss import batch_loss, token_nll
+from vlm.weights import DINOV2_SMALL, LLM_HUB_ID, load_tokenizer
 
 # SmolLM2-135M's shape, for weight-free timing (DINOv2-small's comes from weights.py)
 SMOLLM2_135M = dict(
@@ -60,32 +57,6 @@ SMOLLM2_135M = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
 )
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads"
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of `fn` over `repeats` runs after `warmup` untimed ones."""
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build_model(kind: str = "foveated", backbones: str = "random") -> VLM:

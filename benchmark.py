@@ -37,10 +37,12 @@ from tqdm import tqdm
 
 import cli
 import registry
-from answering import Answerer
-from benchmarks import LETTERS, NAMES, PROMPT_VARIANTS, Benchmark, DatasetMissing, Question, load_benchmark
-from frames import MediaError
-from metrics import LMMS_EVAL_VERSION, mvbench_summary, normalize_answer, vqa_accuracy
+from evals import captioning
+from evals.answering import Answerer
+from evals.metrics import LMMS_EVAL_VERSION, mvbench_summary, normalize_answer, vqa_accuracy
+from evals.results import read_predictions
+from inputs.frames import MediaError
+from layouts.eval_sets import LETTERS, NAMES, PROMPT_VARIANTS, Benchmark, DatasetMissing, Question, load_benchmark
 
 PROTOCOLS = ("likelihood", "generate")
 MAX_NEW_TOKENS = 16  # lmms-eval's setting for these benchmarks
@@ -98,19 +100,6 @@ def reply_score(bench: Benchmark, q: Question, reply: str) -> dict:
         said = normalize_answer(reply)
         pred = next((x for x, o in zip(letters, q.options, strict=True) if normalize_answer(o) == said), "")
     return {"pred": pred, "score": float(pred == q.answer)}
-
-
-def read_predictions(path: Path) -> dict[str, dict]:
-    """Records by id, the last one winning; a line cut short by a crash is ignored."""
-    records: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records[record["id"]] = record
-    return records
 
 
 def summarize(records: list[dict], modes: list[str]) -> dict:
@@ -229,8 +218,6 @@ def main(argv: list[str] | None = None) -> dict:
     c.add_argument("--max-new-tokens", type=int, default=30, help="caption length limit (default 30)")
     args = p.parse_args(argv)
     if args.bench == "captions":
-        import captioning  # it imports this module, so not at the top
-
         return captioning.main(args, p)
     protocol = args.protocol or ("generate" if args.bench == "textvqa" else "likelihood")
     if args.bench == "textvqa" and protocol != "generate":

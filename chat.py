@@ -17,9 +17,10 @@ import torch
 
 import cli
 import registry
-from answering import Answerer, media_at
 from config import FoveatedConfig
-from vlm import VLM
+from evals.answering import Answerer
+from inputs.frames import Media
+from vlm.base import VLM
 
 
 def ask(
@@ -37,7 +38,7 @@ def ask(
     read = read or list(answerer.reads)[-1]
     if read not in answerer.reads:
         raise ValueError(f"this model reads in {list(answerer.reads)}, not {read!r}")
-    return answerer.generate(answerer.prepare(media_at(media)), question, read, max_new_tokens)
+    return answerer.generate(answerer.prepare(Media.at(media)), question, read, max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,16 +15,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from config import ConfigError
-from frames import MediaError
-
 
 class UserError(Exception):
-    """A failure the user can mend, with a message that says how (a damaged checkpoint, an occupied output)."""
+    """A failure the user can mend, with a message that says how (a damaged checkpoint, an occupied output, a config
+    key that does not exist, media that do not decode: config.ConfigError and frames.MediaError are ones too)."""
 
 
-EXPECTED: tuple[type[BaseException], ...] = (ConfigError, MediaError, UserError, FileNotFoundError,
-                                             NotADirectoryError, IsADirectoryError, PermissionError)  # fmt: skip
+EXPECTED: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                             PermissionError)  # fmt: skip
 
 
 def message(e: BaseException) -> str:

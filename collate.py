@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from tokenization import IGNORE_INDEX
+from inputs.tokenization import IGNORE_INDEX
 
 Item = TypeVar("Item")
 

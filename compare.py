@@ -29,14 +29,14 @@ import yaml
 import benchmark
 import cli
 import registry
-import toyworld
 import train
-from answering import Answerer
-from bench import device_name, timed
 from config import load_config
-from optim import build_optimizer
-from processors import processor_for
-from vlm import VLM
+from evals.answering import Answerer
+from evals.timing import device_name, timed
+from inputs.processors import processor_for
+from layouts import toy
+from training.optim import build_optimizer
+from vlm.base import VLM
 
 REPO = Path(__file__).resolve().parent
 KINDS = ("foveated", "pixel_shuffle", "mlp", "cls_gate", "tokenlearner_qformer")
@@ -105,10 +105,10 @@ def compare(base: Path, kinds: list[str], out: Path, overrides: list[str], eval_
         start = time.perf_counter()
         if eval_root is None:  # the toy world, written on first use as the toy run does
             world = Path(cfg.data.train[0].path).parent.parent
-            toyworld.ensure(world, seed=cfg.train.seed, size=cfg.data.frame_size, frames=cfg.data.max_frames)
+            toy.ensure(world, seed=cfg.train.seed, size=cfg.data.frame_size, frames=cfg.data.max_frames)
         final = train.train(cfg)
         model = registry.load(final)
-        held = toyworld.held_out(cfg.data.train[0].path) if eval_root is None else eval_root
+        held = toy.held_out(cfg.data.train[0].path) if eval_root is None else eval_root
         bench = benchmark.load_benchmark("toy" if eval_root is None else "shards", held)
         summary = benchmark.evaluate(Answerer(model), bench, "likelihood", list(model.reads), out / kind)
         rows.append(

@@ -20,13 +20,15 @@ from typing import Any, ClassVar
 
 import yaml
 
+from cli import UserError
+
 LLM_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DINO_HUB_ID = "facebook/dinov2-small"
 MODES = ("coarse_only", "coarse_fine", "autoregressive")  # the foveated model's ways to read
 SCHEDULES = ("constant", "linear", "cosine", "converging")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override that cannot be used as written."""
 
 

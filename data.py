@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from collate import group_batches
 from config import DataConfig, ShardSource
-from frames import MediaError
-from readers import expand_shards, open_reader
+from inputs.frames import MediaError
+from layouts.readers import expand_shards, open_reader
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Dinov2Model
 
-from casts import stamp
+from vlm.casts import stamp
 
 
 @dataclass

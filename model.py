@@ -20,11 +20,15 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model, DynamicCache
 
+import release
 from config import MODES, FoveatedConfig
 from encoder import FoveatedEncoder, PatchCache, PatchMemo
-from frames import FrameSpec
-from kvcache import StaticKV
-from vlm import VLM, Output, Prefix, Visual, labelled_nll, through_labels
+from inputs.frames import FrameSpec
+from vlm import weights
+from vlm.base import VLM
+from vlm.kvcache import StaticKV
+from vlm.loss import labelled_nll, through_labels
+from vlm.outputs import Output, Prefix, Visual
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Glanced(Visual):
 
 class FoveatedVLM(VLM):
     kind = "foveated"
+    adapters = (release,)  # the published fVLM checkpoint reads into this class
     vision_prefixes = ("encoder.dino.",)
 
     def __init__(
@@ -291,7 +296,7 @@ class FoveatedVLM(VLM):
 
     @classmethod
     def from_configs(cls, config: FoveatedConfig, backbones: dict, tokenizer: Any, frames: FrameSpec) -> FoveatedVLM:
-        """A randomly initialised model of the saved shapes (checkpoint.py loads the weights into it)."""
+        """A randomly initialised model of the saved shapes (`from_saved` loads the weights into it)."""
         dino = Dinov2Model(Dinov2Config.from_dict(backbones["dino"]))
         llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**backbones["llm"]))
         return cls(config, dino, llm, tokenizer, frames)
@@ -299,9 +304,9 @@ class FoveatedVLM(VLM):
     @classmethod
     def from_backbones(cls, config: FoveatedConfig | None = None, frames: FrameSpec | None = None) -> FoveatedVLM:
         """A new model around pretrained DINOv2 + LLM (hub ids, local dirs, or "packaged")."""
-        import registry
-
-        return registry.new_model(config or FoveatedConfig(), frames)
+        config = config or FoveatedConfig()
+        llm, tokenizer = weights.load_llm(config.llm), weights.load_tokenizer(config.llm)
+        return cls(config, weights.load_dino(config.dino), llm, tokenizer, frames)
 
 
 __all__ = ["MODES", "FoveatedVLM", "Output", "Visual"]

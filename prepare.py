@@ -17,8 +17,9 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import cli
-from shardwriter import Options, convert
-from sources import NAMES
+from layouts.converters import NAMES
+from layouts import shardwriter
+from layouts.shardwriter import Options, convert
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format=FORMAT, stream=sys.stderr)  # a no-op where logging is set up
     file_log = logging.FileHandler(args.out / "prepare.log")  # appended to by every run, resumed ones included
     file_log.setFormatter(logging.Formatter(FORMAT))
-    writer_log = logging.getLogger("shardwriter")
+    writer_log = logging.getLogger(shardwriter.__name__)
     writer_log.setLevel(logging.INFO)
     writer_log.addHandler(file_log)
     opts = Options(args.shard_size, args.limit, args.frame_size, args.max_frames, args.fps, args.drop_system)

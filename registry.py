@@ -1,52 +1,44 @@
 """The kinds of model, by name: build a new one from its backbones, or load any saved directory.
 
-`load(dir)` returns the right model for every directory the project saves (its config.json names the kind);
-`new_model(config)` builds the kind `config` describes around pretrained backbones (weights.py resolves hub
-ids, local directories and the packaged offline copies). Adding a connector kind: its module under
-connectors/, its options dataclass in config.py, and its line in connectors.CONNECTORS.
+`load(dir)` returns the right model for every directory the project saves (its config.json names the kind) and
+for the foreign checkpoints a kind has an adapter for (the published fVLM); `new_model(config)` builds the kind
+`config` describes around pretrained backbones (vlm/weights.py resolves hub ids, local directories and the
+packaged offline copies). This module and the commands are the only ones that know every kind. Adding a
+connector kind: its module under connectors/, its options dataclass in config.py, and its line in
+connectors.CONNECTORS.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import weights
-from config import ChatModelConfig, FoveatedConfig, ModelConfig, SmolVLMConfig, TowerModelConfig
-from frames import FrameSpec
-from vlm import VLM
+from config import ModelConfig
+from connectors import CONNECTORS
+from connectors.smolvlm import SmolVLM
+from connectors.tower_vlm import TowerVLM
+from inputs.frames import FrameSpec
+from model import FoveatedVLM
+from vlm import saved
+from vlm.base import VLM
+
+CLASSES: dict[str, type[VLM]] = {"foveated": FoveatedVLM, "smolvlm": SmolVLM, **dict.fromkeys(CONNECTORS, TowerVLM)}
+ADAPTERS = tuple(adapter for cls in dict.fromkeys(CLASSES.values()) for adapter in cls.adapters)
 
 
 def model_class(kind: str) -> type[VLM]:
-    """The model class of a kind (every connector kind is a ConnectorVLM)."""
-    from connector_vlm import ConnectorVLM
-    from connectors import CONNECTORS
-    from model import FoveatedVLM
-    from smolvlm import SmolVLM
-
-    classes: dict[str, type[VLM]] = {"foveated": FoveatedVLM, "smolvlm": SmolVLM}
-    classes.update({name: ConnectorVLM for name in CONNECTORS})
-    if kind not in classes:
-        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(classes)}")
-    return classes[kind]
+    """The model class of a kind (every connector kind is a TowerVLM)."""
+    if kind not in CLASSES:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(CLASSES)}")
+    return CLASSES[kind]
 
 
 def new_model(config: ModelConfig, frames: FrameSpec | None = None) -> VLM:
     """A new model of config's kind around pretrained backbones, its new parts freshly initialised."""
-    cls = model_class(config.kind)
-    if isinstance(config, SmolVLMConfig):
-        return cls.from_hub(config, frames)
-    assert isinstance(config, ChatModelConfig)
-    llm, tokenizer = weights.load_llm(config.llm), weights.load_tokenizer(config.llm)
-    if isinstance(config, FoveatedConfig):
-        return cls(config, weights.load_dino(config.dino), llm, tokenizer, frames)
-    assert isinstance(config, TowerModelConfig)
-    from towers import VisionTower
-
-    return cls(config, VisionTower(weights.load_tower(config.tower)), llm, tokenizer, frames)
+    return model_class(config.kind).from_backbones(config, frames)
 
 
 def load(path: str | Path) -> VLM:
-    """Any saved model directory (checkpoint.py's layout) -> its model, in eval mode on the CPU."""
-    import checkpoint
-
-    return checkpoint.load_model(path)
+    """Any saved model directory (vlm/saved.py's layout), or a foreign checkpoint one kind adapts -> its model, in
+    eval mode on the CPU."""
+    s = saved.read_model(path, ADAPTERS)
+    return model_class(s.kind).from_saved(s)

@@ -1,5 +1,6 @@
-"""The published fVLM-135M checkpoint (hub `sanps/fVLM-135M`), and the public fVLM code's training checkpoints, read
-into our FoveatedVLM, so that its published numbers can be reproduced with this project's harness.
+"""The state-dict adapter of the published fVLM-135M checkpoint (hub `sanps/fVLM-135M`) and of the public fVLM code's
+training checkpoints: they read into our foveated model (`FoveatedVLM.from_pretrained`, `registry.load`), so that
+its published numbers can be reproduced with this project's harness. `matches` recognises one, `read` converts it.
 
 The public code's model is the same architecture under other names, so converting is renaming, checked strictly:
 every published tensor must land on one of our parameters and every parameter must get one, or loading stops and
@@ -40,13 +41,14 @@ import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-import weights
 from cli import UserError
 from config import DINO_HUB_ID, LLM_HUB_ID, FoveatedConfig
-from frames import FrameSpec
-from model import FoveatedVLM
+from inputs.frames import FrameSpec
+from vlm import weights
+from vlm.saved import Saved
 
 HUB_ID = "sanps/fVLM-135M"
 # where the weights are, in order of preference: the hub's file, then the training run's checkpoints
@@ -173,7 +175,7 @@ def _names_in(file: Path) -> bool:
     return False  # a pre-1.6 torch pickle: not sniffed
 
 
-def is_release_checkpoint(source: str | Path) -> bool:
+def matches(source: str | Path) -> bool:
     """Whether `source` (a file, a directory, or a hub repo id) holds the public fVLM code's FoveatedVLM weights."""
     path = _locate(source)
     file = weight_file(path) if path is not None else None
@@ -287,7 +289,7 @@ def _tokenizer(folder: Path, llm: str | None) -> Any:
     return weights.load_tokenizer(_HUB_NAMES.get(Path(llm).name, llm) if llm else LLM_HUB_ID)
 
 
-def _check(file: Path, model: FoveatedVLM, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _check(file: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The published tensors under our names, or an error naming every one that does not fit."""
     mapped, unmapped = {}, []
     for name, tensor in state.items():
@@ -328,9 +330,10 @@ def _check(file: Path, model: FoveatedVLM, state: dict[str, torch.Tensor]) -> di
     return {ours: tensor for ours, (_, tensor) in mapped.items()}
 
 
-def load_release(source: str | Path = HUB_ID) -> FoveatedVLM:
+def read(source: str | Path = HUB_ID) -> Saved:
     """The published fVLM checkpoint (a hub repo id, a local copy of its files, a directory of training checkpoints
-    or one weight file) as our FoveatedVLM, in eval mode on the CPU, fed as the published model was trained."""
+    or one weight file) as a foveated model's saved state, fed as the published model was trained; the renaming
+    is checked against the model built from it (`_check`) when it is loaded."""
     path = _locate(source)
     if path is None:
         raise FileNotFoundError(f"{source}: no such file or directory, and not a hub repo in the cache or reachable")
@@ -369,6 +372,4 @@ def load_release(source: str | Path = HUB_ID) -> FoveatedVLM:
         image_frames=int(data_opts.get("replicate_image_frames") or PUBLISHED_FRAMES.image_frames),
         fps=PUBLISHED_FRAMES.fps,
     )
-    model = FoveatedVLM.from_configs(config, backbones, _tokenizer(file.parent, llm), frames)
-    model.load_state_dict(_check(file, model, state), strict=False)  # _check: nothing missing, nothing left over
-    return model.eval()
+    return Saved("foveated", config, frames, backbones, _tokenizer(file.parent, llm), state, file, fit=_check)

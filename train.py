@@ -35,23 +35,24 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import checkpoint as ckpt
 import cli
 import data
 import registry
-from answering import Answerer
-from casts import ConstantCasts, use_bf16
 from cli import UserError
 from config import Config, ConfigError, ModelConfig, load_config, save_config
-from frames import MediaError
-from losses import batch_loss
-from optim import build_optimizer
-from processes import Dist, init_dist, lost_peers
-from processors import exchange, meta_of, processor_for
-from readers import open_reader
-from runlog import RunLog
-from schedule import Schedule
-from vlm import VLM
+from evals.answering import Answerer
+from inputs.frames import MediaError
+from inputs.processors import exchange, meta_of, processor_for
+from layouts.readers import open_reader
+from training import checkpoints as ckpt
+from training.optim import build_optimizer
+from training.processes import Dist, init_dist, lost_peers
+from training.runlog import RunLog
+from training.schedule import Schedule
+from vlm import saved
+from vlm.base import VLM
+from vlm.casts import ConstantCasts, use_bf16
+from vlm.loss import batch_loss
 
 
 class NonFinite(UserError):
@@ -335,7 +336,7 @@ class Trainer:
         if self.d.rank == 0:
             tc = self.cfg.train
             path = ckpt.checkpoint_dir(tc.out_dir, self.state.step)
-            write = partial(ckpt.write_model, self.raw)
+            write = partial(saved.write_model, self.raw)
             ckpt.save_training(path, write, self.optimizer, self.state, rngs, self.cfg)
             ckpt.prune_checkpoints(tc.out_dir, tc.keep_last, tc.keep_best)
         if self.d.world_size > 1:
@@ -400,8 +401,8 @@ def train_together(cfgs: list[Config]) -> list[Path]:
         final = out / "final"
         if d.rank == 0:
             last = ckpt.checkpoint_dir(out, run.state.step) / ckpt.MODEL_DIR  # saved at the last step: the same weights
-            write = partial(ckpt.link_model, last) if last.is_dir() else partial(ckpt.write_model, run.raw)
-            ckpt.save_atomic(final, write)
+            write = partial(saved.link_model, last) if last.is_dir() else partial(saved.write_model, run.raw)
+            saved.save_atomic(final, write)
             if run.cfg.data.val:
                 show_example(run.raw, run.cfg)
         finals.append(final)

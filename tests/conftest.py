@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import weights
+from vlm import weights
 
 
 @pytest.fixture(scope="session")

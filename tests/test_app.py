@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 import app
-from answering import Answerer
 from encoder import FoveatedEncoder
+from evals.answering import Answerer
 from tests.conftest import jpeg, mp4
 from tests.tiny import tiny_connector_model, tiny_model
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attention_viz import (
+from evals.attention_viz import (
     entropy,
     patch_maps,
     read_attention,
@@ -18,7 +18,7 @@ from attention_viz import (
     stack_strips,
     to_uint8,
 )
-from frames import IMAGENET_MEAN, IMAGENET_STD
+from inputs.frames import IMAGENET_MEAN, IMAGENET_STD
 from tests.tiny import frames, tiny_model
 
 

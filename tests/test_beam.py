@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from beam import banned
 from tests.tiny import frames, tiny_connector_model, tiny_model
+from vlm.beam import banned
 
 ENDS = [2, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43]  # many end ids: hypotheses finish at various lengths
 

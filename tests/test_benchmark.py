@@ -12,17 +12,18 @@ import webdataset as wds
 
 import benchmark
 import registry
-from answering import Answerer
-from benchmarks import Media, load_benchmark
 from config import MODES
-from decoding import shared_lead, token_nll
+from connectors.smolvlm import SmolVLM
 from encoder import FoveatedEncoder
-from frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
+from evals.answering import Answerer
+from inputs.frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec, Media
+from inputs.tokenization import chat_ids
+from layouts.eval_sets import load_benchmark
 from model import FoveatedVLM
-from smolvlm import SmolVLM
 from tests.conftest import jpeg, mp4
 from tests.tiny import IMAGE, tiny_connector_model, tiny_model, tiny_smolvlm
-from tokenization import chat_ids
+from vlm.decoding import shared_lead
+from vlm.loss import token_nll
 
 OPTIONS = ["a red ball", "a green cube", "a blue cone", "nothing"]
 

@@ -9,7 +9,7 @@ import sacrebleu
 from pycocoevalcap.cider.cider import Cider
 from rouge_score import rouge_scorer
 
-import caption_metrics as cm
+from evals import caption_metrics as cm
 
 HYPS = ["A dog runs across the grass.", "Two men are playing guitars on a stage", "a child in a red shirt"]
 REFS = [

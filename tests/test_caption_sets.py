@@ -10,7 +10,7 @@ import pytest
 from conftest import jpeg
 from PIL import Image
 
-import caption_sets as cs
+from layouts import caption_sets as cs
 
 
 def _image(path: Path) -> None:

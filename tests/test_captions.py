@@ -13,15 +13,16 @@ import webdataset as wds
 from conftest import jpeg, mp4
 
 import benchmark
-import captioning
 import registry
-import toyworld
 import train
-from answering import Answerer
-from benchmarks import Media
 from config import MODES, Config, from_dict
+from evals import captioning
+from evals.answering import Answerer
+from evals.results import read_predictions
+from inputs.frames import Media
+from inputs.tokenization import CAPTION_PROMPT, DESCRIBE_PROMPT, IGNORE_INDEX, chat_ids, prompt_ids
+from layouts import toy
 from tests.tiny import IMAGE, tiny_connector_model, tiny_model, tiny_smolvlm
-from tokenization import CAPTION_PROMPT, DESCRIBE_PROMPT, IGNORE_INDEX, chat_ids, prompt_ids
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 230), "yellow": (235, 210, 30)}
 
@@ -118,7 +119,7 @@ def check_summary(summary: dict, out: Path, modes: list[str], n: int) -> list[di
         m = summary["metrics"][mode]
         assert set(m) == set(captioning.METRICS) and all(math.isfinite(v) for v in m.values())
         assert m["perplexity"] > 1
-    records = benchmark.read_predictions(out / "captions.jsonl")  # the last line of an id wins
+    records = read_predictions(out / "captions.jsonl")  # the last line of an id wins
     assert len(records) == n
     for r in records.values():
         assert set(r["reads"]) >= set(modes)
@@ -212,8 +213,8 @@ def test_caption_shards_and_the_toy_worlds_caption_eval(fvlm_dir, tmp_path):
     assert records[2]["reads"]["coarse_fine"]["nll"] == pytest.approx(float(nll.sum()), abs=1e-4)
     assert records[2]["reads"]["coarse_fine"]["tokens"] == int(count.sum())
 
-    toy = toyworld.generate(tmp_path / "toy", train=1, eval=3, size=32, frames=2)
-    summary = run(fvlm_dir, toy / "caption_eval", tmp_path / "toy_out", "--modes", "autoregressive")
+    world = toy.generate(tmp_path / "toy", train=1, eval=3, size=32, frames=2)
+    summary = run(fvlm_dir, world / "caption_eval", tmp_path / "toy_out", "--modes", "autoregressive")
     records = check_summary(summary, tmp_path / "toy_out", ["autoregressive"], 3)
     assert records[0]["references"][0].startswith("A ") and "ball" in records[0]["references"][0]
     with pytest.raises(SystemExit, match="no splits"):

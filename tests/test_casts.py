@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from casts import ConstantCasts, use_bf16
 from config import ConfigError, load_config
 from tests.test_model import USERS, user_turn_batch
 from tests.tiny import tiny_model
+from vlm.casts import ConstantCasts, use_bf16
 
 
 def _frozen_llm_model(tokenizer):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from answering import Answerer
-from benchmarks import Media
-from conversation import Conversation
 from encoder import FoveatedEncoder
+from evals.answering import Answerer
+from evals.conversation import Conversation
+from inputs.frames import Media
 from tests.conftest import jpeg, mp4
 from tests.tiny import tiny_connector_model, tiny_model, tiny_smolvlm
 

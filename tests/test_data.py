@@ -8,9 +8,9 @@ from conftest import jpeg, mp4
 import data
 from collate import collate, group_batches
 from config import ConfigError, DataConfig, ShardSource
-from frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
-from processors import ChatProcessor
-from tokenization import DESCRIBE_PROMPT, IGNORE_INDEX, chat_ids, encode_sample, prompt_ids
+from inputs.frames import IMAGENET_MEAN, IMAGENET_STD, FrameSpec
+from inputs.processors import ChatProcessor
+from inputs.tokenization import DESCRIBE_PROMPT, IGNORE_INDEX, chat_ids, encode_sample, prompt_ids
 
 RED, GREEN, BLUE = (250, 0, 0), (0, 250, 0), (0, 0, 250)
 

@@ -31,7 +31,6 @@ import app
 import bench
 import benchmark
 import chat
-import checkpoint as ckpt
 import cli
 import compare
 import data
@@ -42,6 +41,8 @@ import train
 from cli import UserError
 from tests.test_train import REPO, SINGLE_THREAD, config_yaml, log_rows, losses, make_config, write_shards
 from tests.tiny import tiny_model
+from training import checkpoints as ckpt
+from vlm import saved
 
 KILLS = 20  # kill -9 in a row, each followed by resume: auto
 
@@ -63,7 +64,7 @@ def fp32(tmp: Path, start: Path, out: str, **train_opts) -> train.Config:
 
 
 def weights_of(out_dir: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(out_dir) / "final" / ckpt.WEIGHTS))
+    return load_file(str(Path(out_dir) / "final" / saved.WEIGHTS))
 
 
 def assert_loadable(out_dir: str | Path) -> int:
@@ -71,7 +72,7 @@ def assert_loadable(out_dir: str | Path) -> int:
     found = ckpt.list_checkpoints(out_dir)
     for path in found:
         assert ckpt.damage(path) is None, path
-        assert all(torch.isfinite(t).all() for t in load_file(str(path / ckpt.MODEL_DIR / ckpt.WEIGHTS)).values())
+        assert all(torch.isfinite(t).all() for t in load_file(str(path / ckpt.MODEL_DIR / saved.WEIGHTS)).values())
     return len(found)
 
 
@@ -148,7 +149,7 @@ def test_a_full_disk_mid_checkpoint_is_one_clear_error_and_the_previous_checkpoi
     cut = fp32(tmp_path, start_model, "cut")
     config = tmp_path / "cut.yaml"
     config.write_text(config_yaml(cut))
-    real, calls = ckpt.save_file, []
+    real, calls = saved.save_file, []
 
     def full_disk(tensors, filename, metadata=None):
         calls.append(filename)
@@ -158,7 +159,8 @@ def test_a_full_disk_mid_checkpoint_is_one_clear_error_and_the_previous_checkpoi
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         return real(tensors, filename, metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    monkeypatch.setattr(saved, "save_file", full_disk)  # a checkpoint's model directory
+    monkeypatch.setattr(ckpt, "save_file", full_disk)  # and its optimizer state
     with pytest.raises(SystemExit) as e:
         cli.run(train.main, ["--config", str(config)])
     assert e.value.code == 2
@@ -181,7 +183,7 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path, start_mod
     train.train(cfg)
     out = Path(cfg.train.out_dir)
     newest = ckpt.list_checkpoints(out)[-1]
-    weights = newest / ckpt.MODEL_DIR / ckpt.WEIGHTS
+    weights = newest / ckpt.MODEL_DIR / saved.WEIGHTS
     os.truncate(weights, weights.stat().st_size // 2)  # what a dying disk or a half-copied directory leaves
     assert "is truncated" in ckpt.damage(newest)
     assert train.find_resume(cfg) == ckpt.list_checkpoints(out)[-2]
@@ -212,7 +214,7 @@ def test_a_non_finite_step_is_skipped_counted_and_never_reaches_the_weights(tmp_
     assert [r["step"] for r in rows] == [str(s) for s in range(1, 7)]  # training went on
     out = Path(cfg.train.out_dir)
     assert assert_loadable(out) == 6
-    step = {p.name: load_file(str(p / ckpt.MODEL_DIR / ckpt.WEIGHTS)) for p in ckpt.list_checkpoints(out)}
+    step = {p.name: load_file(str(p / ckpt.MODEL_DIR / saved.WEIGHTS)) for p in ckpt.list_checkpoints(out)}
     state = {p.name: load_file(str(p / ckpt.STATE_TENSORS)) for p in ckpt.list_checkpoints(out)}
     for skipped, before in (("step-00000003", "step-00000002"), ("step-00000005", "step-00000004")):
         assert all(torch.equal(step[skipped][k], step[before][k]) for k in step[before])  # no update at all
@@ -352,7 +354,7 @@ def bad_inputs(tmp_path_factory, start_model) -> dict[str, Path]:
             (truncated / f.name).write_bytes(f.read_bytes())
         else:
             os.symlink(f, truncated / f.name)
-    weights = truncated / ckpt.WEIGHTS
+    weights = truncated / saved.WEIGHTS
     os.truncate(weights, weights.stat().st_size // 2)
     occupied = make_config(root, start_model, "occupied", train={"max_steps": 1, "save_every": 1, "bf16": False})
     train.train(occupied)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import jpeg, mp4
 
-import frames
-from frames import MediaError, load_image, load_media, load_video, sample_indices, to_tensor
+from inputs import frames
+from inputs.frames import Media, MediaError, load_image, load_video, sample_indices, to_tensor
 
 
 def test_to_tensor_normalises_and_squashes():
@@ -47,7 +47,7 @@ def test_load_video_from_path_and_probe(tmp_path):
     path = tmp_path / "clip.mp4"
     path.write_bytes(mp4(num_frames=24, fps=12))
     assert frames.probe_video(path) == frames.probe_video(path, "pyav") == (24, 12.0)
-    x = load_media(path, frames.FrameSpec(size=32, max_frames=8))
+    x = Media.at(path).frames(frames.FrameSpec(size=32, max_frames=8))
     assert x.shape == (8, 3, 32, 32)
 
 
@@ -64,7 +64,7 @@ def test_images(tmp_path):
     path = tmp_path / "a.jpg"
     path.write_bytes(jpeg((10, 200, 30)))
     assert load_image(path, size=8).shape == (1, 3, 8, 8)
-    x = load_media(path, frames.FrameSpec(size=8, image_frames=8))
+    x = Media.at(path).frames(frames.FrameSpec(size=8, image_frames=8))
     assert x.shape == (8, 3, 8, 8) and torch.equal(x[0], x[7])
     good = jpeg((0, 0, 0))
     for bad in (b"garbage", good[: len(good) // 2]):
@@ -72,4 +72,4 @@ def test_images(tmp_path):
             load_image(bad)
     (tmp_path / "bad.png").write_bytes(b"x")
     with pytest.raises(MediaError, match="bad.png"):
-        load_media(tmp_path / "bad.png")
+        Media.at(tmp_path / "bad.png").frames(frames.FrameSpec())

@@ -23,15 +23,7 @@ import pytest
 import yaml
 
 from benchmark import summarize
-from benchmarks import (
-    LETTERS,
-    load_benchmark,
-    load_mvbench,
-    load_scienceqa,
-    load_textvqa,
-    load_videomme,
-)
-from metrics import (
+from evals.metrics import (
     LMMS_EVAL_VERSION,
     mcq_letter,
     mvbench_letter,
@@ -41,6 +33,7 @@ from metrics import (
     videomme_letter,
     vqa_accuracy,
 )
+from layouts.eval_sets import LETTERS, load_benchmark, load_mvbench, load_scienceqa, load_textvqa, load_videomme
 
 INSTALL = "pip install --no-deps -r requirements-eval.txt"
 

@@ -1,4 +1,4 @@
-"""lmms_plugin.py under lmms-eval 0.7.3's own evaluator, against benchmark.py on the same questions.
+"""evals/lmms_plugin.py under lmms-eval 0.7.3's own evaluator, against benchmark.py on the same questions.
 
 The same five questions (two on one image, two on one clip, one text-only) are written twice: as evaluation
 shards for benchmark.py and as a local lmms-eval task (a JSON file, task YAMLs and their utils module in
@@ -21,8 +21,10 @@ import webdataset as wds
 from PIL import Image
 
 import benchmark
-from answering import Answerer
-from benchmarks import LETTERS, Media
+from evals.answering import Answerer
+from evals.results import read_predictions
+from inputs.frames import Media
+from layouts.eval_sets import LETTERS
 from model import FoveatedVLM
 from tests.conftest import jpeg, mp4
 from tests.tiny import tiny_model
@@ -110,7 +112,7 @@ def lmms():
     from lmms_eval.api.instance import Instance
     from lmms_eval.tasks import TaskManager
 
-    import lmms_plugin
+    from evals import lmms_plugin
 
     if "fvlm" not in models.list_available_models():  # the checkout is not installed: register it by hand
         models.MODEL_REGISTRY_V2.register_manifest(lmms_plugin.manifest())
@@ -164,9 +166,9 @@ def offline(tmp_path, monkeypatch):
 
 
 def test_registered_as_fvlm(lmms):
-    import lmms_plugin
+    from evals import lmms_model, lmms_plugin
 
-    assert lmms.models.get_model("fvlm") is lmms_plugin.FVLM
+    assert lmms.models.get_model("fvlm") is lmms_model.FVLM
     found = [ep for ep in importlib.metadata.entry_points(group="lmms_eval.models") if ep.name == "fvlm"]
     if not found:
         pytest.skip(f"the checkout is not installed, so lmms-eval has no entry point for it: {INSTALL}")
@@ -194,7 +196,7 @@ def test_harness_matches_benchmark(lmms, model_dir, questions, offline, tmp_path
         args = ["--model", str(model_dir), "--bench", "shards", "--data-root", str(questions.shards)]
         out = tmp_path / protocol
         summary = benchmark.main(args + ["--protocol", protocol, "--modes", "coarse_fine", "--out", str(out)])
-        records = benchmark.read_predictions(out / f"shards_{protocol}.jsonl")
+        records = read_predictions(out / f"shards_{protocol}.jsonl")
         return summary, {qid: records[qid]["modes"]["coarse_fine"] for qid, *_ in QUESTIONS}
 
     summary, records = ours("generate")
@@ -222,9 +224,9 @@ def request(lmms, kind: str, context: str, second, doc_id: int | None = None):
 def test_requests(lmms, model_dir, questions):
     """What each request field does, without the evaluator: the default read, `until`, PIL frames, the
     likelihood values and the harness's context-free (context, continuation) requests."""
-    import lmms_plugin
+    from evals import lmms_model
 
-    lm = lmms_plugin.FVLM(pretrained=str(model_dir), device="cpu", likelihood="logprob")
+    lm = lmms_model.FVLM(pretrained=str(model_dir), device="cpu", likelihood="logprob")
     assert lm.read == "autoregressive"  # the model's last read
     image = Image.open(questions.media["image"]).convert("RGB")
     frames = [Image.new("RGB", (20, 12), (30 * i, 0, 0)) for i in range(6)]

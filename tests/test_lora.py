@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from config import LoraConfig
-from lora import add_lora, has_lora, is_lora_param, load_lora_state_dict, lora_state_dict, merge_lora
+from vlm.lora import add_lora, has_lora, is_lora_param, merge_lora
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -23,6 +23,26 @@ SIZES = dict(
     max_position_embeddings=64,
     tie_word_embeddings=True,
 )
+
+
+# Adapters saved and loaded alone, as a user of peft would; the model directory keeps them in adapter.safetensors.
+def lora_state_dict(llm: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors alone, named as in `llm.state_dict()`, so `load_lora_state_dict` after a fresh
+    `add_lora` with the same options restores them."""
+    return {name: t for name, t in llm.state_dict().items() if is_lora_param(name)}
+
+
+def load_lora_state_dict(llm: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load adapter tensors into an llm that `add_lora` prepared; both sides' adapter names must agree exactly,
+    since a silently missing adapter would leave its B at zero."""
+    expected = {name for name in llm.state_dict() if is_lora_param(name)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state does not match the LLM's adapters (same targets and rank?): missing {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}"
+        )
+    llm.load_state_dict(state, strict=False)
 
 
 def randomize(module: nn.Module, seed: int, std: float = 0.2, only: str = "") -> nn.Module:

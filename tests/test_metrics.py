@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from metrics import (
+from evals.metrics import (
     mvbench_letter,
     normalize_answer,
     scienceqa_letter,

@@ -235,7 +235,7 @@ def test_text_only_model_is_exactly_its_llm():
 
 def user_turn_batch(tokenizer, lengths_t, users, seed=0):
     """Chat prompts (all opening with the template's user turn), right-padded, with T_b frames each."""
-    from tokenization import prompt_ids
+    from inputs.tokenization import prompt_ids
 
     rows = [prompt_ids(tokenizer, u) for u in users]
     n = max(map(len, rows))
@@ -254,7 +254,7 @@ USERS = ["What is shown?", "Where is the red square, and what is next to it?", "
 @pytest.mark.parametrize("mode", MODES)
 def test_frames_in_the_user_turn_sit_after_the_head(tokenizer, mode):
     """frames_at user_turn: the LLM sees [head, frame tokens, rest of the text]; padded batch == each alone."""
-    from tokenization import user_turn_head
+    from inputs.tokenization import user_turn_head
 
     model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="user_turn")
     head = user_turn_head(tokenizer)

@@ -20,10 +20,10 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 import prepare
-import shardwriter
-from frames import load_video
-from processors import media_of
-from tokenization import IGNORE_INDEX, encode_sample
+from inputs.frames import load_video
+from inputs.processors import media_of
+from inputs.tokenization import IGNORE_INDEX, encode_sample
+from layouts import shardwriter
 
 ROOT = Path(__file__).resolve().parent.parent
 RED, GREEN, BLUE = (250, 0, 0), (0, 250, 0), (0, 0, 250)
@@ -227,8 +227,8 @@ def test_llava_multi_turn_and_bad_media(tmp_path, tokenizer):
     # the training pipeline reads the converted shards back: media and labels, the multi-turn one included
     import data
     from config import DataConfig, ShardSource
-    from frames import FrameSpec
-    from processors import ChatProcessor
+    from inputs.frames import FrameSpec
+    from inputs.processors import ChatProcessor
 
     cfg = DataConfig(train=[ShardSource(path=str(out / "*.tar"))], stage=2, batch_size=8, num_workers=0,
                      shuffle_buffer=0, frame_size=16)  # fmt: skip

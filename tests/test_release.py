@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import checkpoint
 import registry
 import release
-import weights
 from cli import UserError
+from inputs.tokenization import prompt_ids
 from model import MODES, FoveatedVLM
 from tests.tiny import IMAGE, frames, randomize, tiny_dino, tiny_llm
-from tokenization import prompt_ids
+from vlm import weights
 
 QUERY_DIM = 16
 TO_4X = {new: old for old, new in weights._DINO_RENAMES.items()}  # our Dinov2 names -> the public code's
@@ -172,7 +171,7 @@ def ref_logits(pub: Published, clip: torch.Tensor, ids: torch.Tensor, mode: str,
 def test_hub_copy_loads_every_tensor_in_place(known_tiny, tmp_path, fmt):
     pub = known_tiny
     folder = write_hub_copy(pub, tmp_path / "fVLM-135M", fmt)
-    assert release.is_release_checkpoint(folder)
+    assert release.matches(folder)
     model = FoveatedVLM.from_pretrained(folder)  # strict: any missing or left-over tensor raises
     assert isinstance(model, FoveatedVLM) and not model.training
     ours, theirs = model.state_dict(), published_state(pub)
@@ -295,7 +294,7 @@ def test_training_checkpoint_loads_with_its_run_config(tmp_path, tokenizer):
     pub = Published(vocab=len(tokenizer))
     run = write_training_run(pub, tmp_path, tokenizer)
     assert release.weight_file(run) == run / "best.pt"
-    model = checkpoint.load_model(run)
+    model = registry.load(run)
     assert (model.config.visual_scale, model.config.query_dim) == (0.5, QUERY_DIM)
     assert (model.frames.size, model.frames.max_frames, model.frames.image_frames) == (IMAGE, 4, 8)
     assert len(model.tokenizer) == len(tokenizer)
@@ -309,18 +308,18 @@ def test_training_checkpoint_loads_with_its_run_config(tmp_path, tokenizer):
             out = model(clip, torch.ones(1, 2, dtype=torch.bool), ids, torch.ones_like(ids), mode=mode)
             assert (out.logits - ref_logits(pub, clip[0], ids, mode, 0.5)).abs().max() <= 1e-5, mode
     # a single weight file loads too
-    assert isinstance(release.load_release(run / "step_0002000.pt"), FoveatedVLM)
+    assert isinstance(FoveatedVLM.from_saved(release.read(run / "step_0002000.pt")), FoveatedVLM)
 
 
 def test_our_format_after_conversion_and_untouched(known_tiny, tmp_path, monkeypatch):
     model = FoveatedVLM.from_pretrained(write_hub_copy(known_tiny, tmp_path / "hub"))
     model.save_pretrained(tmp_path / "ours")
-    assert not release.is_release_checkpoint(tmp_path / "ours")
+    assert not release.matches(tmp_path / "ours")
 
     def never(path):
         raise AssertionError("our own directory was sniffed")
 
-    monkeypatch.setattr(release, "is_release_checkpoint", never)
+    monkeypatch.setattr(release, "matches", never)
     again = FoveatedVLM.from_pretrained(tmp_path / "ours")
     clip, ids = frames(1, 2), torch.tensor([[3, 5, 7]])
     with torch.no_grad():
@@ -353,7 +352,7 @@ def test_a_renamed_tensor_is_named(known_tiny, tmp_path):
     del state["llm.lm_head.weight"]
     safetensors.torch.save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(UserError) as e:
-        release.load_release(folder)
+        FoveatedVLM.from_saved(release.read(folder))
     message = str(e.value)
     assert "no counterpart in our model: ['surprise.weight']" in message
     assert "encoder.dino.layernorm.gamma (as encoder.dino.layernorm.gamma)" in message
@@ -368,7 +367,7 @@ def test_shapes_that_differ_are_named(known_tiny, tmp_path):
     del state["llm.lm_head.weight"]
     safetensors.torch.save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(UserError, match=r"dino_to_llm\.bias \(7,\) vs ours \(32,\)"):
-        release.load_release(folder)
+        FoveatedVLM.from_saved(release.read(folder))
 
 
 class Payload:
@@ -387,11 +386,11 @@ def test_a_pickle_of_anything_but_tensors_is_refused_unrun(known_tiny, tmp_path)
     marker = tmp_path / "ran"
     torch.save({"model_state_dict": published_state(known_tiny), "config": {}, "extra": Payload(marker)},
                run / "best.pt")  # fmt: skip
-    assert release.is_release_checkpoint(run)  # recognised by its names, without unpickling it
+    assert release.matches(run)  # recognised by its names, without unpickling it
     with pytest.raises(UserError, match=r"refused.*weights_only=True"):
-        release.load_release(run)
+        FoveatedVLM.from_saved(release.read(run))
     with pytest.raises(UserError, match="refused"):
-        checkpoint.load_model(run)
+        registry.load(run)
     assert not marker.exists()
 
 
@@ -399,11 +398,11 @@ def test_not_the_published_model(tmp_path):
     folder = tmp_path / "other"
     folder.mkdir()
     safetensors.torch.save_file({"weight": torch.zeros(2)}, str(folder / "model.safetensors"))
-    assert not release.is_release_checkpoint(folder)
+    assert not release.matches(folder)
     with pytest.raises(FileNotFoundError, match="not a saved model"):  # our own error, as before
-        checkpoint.load_model(folder)
+        registry.load(folder)
     with pytest.raises(UserError, match="not the public fVLM code's FoveatedVLM"):
-        release.load_release(folder)
+        FoveatedVLM.from_saved(release.read(folder))
 
 
 # ---- the published backbones ------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from PIL import Image
 from transformers import Idefics3ForConditionalGeneration
 
 import registry
-from processors import processor_for
+from inputs.processors import processor_for
+from inputs.tokenization import IGNORE_INDEX
 from tests.tiny import tiny_smolvlm
-from tokenization import IGNORE_INDEX
 
 TILE = 64  # vision image_size: 16×16 patches of 4 px
 S = 16  # tokens per image from the TokenLearner-QFormer: deliberately not the stock connector's 64

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from config import MODES
-from kvcache import StaticKV
 from tests.tiny import frames, tiny_connector_model, tiny_model
+from vlm.kvcache import StaticKV
 
 TOL = 1e-5
 
@@ -131,7 +131,7 @@ def test_smolvlm(tokenizer):
     """SmolVLM's own layout (image features in place of its `<image>` tokens) on the static cache."""
     from PIL import Image
 
-    from processors import processor_for
+    from inputs.processors import processor_for
     from tests.tiny import tiny_smolvlm
 
     model = tiny_smolvlm(tokenizer)

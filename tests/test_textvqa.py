@@ -14,17 +14,17 @@ from conftest import jpeg
 from safetensors.torch import load_file
 from transformers import Idefics3ForConditionalGeneration
 
-import checkpoint as ckpt
 import data
 import registry
-import textvqa
 import train
 from config import Config, ConfigError, DataConfig, QFormerOptions, SmolVLMConfig, TextVQASource, from_dict, load_config
 from connectors import TokenLearnerQFormer
-from processors import processor_for
-from schedule import Schedule
+from inputs.processors import processor_for
+from inputs.tokenization import IGNORE_INDEX
+from layouts import textvqa
 from tests.tiny import tiny_smolvlm
-from tokenization import IGNORE_INDEX
+from training.schedule import Schedule
+from vlm import saved
 
 REPO = Path(__file__).resolve().parent.parent
 TILE = 32  # vision image_size: 4×4 patches of 8 px
@@ -102,7 +102,7 @@ def test_training_lowers_the_loss_and_leaves_the_vision_tower_untouched(run, sta
     assert sum(int(r["skipped"]) for r in rows) == 4  # the corrupt image, once per epoch
     assert all(r["lr_vision"] == "" for r in rows) and float(rows[1]["lr_llm"]) == pytest.approx(1e-2)
 
-    before, after = load_file(str(start_model / ckpt.WEIGHTS)), load_file(str(run / "final" / ckpt.WEIGHTS))
+    before, after = load_file(str(start_model / saved.WEIGHTS)), load_file(str(run / "final" / saved.WEIGHTS))
     assert before.keys() == after.keys()
     vision = [k for k in before if k.startswith("llm.model.vision_model.")]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # bit-identical

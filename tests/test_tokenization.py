@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokenization import IGNORE_INDEX, chat_ids, encode_sample, turns_ids
+from inputs.tokenization import IGNORE_INDEX, chat_ids, encode_sample, turns_ids
 
 CONVERSATION = [
     {"role": "user", "content": "What is in the picture?"},

@@ -23,10 +23,10 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-import frames
-import weights
+from connectors.towers import VisionTower, tower_config, tower_from_config
+from inputs import frames
 from tests.tiny_towers import DIM, FAMILIES, IMAGE, PATCH, pixels, tiny_tower, tiny_vision_model
-from towers import VisionTower, tower_config, tower_from_config
+from vlm import weights
 
 # the family variants whose pooled token comes from somewhere else
 VARIANTS = [(f, {}) for f in FAMILIES] + [("siglip", {"vision_use_head": False}), ("vit", {"pooler": False})]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,19 +12,25 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 import data
-import toyworld
-from benchmarks import load_benchmark
 from config import DataConfig, ShardSource
-from frames import FrameSpec
-from processors import ChatProcessor
+from inputs.frames import FrameSpec
+from inputs.processors import ChatProcessor
+from layouts import toy
+from layouts.eval_sets import load_benchmark
 
 SIZE, FRAMES = 56, 3
 SETTINGS = {"seed": 3, "train": 6, "eval": 4, "size": SIZE, "frames": FRAMES}
 
 
+def task_of(root) -> str:
+    """The task of the world written at `root` (its manifest's; the ball where none is recorded)."""
+    manifest = Path(root) / toy.MANIFEST
+    return json.loads(manifest.read_text()).get("task", "ball") if manifest.is_file() else "ball"
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return toyworld.generate(tmp_path_factory.mktemp("toy"), **SETTINGS)
+    return toy.generate(tmp_path_factory.mktemp("toy"), **SETTINGS)
 
 
 def read(path) -> list[dict]:
@@ -31,29 +38,29 @@ def read(path) -> list[dict]:
 
 
 def test_same_seed_same_bytes_other_seed_other_clips(world, tmp_path):
-    again = toyworld.generate(tmp_path / "again", **SETTINGS)
+    again = toy.generate(tmp_path / "again", **SETTINGS)
     files = sorted(p.relative_to(world) for p in world.rglob("*") if p.is_file())
     assert {"caption/000000.tar", "qa/000000.tar", "dpo/000000.tar", "val/000000.tar", "eval/000000.tar"} <= {
         str(f) for f in files
     }
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert all((world / f).read_bytes() == (again / f).read_bytes() for f in files)
-    other = toyworld.sample(4, "train", 0, SIZE, FRAMES)["scene"]
-    assert toyworld.sample(3, "train", 0, SIZE, FRAMES)["scene"] != other
-    assert toyworld.sample(3, "train", 0, SIZE, FRAMES)["scene"] != toyworld.sample(3, "eval", 0, SIZE, FRAMES)["scene"]
+    other = toy.sample(4, "train", 0, SIZE, FRAMES)["scene"]
+    assert toy.sample(3, "train", 0, SIZE, FRAMES)["scene"] != other
+    assert toy.sample(3, "train", 0, SIZE, FRAMES)["scene"] != toy.sample(3, "eval", 0, SIZE, FRAMES)["scene"]
 
 
 def test_ensure_regenerates_only_for_other_settings_or_another_generator(world, monkeypatch):
     calls = []
-    monkeypatch.setattr(toyworld, "generate", lambda out, **kw: calls.append(kw) or out)
-    toyworld.ensure(world, **SETTINGS)
+    monkeypatch.setattr(toy, "generate", lambda out, **kw: calls.append(kw) or out)
+    toy.ensure(world, **SETTINGS)
     assert calls == []
-    toyworld.ensure(world, **{**SETTINGS, "seed": 4})
+    toy.ensure(world, **{**SETTINGS, "seed": 4})
     assert calls == [{**SETTINGS, "seed": 4, "task": "ball"}]
-    toyworld.ensure(world, **SETTINGS, task="cued")  # the other task is another world
+    toy.ensure(world, **SETTINGS, task="cued")  # the other task is another world
     assert calls[-1] == {**SETTINGS, "task": "cued"}
-    monkeypatch.setattr(toyworld, "WORLD", toyworld.WORLD + 1)  # shards an earlier generator wrote are rewritten
-    toyworld.ensure(world, **SETTINGS)
+    monkeypatch.setattr(toy, "WORLD", toy.WORLD + 1)  # shards an earlier generator wrote are rewritten
+    toy.ensure(world, **SETTINGS)
     assert calls[-1] == {**SETTINGS, "task": "ball"} and len(calls) == 3
 
 
@@ -69,9 +76,9 @@ def test_answers_follow_from_the_scene_and_the_pixels(world):
     for raw, raw_val in zip(questions, val, strict=True):
         meta, scene = json.loads(raw["json"]), json.loads(raw["json"])["scene"]
         colour, ball = scene["ball"]["colour"], scene["ball"]
-        assert meta["options"] == list(toyworld.COLOURS) and meta["question"] == toyworld.QUESTION
-        assert meta["options"][toyworld.LETTERS.index(meta["answer"])] == colour == toyworld.answer_of(scene)
-        assert meta["task"] == toyworld.group_of(scene) and json.loads(raw_val["json"])["assistant"] == (
+        assert meta["options"] == list(toy.COLOURS) and meta["question"] == toy.QUESTION
+        assert meta["options"][toy.LETTERS.index(meta["answer"])] == colour == toy.answer_of(scene)
+        assert meta["task"] == toy.group_of(scene) and json.loads(raw_val["json"])["assistant"] == (
             f"{meta['answer']}. {colour}"
         )
         # the rendered frames show what the scene says: the ball's colour at each point of its path, which lies
@@ -79,17 +86,17 @@ def test_answers_follow_from_the_scene_and_the_pixels(world):
         assert len(ball["path"]) == FRAMES and ball["radius"] == SIZE // 8
         for t, (x, y) in enumerate(ball["path"]):
             assert ball["radius"] < x < SIZE - ball["radius"] and ball["radius"] < y < SIZE - ball["radius"]
-            assert np.abs(pixel(raw, t, [x, y]) - toyworld.COLOURS[colour]).max() < 40
+            assert np.abs(pixel(raw, t, [x, y]) - toy.COLOURS[colour]).max() < 40
         assert raw["000.jpg"] != raw["001.jpg"]
 
 
 def test_the_answer_is_any_colour_and_the_groups_split_by_distance_from_the_centre():
-    scenes = [toyworld.make_scene(toyworld._rng(0, "train", i), 112, 4) for i in range(60)]  # no rendering: cheap
-    assert {toyworld.answer_of(s) for s in scenes} == set(toyworld.COLOURS)
-    assert {toyworld.group_of(s) for s in scenes} == set(toyworld.GROUPS)
+    scenes = [toy.make_scene(toy._rng(0, "train", i), 112, 4) for i in range(60)]  # no rendering: cheap
+    assert {toy.answer_of(s) for s in scenes} == set(toy.COLOURS)
+    assert {toy.group_of(s) for s in scenes} == set(toy.GROUPS)
     for s in scenes:
         far = np.linalg.norm(np.asarray(s["ball"]["path"]) - 56, axis=1).mean() >= 28
-        assert toyworld.group_of(s) == toyworld.GROUPS[int(far)]
+        assert toy.group_of(s) == toy.GROUPS[int(far)]
     assert len({tuple(s["ball"]["path"][0]) for s in scenes}) == len(scenes)  # the ball starts anywhere
 
 
@@ -97,11 +104,11 @@ def test_every_family_agrees_on_the_answer(world):
     families = {f: read(world / f / "000000.tar") for f in ("caption", "qa", "dpo")}
     for cap, qa, dpo in zip(*families.values(), strict=True):
         cap, qa, dpo = (json.loads(r["json"]) for r in (cap, qa, dpo))
-        colour = toyworld.answer_of(qa["scene"])
+        colour = toy.answer_of(qa["scene"])
         assert qa["assistant"].endswith(f". {colour}") and dpo["chosen"] == qa["assistant"] != dpo["rejected"]
-        assert dpo["rejected"][3:] in toyworld.COLOURS
-        assert dpo["user"] == qa["user"] == toyworld.mcq_prompt(toyworld.QUESTION, list(toyworld.COLOURS))
-        assert cap["caption"] == toyworld.caption(qa["scene"]) and cap["caption"].startswith(f"A {colour} ball ")
+        assert dpo["rejected"][3:] in toy.COLOURS
+        assert dpo["user"] == qa["user"] == toy.mcq_prompt(toy.QUESTION, list(toy.COLOURS))
+        assert cap["caption"] == toy.caption(qa["scene"]) and cap["caption"].startswith(f"A {colour} ball ")
 
 
 @pytest.mark.parametrize(("family", "stage"), [("caption", 1), ("qa", 2), ("dpo", 3)])
@@ -124,7 +131,7 @@ def test_benchmark_reads_the_held_out_split_with_the_training_prompt(world):
     assert [f"{q.answer}. {q.options['ABCD'.index(q.answer)]}" for q in bench.questions] == [
         v["assistant"] for v in val
     ]
-    assert [q.groups["task"] for q in bench.questions] == [toyworld.group_of(v["scene"]) for v in val]
+    assert [q.groups["task"] for q in bench.questions] == [toy.group_of(v["scene"]) for v in val]
 
 
 def test_a_few_training_steps_on_toy_shards_lower_the_loss(world, tokenizer, tmp_path):
@@ -174,40 +181,42 @@ def test_look_share_measures_attention_on_the_ball_found_from_the_pixels(world):
     patch, grid = 14, SIZE // 14
     for raw in read(world / "eval" / "000000.tar"):
         scene = json.loads(raw["json"])["scene"]
-        rgb = np.array(toyworld.COLOURS[scene["ball"]["colour"]])
+        rgb = np.array(toy.COLOURS[scene["ball"]["colour"]])
         attention = torch.zeros(FRAMES, 1, 1 + grid * grid)
         for t in range(FRAMES):
             im = np.asarray(Image.open(io.BytesIO(raw[f"{t:03d}.jpg"])).convert("RGB"), dtype=int)
             ball_like = (np.abs(im - rgb).max(-1) < 30).reshape(grid, patch, grid, patch).mean((1, 3)) > 0.05
-            mask = toyworld.ball_patches(scene, t, patch)
+            mask = toy.ball_patches(scene, t, patch)
             assert ball_like.any() and not (ball_like.ravel() & ~mask).any(), t
             assert mask.sum() <= 4  # a ball two patches across at most straddles a 2x2 block
             attention[t, 0, 1:] = torch.from_numpy(mask / mask.sum())
-        assert toyworld.look_share(attention, scene, patch) == pytest.approx(1.0)
+        assert toy.look_share(attention, scene, patch) == pytest.approx(1.0)
         uniform = torch.full((FRAMES, 1, 1 + grid * grid), 1 / (grid * grid))
-        expected = np.mean([toyworld.ball_patches(scene, t, patch).mean() for t in range(FRAMES)])
-        assert toyworld.look_share(uniform, scene, patch) == pytest.approx(expected)
+        expected = np.mean([toy.ball_patches(scene, t, patch).mean() for t in range(FRAMES)])
+        assert toy.look_share(uniform, scene, patch) == pytest.approx(expected)
 
 
 def test_the_plain_wording_is_evaluated_as_whole_replies(world):
-    bench = load_benchmark("toy", toyworld.held_out(str(world / "ask" / "*.tar")))
+    bench = load_benchmark("toy", toy.held_out(str(world / "ask" / "*.tar")))
     val = [json.loads(r["json"]) for r in read(world / "ask_val" / "000000.tar")]
     for q, v in zip(bench.questions, val, strict=True):
-        assert not q.lettered and q.prompt == toyworld.QUESTION == v["user"]
-        assert q.options == [toyworld.plain_reply(c) for c in toyworld.COLOURS]
+        assert not q.lettered and q.prompt == toy.QUESTION == v["user"]
+        assert q.options == [toy.plain_reply(c) for c in toy.COLOURS]
         assert q.options["ABCD".index(q.answer)] == v["assistant"]
 
 
-def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys, monkeypatch):
-    """toyrun.run with a tiny model: the world, a few steps of the foveated model and of the glance, evaluation
-    in every mode, where each looked, the pictures and the summary."""
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys, monkeypatch, bf16):
+    """toyworld.run with a tiny model: the world, a few steps of the foveated model and of the glance, evaluation
+    in every mode, where each looked, the pictures and the summary. The precision is set, never the machine's
+    (`train.bf16: auto` would give each CPU its own file names and numbers)."""
     import yaml
 
     import benchmark
     import registry
-    import toyrun
-    from answering import Answerer
+    import toyworld
     from encoder import PatchMemo
+    from evals.answering import Answerer
     from tests.tiny import IMAGE, tiny_model
 
     start = tmp_path / "start"
@@ -217,19 +226,20 @@ def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys
         "data": {"train": str(root / "ask" / "*.tar"), "val": str(root / "ask_val" / "*.tar"), "stage": 2,
                  "batch_size": 4, "max_frames": 2, "frame_size": IMAGE, "num_workers": 0, "shuffle_buffer": 0},
         "optim": {"lr_connector": 1e-2, "lr_vision": 0.0, "lr_llm": 0.0, "schedule": "constant", "warmup": 0.0},
-        "train": {"init_from": str(start), "max_steps": 3, "save_every": 3, "out_dir": str(tmp_path / "run")},
+        "train": {"init_from": str(start), "max_steps": 3, "save_every": 3, "out_dir": str(tmp_path / "run"),
+                  "bf16": bf16},
     }  # fmt: skip
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
     hits, get = [], PatchMemo.get  # reuses of an evaluation batch's DINOv2 pass: the glance's of the foveated's
 
     def counted(memo: PatchMemo, encoder, frames):
         found = get(memo, encoder, frames)
-        hits.extend([1] if found is not None and len(frames) >= toyrun.EVAL_BATCH else [])  # not a sample's
+        hits.extend([1] if found is not None and len(frames) >= toyworld.EVAL_BATCH else [])  # not a sample's
         return found
 
     monkeypatch.setattr(PatchMemo, "get", counted)
-    summary = toyrun.run(tmp_path / "toy.yaml", clips=8, pictures=1)
-    assert set(summary["accuracy"]) == {"foveated", "glance"} and summary["questions"] == toyworld.EVAL_CLIPS
+    summary = toyworld.run(tmp_path / "toy.yaml", clips=8, pictures=1)
+    assert set(summary["accuracy"]) == {"foveated", "glance"} and summary["questions"] == toy.EVAL_CLIPS
     assert summary["trained"] == "coarse_fine" and "foveated, trained coarse_fine:" in capsys.readouterr().out
     assert set(summary["accuracy"]["foveated"]) >= {"coarse_only", "coarse_fine", "autoregressive"}
     assert set(summary["share_on_ball"]) == {"clips", "uniform", "static", "loop", "glance"}
@@ -240,26 +250,27 @@ def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys
     pictures = sorted(p.name for p in (run / "attention").glob("*.png"))
     assert pictures == ["eval0000000.png", "eval0000000_glance.png", "eval0000000_loop.png", "eval0000000_static.png"]
     # the glance's evaluation read each batch through the foveated model's DINOv2 pass: as it reads alone
-    bench = benchmark.load_benchmark("toy", toyworld.held_out(str(root / "ask" / "*.tar")))
-    alone = Answerer(registry.load(run / "glance" / "final"))
-    benchmark.evaluate(alone, bench, "likelihood", ["coarse_only"], tmp_path / "alone", toyrun.EVAL_BATCH)
+    bench = benchmark.load_benchmark("toy", toy.held_out(str(root / "ask" / "*.tar")))
+    alone = Answerer(registry.load(run / "glance" / "final"), bf16=bf16)
+    benchmark.evaluate(alone, bench, "likelihood", ["coarse_only"], tmp_path / "alone", toyworld.EVAL_BATCH)
+    results = "toy_likelihood_bf16.jsonl" if bf16 else "toy_likelihood.jsonl"
     shared, own = (
-        [json.loads(line)["modes"]["coarse_only"]["losses"] for line in (d / "toy_likelihood.jsonl").open()]
+        [json.loads(line)["modes"]["coarse_only"]["losses"] for line in (d / results).open()]
         for d in (run / "glance" / "eval", tmp_path / "alone")
     )
-    assert len(own) == toyworld.EVAL_CLIPS and shared == own
+    assert len(own) == toy.EVAL_CLIPS and shared == own
     # every batch of the glance's evaluation, and the looks' second and third reads of their clips
-    assert len(hits) == -(-toyworld.EVAL_CLIPS // toyrun.EVAL_BATCH) + 2
+    assert len(hits) == -(-toy.EVAL_CLIPS // toyworld.EVAL_BATCH) + 2
 
 
 def test_another_seed_runs_in_its_own_world_and_out_dir():
     """`toyworld.py run --seed N`: the toy recipe unchanged but for the seed, the world and the run beside the
     default ones, so seeds are one flag and never overwrite seed 0's world or refuse its checkpoints."""
-    import toyrun
+    import toyworld
     from config import load_config, to_dict
 
     base = load_config(toyworld.DEFAULT_CONFIG, [])
-    cfg = load_config(toyworld.DEFAULT_CONFIG, toyrun.placed(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"], 2))
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyworld.placed(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"], 2))
     assert (cfg.train.seed, cfg.train.out_dir, cfg.train.max_steps) == (2, "runs/toy_s2", 7)
     sources = [(s.path, s.weight) for s in cfg.data.train]
     assert sources == [("data/toy_s2/ask/*.tar", 4.0), ("data/toy_s2/qa/*.tar", 1.0)]
@@ -274,29 +285,29 @@ def test_the_cued_task_asks_the_colour_of_the_shape_the_first_frame_shows(tmp_pa
     """Frame 0 holds the white cue and no coloured shape; the later frames each shape once in each colour once,
     drawn where the scene says; the answer is the colour of the one shaped like the cue, in every family, and
     the look share's target is the cue in frame 0 and that shape after."""
-    root = toyworld.generate(tmp_path / "cued", **{**SETTINGS, "size": 112}, task="cued")
-    assert toyworld.task_of(root) == "cued" and toyworld.task_of(tmp_path) == "ball"
+    root = toy.generate(tmp_path / "cued", **{**SETTINGS, "size": 112}, task="cued")
+    assert task_of(root) == "cued" and task_of(tmp_path) == "ball"
     asks, evals = read(root / "ask" / "000000.tar"), read(root / "ask_eval" / "000000.tar")
     for raw in asks:
         meta = json.loads(raw["json"])
         scene = meta["scene"]
         objects, cue = scene["objects"], scene["cue"]
-        assert sorted(o["shape"] for o in objects) == sorted(toyworld.SHAPES)
-        assert sorted(o["colour"] for o in objects) == sorted(toyworld.COLOURS)
+        assert sorted(o["shape"] for o in objects) == sorted(toy.SHAPES)
+        assert sorted(o["colour"] for o in objects) == sorted(toy.COLOURS)
         (target,) = [o for o in objects if o["shape"] == cue["shape"]]
-        assert meta["user"] == toyworld.CUED_QUESTION and meta["assistant"] == f"It is {target['colour']}."
+        assert meta["user"] == toy.CUED_QUESTION and meta["assistant"] == f"It is {target['colour']}."
         assert np.abs(pixel(raw, 0, cue["xy"]) - 255).max() < 30  # the white cue
         first = np.asarray(Image.open(io.BytesIO(raw["000.jpg"])).convert("RGB"), dtype=int)
         assert (np.abs(first - first.mean(-1, keepdims=True)).max(-1) < 40).all()  # no colour in frame 0
         for o in objects:
-            assert np.abs(pixel(raw, 1, o["path"][1]) - toyworld.COLOURS[o["colour"]]).max() < 40
+            assert np.abs(pixel(raw, 1, o["path"][1]) - toy.COLOURS[o["colour"]]).max() < 40
         r = cue["radius"]
         for t in range(FRAMES):
-            mask = toyworld.ball_patches(scene, t, 14).reshape(8, 8)
+            mask = toy.ball_patches(scene, t, 14).reshape(8, 8)
             x, y = cue["xy"] if t == 0 else target["path"][t]
             assert mask[y // 14, x // 14] and mask.sum() <= (((2 * (r + 2)) // 14 + 2) ** 2 if t == 0 else 9)
-    assert [json.loads(e["json"])["question"] for e in evals] == [toyworld.CUED_QUESTION] * SETTINGS["eval"]
-    assert json.loads((root / toyworld.MANIFEST).read_text())["task"] == "cued"
+    assert [json.loads(e["json"])["question"] for e in evals] == [toy.CUED_QUESTION] * SETTINGS["eval"]
+    assert json.loads((root / toy.MANIFEST).read_text())["task"] == "cued"
 
 
 def test_the_marked_task_asks_the_colour_of_the_ball_where_the_first_frame_shows_a_white_one(tmp_path):
@@ -304,16 +315,16 @@ def test_the_marked_task_asks_the_colour_of_the_ball_where_the_first_frame_shows
     standing still and apart among the clutter, one of them where the cue was; the answer is that one's colour,
     and the look share's target is the cue in frame 0 and that ball after. The clips' places differ, so no place
     answers for all of them."""
-    root = toyworld.generate(tmp_path / "marked", **{**SETTINGS, "size": 112}, task="marked")
-    assert toyworld.task_of(root) == "marked"
+    root = toy.generate(tmp_path / "marked", **{**SETTINGS, "size": 112}, task="marked")
+    assert task_of(root) == "marked"
     places = set()
     for raw in read(root / "ask" / "000000.tar"):
         meta = json.loads(raw["json"])
         scene = meta["scene"]
         objects, cue = scene["objects"], scene["cue"]
-        assert sorted(o["colour"] for o in objects) == sorted(toyworld.COLOURS)
+        assert sorted(o["colour"] for o in objects) == sorted(toy.COLOURS)
         (target,) = [o for o in objects if o["path"][1] == cue["xy"]]
-        assert meta["user"] == toyworld.MARKED_QUESTION and meta["assistant"] == f"It is {target['colour']}."
+        assert meta["user"] == toy.MARKED_QUESTION and meta["assistant"] == f"It is {target['colour']}."
         assert np.abs(pixel(raw, 0, cue["xy"]) - 255).max() < 30  # the white cue
         first = np.asarray(Image.open(io.BytesIO(raw["000.jpg"])).convert("RGB"), dtype=int)
         yy, xx = np.mgrid[:112, :112]
@@ -322,35 +333,35 @@ def test_the_marked_task_asks_the_colour_of_the_ball_where_the_first_frame_shows
         for o in objects:
             assert all(xy == o["path"][0] for xy in o["path"])  # standing still
             for t in range(1, FRAMES):
-                assert np.abs(pixel(raw, t, o["path"][t]) - toyworld.COLOURS[o["colour"]]).max() < 40
+                assert np.abs(pixel(raw, t, o["path"][t]) - toy.COLOURS[o["colour"]]).max() < 40
         xy = np.array([o["path"][0] for o in objects])
         assert min(np.linalg.norm(a - b) for i, a in enumerate(xy) for b in xy[i + 1 :]) > 2.5 * target["radius"]
         for t in range(FRAMES):
-            mask = toyworld.ball_patches(scene, t, 14).reshape(8, 8)
+            mask = toy.ball_patches(scene, t, 14).reshape(8, 8)
             x, y = target["path"][t]
             bound = ((2 * (target["radius"] + 2)) // 14 + 2) ** 2 if t == 0 else 9  # frame 0: the outlined cue
             assert mask[y // 14, x // 14] and mask.sum() <= bound
         places.add(tuple(cue["xy"]))
     assert len(places) == SETTINGS["train"]
-    assert "A white ball is shown at the" in toyworld.caption(scene)
+    assert "A white ball is shown at the" in toy.caption(scene)
     load = toyrun_config("marked")
     assert load.train.out_dir == "runs/toy_marked" and load.data.train[0].path == "data/toy_marked/ask/*.tar"
 
 
 def toyrun_config(task: str):
-    import toyrun
+    import toyworld
     from config import load_config
 
-    return load_config(toyworld.DEFAULT_CONFIG, toyrun.placed(toyworld.DEFAULT_CONFIG, [], task=task))
+    return load_config(toyworld.DEFAULT_CONFIG, toyworld.placed(toyworld.DEFAULT_CONFIG, [], task=task))
 
 
 def test_a_cued_run_lives_beside_the_ball_world():
-    import toyrun
+    import toyworld
     from config import load_config
 
-    cfg = load_config(toyworld.DEFAULT_CONFIG, toyrun.placed(toyworld.DEFAULT_CONFIG, [], task="cued"))
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyworld.placed(toyworld.DEFAULT_CONFIG, [], task="cued"))
     assert cfg.train.out_dir == "runs/toy_cued" and cfg.data.train[0].path == "data/toy_cued/ask/*.tar"
-    cfg = load_config(toyworld.DEFAULT_CONFIG, toyrun.placed(toyworld.DEFAULT_CONFIG, [], 3, "cued"))
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyworld.placed(toyworld.DEFAULT_CONFIG, [], 3, "cued"))
     assert (cfg.train.out_dir, cfg.train.seed) == ("runs/toy_cued_s3", 3)
     assert cfg.data.val[0].path == "data/toy_cued_s3/ask_val/*.tar"
-    assert toyrun.placed(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"]) == ["train.max_steps=7"]
+    assert toyworld.placed(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"]) == ["train.max_steps=7"]

@@ -21,18 +21,19 @@ import yaml
 from conftest import jpeg
 from safetensors.torch import load_file
 
-import checkpoint as ckpt
 import train
-from answering import Answerer
 from collate import pad_text
 from config import Config, OptimConfig, from_dict, load_config, to_dict
-from frames import FrameSpec
-from losses import batch_loss, pair_batch
+from evals.answering import Answerer
+from inputs.frames import FrameSpec
 from model import MODES, FoveatedVLM
-from optim import build_optimizer
-from runlog import RunLog
-from schedule import Schedule
 from tests.tiny import IMAGE, frames, tiny_model
+from training import checkpoints as ckpt
+from training.optim import build_optimizer
+from training.runlog import RunLog
+from training.schedule import Schedule
+from vlm import saved
+from vlm.loss import batch_loss, pair_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,8 +150,8 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, mon
     train.train(cut)  # resume: auto
     assert losses(cut.train.out_dir) == whole  # step 5 is logged once, with the same values
 
-    a = load_file(str(Path(cfg.train.out_dir) / "final" / ckpt.WEIGHTS))
-    b = load_file(str(Path(cut.train.out_dir) / "final" / ckpt.WEIGHTS))
+    a = load_file(str(Path(cfg.train.out_dir) / "final" / saved.WEIGHTS))
+    b = load_file(str(Path(cut.train.out_dir) / "final" / saved.WEIGHTS))
     assert all(torch.equal(a[k], b[k]) for k in a)
     if workers == 0:  # the rest is independent of the loader
         kept = [p.name for p in ckpt.list_checkpoints(cut.train.out_dir)]
@@ -162,11 +163,11 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, mon
         last, final_dir = run / "checkpoints" / kept[-1] / ckpt.MODEL_DIR, run / "final"
         files = [sorted(p.relative_to(d) for p in d.rglob("*")) for d in (last, final_dir)]
         assert files[0] == files[1] and len(files[0]) > 3
-        assert (final_dir / ckpt.WEIGHTS).read_bytes() == (last / ckpt.WEIGHTS).read_bytes()
+        assert (final_dir / saved.WEIGHTS).read_bytes() == (last / saved.WEIGHTS).read_bytes()
         shutil.rmtree(run / "checkpoints")
-        assert all(torch.equal(b[k], v) for k, v in load_file(str(final_dir / ckpt.WEIGHTS)).items())
+        assert all(torch.equal(b[k], v) for k, v in load_file(str(final_dir / saved.WEIGHTS)).items())
         # lr 0 froze DINO bit for bit, while the other groups moved
-        init = load_file(str(start_model / ckpt.WEIGHTS))
+        init = load_file(str(start_model / saved.WEIGHTS))
         assert all(torch.equal(init[k], a[k]) == k.startswith("encoder.dino.") for k in init if "norm" not in k)
         final = FoveatedVLM.from_pretrained(Path(cfg.train.out_dir) / "final")
         assert final.tokenizer is not None
@@ -212,8 +213,8 @@ def test_runs_trained_together_end_as_they_would_alone_and_share_the_frozen_pass
     assert finals == [Path(cfg.train.out_dir) / "final" for cfg in together]
     for a, b in zip(alone, together, strict=True):
         assert losses(a.train.out_dir) == losses(b.train.out_dir)
-        x = load_file(str(Path(a.train.out_dir) / "final" / ckpt.WEIGHTS))
-        y = load_file(str(Path(b.train.out_dir) / "final" / ckpt.WEIGHTS))
+        x = load_file(str(Path(a.train.out_dir) / "final" / saved.WEIGHTS))
+        y = load_file(str(Path(b.train.out_dir) / "final" / saved.WEIGHTS))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     first = calls[0][0]
     glance = [hit for enc, hit in calls if enc != first]
@@ -231,14 +232,16 @@ def test_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path, start_m
         textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
-        import checkpoint, train
-        real, calls = checkpoint.save_file, []
+        import train
+        from training import checkpoints
+        from vlm import saved
+        real, calls = saved.save_file, []
         def save_file(*args, **kwargs):
             calls.append(1)
             if len(calls) == 4:  # each checkpoint writes the weights, then the optimizer state
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kwargs)
-        checkpoint.save_file = save_file
+        saved.save_file = checkpoints.save_file = save_file  # the model directory, then the optimizer state
         train.main(["--config", {str(config_file)!r}])
         """)
     )
@@ -332,7 +335,7 @@ def test_two_processes_train_every_sample_once_per_epoch_and_resume_exactly(tmp_
     out = Path(cfg.train.out_dir)
     r0, r1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
-    init = load_file(str(start_model / ckpt.WEIGHTS))
+    init = load_file(str(start_model / saved.WEIGHTS))
     assert not torch.equal(r0["dino_to_llm.weight"], init["dino_to_llm.weight"])
     served = [json.loads((out / f"served{r}.json").read_text()) for r in (0, 1)]
     every = sorted(f"k{s}-{i}" for s, n in enumerate(sizes) for i in range(n))
@@ -350,7 +353,7 @@ def test_two_processes_train_every_sample_once_per_epoch_and_resume_exactly(tmp_
     proc = torchrun(tmp_path, cut)  # resume: auto
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(cut.train.out_dir) == whole
-    a, b = (load_file(str(Path(c.train.out_dir) / "final" / ckpt.WEIGHTS)) for c in (cfg, cut))
+    a, b = (load_file(str(Path(c.train.out_dir) / "final" / saved.WEIGHTS)) for c in (cfg, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -462,7 +465,7 @@ SHIPPED_OPTIONS = sorted(
 def test_shipped_model_options_train_on_ragged_batches_and_dpo_starts_at_log2(tokenizer, frames_at, glimpses, deep):
     """Every model option a shipped config sets: a training step on ragged batches (T = [3, 1] and T = [1]) in
     every mode, and DPO's log-ratios 0 at the start (the policy in train mode, its reference in eval)."""
-    from tokenization import chat_ids
+    from inputs.tokenization import chat_ids
 
     policy = tiny_model(glimpses, deep, tokenizer=tokenizer, frames_at=frames_at).train()
     reference = tiny_model(glimpses, deep, tokenizer=tokenizer, frames_at=frames_at).eval().requires_grad_(False)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import weights
+from vlm import weights
 
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"  # final layernormed hidden states, (B, 1 + 256, 384)
 POS_OUT = "/backbone/embeddings/Concat_6_output_0"  # CLS + 37x37 grid resized to 16x16, (1, 257, 384)

@@ -17,14 +17,14 @@ from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
 import benchmark
 import chat
-import checkpoint as ckpt
 import registry
-import toyworld
 import train
 from config import Config, ConfigError, LoraConfig, ModelConfig, from_dict
-from connector_vlm import ConnectorVLM
+from connectors.tower_vlm import TowerVLM
+from layouts import toy
 from tests.conftest import jpeg
 from tests.tiny import CONNECTOR_KINDS, IMAGE, frames, tiny_connector_model, tiny_model
+from vlm import saved
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = (*CONNECTOR_KINDS, "foveated")
@@ -110,8 +110,8 @@ def test_save_load_reproduces_logits_exactly(kind, tmp_path):
                 p.data.normal_(0, 0.5)
     model.save_pretrained(tmp_path / "m")
     loaded = registry.load(tmp_path / "m")
-    assert type(loaded) is ConnectorVLM and loaded.kind == model.kind and loaded.config == model.config
-    assert (tmp_path / "m" / ckpt.ADAPTER).is_file() == (kind == "lora")
+    assert type(loaded) is TowerVLM and loaded.kind == model.kind and loaded.config == model.config
+    assert (tmp_path / "m" / saved.ADAPTER).is_file() == (kind == "lora")
     fr, fm, ids, am = ragged([3, 1], [4, 2])
     with torch.no_grad():
         assert torch.equal(model(fr, fm, ids, am).logits, loaded(fr, fm, ids, am).logits)
@@ -124,7 +124,7 @@ def test_lora_trains_only_its_adapters_and_merges_to_the_same_logits(tmp_path):
     assert groups == {"vision", "connector", "llm", "frozen"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     from config import OptimConfig
-    from optim import build_optimizer
+    from training.optim import build_optimizer
 
     opt = build_optimizer(model, OptimConfig(lr_connector=1e-2, lr_vision=0.0, lr_llm=1e-2, weight_decay=0.1))
     fr, fm, ids, am = ragged([2, 2], [5, 5])
@@ -144,7 +144,7 @@ def test_lora_trains_only_its_adapters_and_merges_to_the_same_logits(tmp_path):
         assert (merged(fr, fm, ids, am).logits - adapted).abs().max() <= 1e-5
     assert merged.config.lora is None and not any("lora_" in n for n, _ in merged.named_parameters())
     merged.save_pretrained(tmp_path / "merged")
-    assert not (tmp_path / "merged" / ckpt.ADAPTER).exists()
+    assert not (tmp_path / "merged" / saved.ADAPTER).exists()
     with torch.no_grad():
         assert torch.equal(registry.load(tmp_path / "merged")(fr, fm, ids, am).logits, merged(fr, fm, ids, am).logits)
 
@@ -172,7 +172,7 @@ def test_train_py_refuses_an_unread_key_before_any_work(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return toyworld.generate(tmp_path_factory.mktemp("toy"), seed=0, train=24, eval=4, size=IMAGE, frames=2)
+    return toy.generate(tmp_path_factory.mktemp("toy"), seed=0, train=24, eval=4, size=IMAGE, frames=2)
 
 
 def log_losses(out: Path) -> list[float]:
@@ -205,10 +205,10 @@ def test_every_kind_trains_saves_benchmarks_and_chats(kind, world, tokenizer, tm
     (tmp_path / "red.jpg").write_bytes(jpeg((200, 30, 30), (24, 20)))
     chat.main(["--model", str(final), "--media", str(tmp_path / "red.jpg"), "What colour is the ball?"])
     assert capsys.readouterr().out.strip()
-    saved = load_file(str(final / ckpt.WEIGHTS))
-    before = load_file(str(start / ckpt.WEIGHTS))
+    after = load_file(str(final / saved.WEIGHTS))
+    before = load_file(str(start / saved.WEIGHTS))
     vision = [k for k in before if k.startswith(loaded.vision_prefixes)]
-    assert vision and all(torch.equal(before[k], saved[k]) for k in vision)  # lr 0: frozen bit for bit
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # lr 0: frozen bit for bit
 
 
 def test_the_connector_toy_configs_share_the_toy_recipe():
@@ -232,7 +232,7 @@ def test_compare_trains_and_tabulates_every_kind_it_is_given(tmp_path, tokenizer
 
     import compare
 
-    toyworld.generate(tmp_path / "toy", train=8, eval=2, size=112, frames=4)
+    toy.generate(tmp_path / "toy", train=8, eval=2, size=112, frames=4)
     overrides = [f"data.train={tmp_path / 'toy' / 'qa' / '*.tar'}", f"data.val={tmp_path / 'toy' / 'val' / '*.tar'}",
                  "train.max_steps=1", "data.batch_size=2", "data.num_workers=0"]  # fmt: skip
     args = ["--kinds", "cls_gate,foveated", "--out", str(tmp_path / "cmp"), "--eval", str(tmp_path / "toy" / "eval")]

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import torch
-from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Dinov2Config,
+    Dinov2Model,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from config import FoveatedConfig
-from frames import FrameSpec
+from inputs.frames import FrameSpec
 from model import FoveatedVLM
 
 IMAGE = 16  # px; patch 4 -> 16 patches + CLS
@@ -88,7 +96,7 @@ def tiny_smolvlm(
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     from config import QFormerOptions, SmolVLMConfig
-    from smolvlm import SmolVLM, offline_processor
+    from connectors.smolvlm import SmolVLM
 
     scale = 2
     stock = (tile // patch // scale) ** 2  # the pixel-shuffle connector's tokens per image
@@ -124,7 +132,7 @@ def tiny_connector_model(
 ):
     """A tower + connector model of `kind` on a tiny random tower of `family` and the tiny LLM."""
     from config import ModelConfig
-    from connector_vlm import ConnectorVLM
+    from connectors.tower_vlm import TowerVLM
     from tests.tiny_towers import tiny_tower
 
     torch.manual_seed(seed)
@@ -133,4 +141,49 @@ def tiny_connector_model(
     )
     llm = tiny_llm(seed + 1, vocab=len(tokenizer) if tokenizer is not None else 64)
     frames = FrameSpec(size=IMAGE, max_frames=4, image_frames=2)
-    return ConnectorVLM(config, tiny_tower(family, seed), llm, tokenizer, frames).eval()
+    return TowerVLM(config, tiny_tower(family, seed), llm, tokenizer, frames).eval()
+
+
+# SmolVLM's own chat template, so that prompts built offline look like the hub processor's.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# The tokens Idefics3Processor writes into prompts: global-image tag, tile positions (up to 6×6), image
+# delimiters, image placeholder, end of turn.
+IMAGE_TOKENS = [
+    "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+]
+
+
+
+def offline_processor(
+    tokenizer: PreTrainedTokenizerBase,
+    image_seq_len: int,
+    tile_size: int,
+    longest_edge: int | None = None,
+    do_image_splitting: bool = True,
+) -> Idefics3Processor:
+    """An Idefics3Processor built without the hub, around a text tokenizer (e.g. SmolLM2's, offline from
+    the packaged GGUF).
+
+    Idefics3's prompt tokens are added to `tokenizer` in place, as Idefics3Processor itself does; size the
+    model's vocabulary after this call. `tile_size` must equal the vision tower's `image_size`. Images are
+    resized so that their longest edge is `longest_edge` (default 4 tiles), then cut into tile_size² tiles
+    plus one global view. Uses the PIL image processor: the default one needs torchvision.
+    """
+    tokenizer.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS})
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": longest_edge or 4 * tile_size},
+        max_image_size={"longest_edge": tile_size},
+        do_image_splitting=do_image_splitting,
+    )
+    return Idefics3Processor(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)

@@ -18,7 +18,7 @@ from transformers import (
     ViTModel,
 )
 
-from towers import VisionTower
+from connectors.towers import VisionTower
 
 FAMILIES = ("dinov2", "clip", "siglip", "vit")
 IMAGE, PATCH, DIM = 16, 4, 32

@@ -1,0 +1,96 @@
+"""A vision tower, a connector and an LLM: every design whose read of a frame does not depend on the LLM.
+
+The tower encodes each real frame once (towers.py: patches (N, P, Dv) and a pooled vector (N, Dv)); the
+connector of `model.kind` (connectors/) maps them to S tokens per frame; the base VLM (vlm.py) puts the T*S
+tokens of a clip before its text. Any of them reads video: a clip of T frames is T x S tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from config import TowerModelConfig
+from connectors import CONNECTORS
+from connectors.towers import VisionTower, tower_config, tower_from_config
+from inputs.frames import FrameSpec
+from vlm import weights
+from vlm.base import VLM
+from vlm.outputs import Visual
+
+
+class TowerVLM(VLM):
+    vision_prefixes = ("tower.",)
+
+    def __init__(
+        self,
+        config: TowerModelConfig,
+        tower: VisionTower,
+        llm: nn.Module,
+        tokenizer: Any = None,
+        frames: FrameSpec | None = None,
+    ):
+        # the tower decides the normalisation, the config the resize: not for the run to change
+        letterbox = config.image_prep == "letterbox"
+        frames = dataclasses.replace(frames or FrameSpec(), mean=tower.mean, std=tower.std, letterbox=letterbox)
+        super().__init__(config, llm, tokenizer, frames)
+        self.kind = config.kind
+        self.tower = tower
+        self.connector = CONNECTORS[config.kind].from_options(config, tower.dim, llm.config.hidden_size)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.connector.tokens_per_frame(self.tower.grid(self.frames.size))
+
+    def prepare(self, frames: Tensor, frame_mask: Tensor) -> Visual:
+        """Tower outputs of the real frames, batch-major: patches (N, P, Dv), pooled (N, Dv)."""
+        real = frames[frame_mask]  # (N, 3, H, W)
+        if not len(real):
+            p, d = self.tower.grid(frames.shape[-1]) ** 2, self.tower.dim
+            return Visual(frame_mask, (frames.new_zeros(0, p, d), frames.new_zeros(0, d)))
+        return Visual(frame_mask, self.tower(real))
+
+    def visual_tokens(self, visual: Visual) -> tuple[Tensor, Tensor | None]:
+        """-> tokens (B, T*S, D) and, for a connector that pools with spatial maps (TokenLearner), where each of
+        its pooled tokens looked: (B, T, maps, 1+P) in attention_viz's layout (a zero for the CLS position)."""
+        patches, pooled = visual.features
+        b, t = visual.frame_mask.shape
+        s, d = self.tokens_per_frame, self.llm.config.hidden_size
+        tokens = patches.new_zeros(b, t, s, d)  # (B, T, S, D)
+        maps = None
+        if len(patches):
+            if getattr(self.connector, "token_learner", None) is not None:
+                out, found = self.connector(patches, pooled, return_maps=True)  # (N, S, D), (N, T_tl, P)
+                maps = found.new_zeros(b, t, found.shape[1], 1 + found.shape[2])
+                maps[visual.frame_mask] = torch.cat([found.new_zeros(*found.shape[:2], 1), found], dim=-1)
+            else:
+                out = self.connector(patches, pooled)
+            tokens[visual.frame_mask] = out.to(tokens.dtype)
+        return tokens.view(b, t * s, d), maps
+
+    def checkpoint_activations(self) -> None:
+        super().checkpoint_activations()
+        self.tower.gradient_checkpointing_enable()
+
+    def backbone_configs(self) -> dict[str, dict]:
+        return {"tower": tower_config(self.tower), "llm": self.llm.config.to_dict()}
+
+    @classmethod
+    def from_configs(cls, config: TowerModelConfig, backbones: dict, tokenizer: Any, frames: FrameSpec) -> VLM:
+        """A randomly initialised model of the saved shapes (`from_saved` loads the weights into it)."""
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**backbones["llm"]))
+        return cls(config, tower_from_config(backbones["tower"]), llm, tokenizer, frames)
+
+    @classmethod
+    def from_backbones(cls, config: TowerModelConfig, frames: FrameSpec | None = None) -> VLM:
+        """A new model around a pretrained tower and LLM (hub ids, local dirs, or "packaged"), its connector new."""
+        tower = VisionTower(weights.load_tower(config.tower))
+        return cls(config, tower, weights.load_llm(config.llm), weights.load_tokenizer(config.llm), frames)
+
+    @classmethod
+    def holds(cls, kind: str) -> bool:
+        return kind in CONNECTORS

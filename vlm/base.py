@@ -1,0 +1,367 @@
+"""The base vision-language model: whatever turns frames into tokens, a causal LM reading them, its tokenizer.
+
+Every kind of model (model.py's foveated one, towers.py + a connector, SmolVLM) is a `VLM`; the runs (training,
+evaluation, chat, the demo, the speed benchmark) use nothing else. The base owns, once for every kind:
+
+- the sequence layout [head] [frame tokens: T_max x S slots] [rest of the text, right-padded]. The head is
+  empty with `frames_at: start` (frames before all text, the published layout); with `frames_at: user_turn`
+  it is the chat template's opening up to the first user turn's content, which every text row must start
+  with (a pretrained chat LLM reads what stands inside a user turn, but all but ignores what precedes its
+  template). Padded frames and padded text are masked out, and positions are the running count of real
+  tokens, so a sample padded inside a batch sees exactly the keys and positions it would see alone; a
+  text-only sample (T = 0) is valid;
+- `prefix` (the LLM state after frames + text, with its KV cache), the loss, parameter groups by submodule
+  name, activation checkpointing and the per-batch counts the log needs; generation and option scoring
+  continue from the prefix (decoding.py, part of the base).
+
+A kind implements `prepare` (frames -> a `Visual` state: what its reads need, computed once per clip) and
+`visual_tokens` (state -> tokens). A kind with several ways to read (the foveated model's modes) names them
+in `reads`; they reach `visual_tokens` as keyword options, and a kind with one way to read takes none.
+The model files do no I/O: loading and saving live in saved.py, building from backbones in registry.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from inputs.frames import FrameSpec
+from inputs.tokenization import user_turn_head
+from vlm import saved
+from vlm.casts import stamp
+from vlm.decoding import Decoding
+from vlm.kvcache import StaticKV, StepCache, kv_layer
+from vlm.lora import add_lora, is_lora_param, merge_lora
+from vlm.loss import labelled_nll, through_labels
+from vlm.outputs import Output, Prefix, Visual
+
+
+def positions(mask: Tensor, new: int) -> Tensor:
+    """Position ids of the last `new` slots: the count of real tokens before each slot."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+class VLM(Decoding, nn.Module):
+    """The base: see the module docstring. Subclasses set `kind` and implement `prepare` / `visual_tokens`."""
+
+    kind = ""
+    # prefixes of parameter names in the vision tower and the LLM; everything else is the connector
+    vision_prefixes: tuple[str, ...] = ()
+    llm_prefixes: tuple[str, ...] = ("llm.",)
+
+    def __init__(self, config: Any, llm: nn.Module, tokenizer: Any = None, frames: FrameSpec | None = None):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer  # not a module: carried so generation and saving find it
+        self.frames = frames or FrameSpec()  # how clips are fed to the model; saved with it
+        lora = getattr(config, "lora", None)
+        if lora is not None:
+            add_lora(self.llm, lora)
+        frames_at = getattr(config, "frames_at", "start")
+        if frames_at == "user_turn" and tokenizer is None:
+            raise ValueError("model.frames_at 'user_turn' needs the tokenizer, whose chat template places the frames")
+        head = user_turn_head(tokenizer) if frames_at == "user_turn" else []
+        self.register_buffer("head_ids", torch.tensor(head, dtype=torch.long), persistent=False)  # (H,)
+
+    # ---- what a kind provides ----------------------------------------------------------------
+
+    @property
+    def reads(self) -> dict[str, dict[str, Any]]:
+        """The model's ways to read a clip, by name, as the keyword options `visual_tokens` takes."""
+        return {"default": {}}
+
+    @property
+    def train_read(self) -> dict[str, Any]:
+        """The read training uses."""
+        return {}
+
+    @property
+    def tokens_per_frame(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, frames: Tensor, frame_mask: Tensor) -> Visual:
+        """frames (B, T, 3, H, W) normalised, frame_mask (B, T) -> what every read of these clips needs."""
+        raise NotImplementedError
+
+    def visual_tokens(self, visual: Visual, **read: Any) -> tuple[Tensor, Tensor | None]:
+        """-> tokens (B, T*S, D_llm) (zeros in padded slots) and the read's attention, if the kind has one."""
+        raise NotImplementedError
+
+    def backbone_configs(self) -> dict[str, dict]:
+        """The transformers configs of the backbones, by name: enough to rebuild the shapes offline."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_backbones(cls, config: Any, frames: FrameSpec | None = None) -> VLM:
+        """A new model around pretrained backbones (hub ids, local directories, or "packaged"), its own parts new."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_configs(cls, config: Any, backbones: dict, text: Any, frames: FrameSpec) -> VLM:
+        """A randomly initialised model of saved shapes (`text`: the tokenizer, or SmolVLM's processor)."""
+        raise NotImplementedError
+
+    # the foreign checkpoint layouts this class reads (the published fVLM for the foveated kind: release.py)
+    adapters: tuple[saved.Adapter, ...] = ()
+
+    @classmethod
+    def holds(cls, kind: str) -> bool:
+        """Whether this class builds models of `kind` (one class may build several: the tower + connector kinds)."""
+        return kind == cls.kind
+
+    @classmethod
+    def from_saved(cls, s: saved.Saved) -> VLM:
+        """The model a saved directory (or an adapted foreign checkpoint) describes, with its weights, in eval mode."""
+        model = cls.from_configs(s.config, s.backbones, s.text, s.frames)
+        model.load_state_dict(s.state_for(model), strict=False)  # state_for: nothing missing, nothing left over
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: Any) -> VLM:
+        """A saved model directory, or a foreign checkpoint this class has an adapter for; of this class's kind."""
+        s = saved.read_model(path, cls.adapters)
+        if not cls.holds(s.kind):
+            raise ValueError(f"{path} holds a {s.kind} model, not a {cls.kind or cls.__name__}: use registry.load")
+        return cls.from_saved(s)
+
+    def save_pretrained(self, path: Any) -> None:
+        saved.save_model(self, path)
+
+    # ---- the LLM's parts (SmolVLM keeps them elsewhere) ------------------------------------------
+
+    def decoder(self) -> nn.Module:
+        return self.llm.get_decoder()
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        return self.llm.get_output_embeddings()(hidden)
+
+    def _llm(
+        self, embeds: Tensor, mask: Tensor, past: DynamicCache | StaticKV | None = None, compiled: bool = False
+    ) -> Tensor:
+        """Run the decoder over `embeds` (B, S_new, D), `mask` covering past + new; final-norm hidden states.
+
+        With a DynamicCache `past`, the call writes through a StepCache, so activation checkpointing can replay
+        it; a StaticKV (inference) is written in place, the mask padded to its N slots (`compiled`: through
+        torch.compile, for the one-token decode step)."""
+        if isinstance(past, StaticKV):
+            return past.run(self.decoder(), embeds, mask, positions(mask, embeds.shape[1]), compiled)
+        step = StepCache(past) if past is not None else None
+        out = self.decoder()(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions(mask, embeds.shape[1]),
+            past_key_values=step,
+            use_cache=step is not None,
+        )
+        if step is not None:
+            step.commit(past)
+        return out.last_hidden_state
+
+    # ---- sequence layout ----------------------------------------------------------------------
+
+    def slot_mask(self, frame_mask: Tensor) -> Tensor:
+        return frame_mask.repeat_interleave(self.tokens_per_frame, dim=1).long()  # (B, T*S)
+
+    def last_slot(self, frame_mask: Tensor) -> Tensor:
+        """(B,) index among the T*S frame slots of each clip's last real slot (-1 for a clip without frames)."""
+        b, t = frame_mask.shape
+        if t == 0:
+            return frame_mask.new_full((b,), -1, dtype=torch.long)
+        last_frame = (frame_mask.long() * torch.arange(1, t + 1, device=frame_mask.device)).amax(1) - 1
+        s = self.tokens_per_frame
+        return torch.where(last_frame >= 0, last_frame * s + s - 1, -1)
+
+    def head(self, b: int) -> Tensor:
+        """(b, H, D) embeddings of the text that goes before the frames (empty with frames_at start)."""
+        return self.embed(self.head_ids)[None].expand(b, -1, -1)
+
+    def open_head(
+        self, rows: int, past: DynamicCache | StaticKV | None
+    ) -> tuple[Tensor, DynamicCache | StaticKV | None]:
+        """Run the LLM over the head for `rows` rows: its final hidden states (rows, H, D) and the cache that now
+        holds its keys and values, for the rest of the sequence to continue from (`past`, filled in place, or a
+        new DynamicCache when `past` is None and the head is not empty; None for an empty head and no `past`).
+
+        Every row opens with the same head (with frames_at user_turn, half of a short sample's tokens, and the
+        whole of a foveated pass over [head, frames] but its T slots), so it runs for one row and its keys and
+        values are expanded to all rows (`_head_state`). A StaticKV (inference) is preallocated per row, so there
+        the head is written for every row."""
+        h = len(self.head_ids)
+        if not h:
+            return self.head_ids.new_zeros(rows, 0, self.llm.config.hidden_size).float(), past
+        if isinstance(past, StaticKV):
+            return self._llm(self.head(rows), self.head_ids.new_ones(rows, h), past), past
+        hidden, kv = self._head_state()
+        past = DynamicCache() if past is None else past
+        past.layers = [kv_layer(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
+        return hidden.expand(rows, -1, -1), past
+
+    def _head_state(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The LLM over the head for one row: hidden states (1, H, D) and each layer's keys and values.
+
+        While nothing can take a gradient through the LLM (its weights frozen, or no grad), the head's state is
+        a constant of the weights: it is kept and reused until a weight changes (an optimizer step or a load
+        bumps the tensor's version), the model moves, or the autocast or train/eval setting differs, so a
+        training step's passes and an evaluation's questions run it once rather than once each."""
+        device = self.head_ids.device
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters())
+        key = None
+        if not grad:
+            key = (
+                device,
+                self.llm.training,
+                torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type),
+                tuple(stamp(p) for p in self.llm.parameters()),
+            )
+            cached = getattr(self, "_head_cache", None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        one = DynamicCache()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):  # kept tensors must be usable in training
+            hidden = self._llm(self.head(1), self.head_ids.new_ones(1, len(self.head_ids)), one)  # (1, H, D)
+        state = hidden, [(layer.keys, layer.values) for layer in one.layers]
+        if key is not None:
+            self._head_cache = key, state
+        return state
+
+    def head_length(self, input_ids: Tensor, attention_mask: Tensor) -> int:
+        """H, the number of leading text tokens that go before the frames: every row must start with them."""
+        h = len(self.head_ids)
+        if h and not (
+            input_ids.shape[1] >= h and (input_ids[:, :h] == self.head_ids).all() and attention_mask[:, :h].all()
+        ):
+            raise ValueError(
+                "model.frames_at is 'user_turn': every text must open with the chat template's first user turn "
+                f"({self.tokenizer.decode(self.head_ids)!r}); tokenise it with tokenization.py's chat functions"
+            )
+        return h
+
+    def new_cache(self, kv_cache: bool, room: int | None, length: int) -> DynamicCache | StaticKV | None:
+        """A prefix's KV cache: none, a growing DynamicCache, or (with `room`) a StaticKV preallocated for the
+        prefix's `length` slots and `room` more. The static one is for inference: training replays the dynamic
+        one through StepCache."""
+        if room is None:
+            return DynamicCache() if kv_cache else None
+        if torch.is_grad_enabled():
+            raise RuntimeError("the static KV cache is for inference (torch.no_grad); training keeps the dynamic one")
+        return StaticKV(self.decoder().config, length + room)
+
+    def check_read(self, read: dict[str, Any]) -> None:
+        if read not in self.reads.values():
+            names = {k: v for k, v in self.reads.items()}
+            raise ValueError(f"this {self.kind} model reads in one of {names}, not with options {read}")
+
+    def prefix(
+        self,
+        visual: Visual,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        kv_cache: bool = False,
+        rows: Tensor | None = None,
+        room: int | None = None,
+        **read: Any,
+    ) -> Prefix:
+        """Run the LLM over [head, frame tokens, text]; `kv_cache` keeps its state for continuing (with `room`, in
+        a static cache with that many slots to spare: see `new_cache`).
+
+        `rows` (R,) names the clip of each text row (default: row i reads clip i): several texts about one
+        clip (DPO's chosen and rejected answers) share its encoding and its read, which the text cannot change.
+        """
+        self.check_read(read)
+        frame_mask = visual.frame_mask
+        h = self.head_length(input_ids, attention_mask)
+        embeds = self.embed(input_ids[:, h:])  # (R, L - H, D): the text after the head
+        vis, attn = self.visual_tokens(visual, **read)
+        slots, framed, last = self.slot_mask(frame_mask), frame_mask.any(1), self.last_slot(frame_mask)
+        if rows is not None:
+            vis, slots, framed, last = vis[rows], slots[rows], framed[rows], last[rows]
+        mask = torch.cat([attention_mask[:, :h].long(), slots, attention_mask[:, h:].long()], dim=1)
+        past = self.new_cache(kv_cache, room, mask.shape[1])
+        head_hidden, run = self.open_head(len(input_ids), past)  # (R, H, D)
+        hidden = self._llm(torch.cat([vis, embeds], dim=1), mask, run)  # (R, T*S + L - H, D)
+        last_visual = hidden[torch.arange(len(hidden), device=hidden.device), last.clamp(min=0)]
+        text_hidden = torch.cat([head_hidden.to(hidden.dtype), hidden[:, vis.shape[1] :]], dim=1)
+        return Prefix(text_hidden, mask, past, attn, last_visual, framed, h, hidden[:, : vis.shape[1]])
+
+    def uses_cache(self, **read: Any) -> bool:
+        """Whether a read itself runs the LLM on a KV cache (then training keeps one too)."""
+        return False
+
+    def forward(
+        self,
+        frames: Tensor,
+        frame_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        visual: Visual | None = None,
+        rows: Tensor | None = None,
+        logits: bool = True,
+        **read: Any,
+    ) -> Output:
+        """frames (B, T, 3, H, W), frame_mask (B, T) bool, input_ids/attention_mask/labels (R, L); `rows` (R,)
+        the clip each text row reads (default R = B, row i reads clip i). A precomputed `visual` (from
+        `prepare`) lets several reads or options share one encoding; `logits=False` leaves out the logits at
+        every position (training needs only the loss, whose few labelled positions are computed apart, and only the
+        columns through the last labelled one: `through_labels`)."""
+        read = read or self.train_read
+        if labels is not None and not logits:
+            input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, len(self.head_ids))
+        if visual is None:
+            visual = self.prepare(frames, frame_mask)
+        pre = self.prefix(visual, input_ids, attention_mask, self.uses_cache(**read), rows, **read)
+        out = Output(self.lm_head(pre.hidden) if logits else None, attention=pre.attention)
+        if labels is not None:
+            out.nll, out.count = labelled_nll(self.lm_head, pre.hidden, labels, pre.last_visual, pre.framed, pre.cut)
+            out.loss = out.nll.sum() / out.count.sum().clamp(min=1)
+        return out
+
+    # ---- training support ---------------------------------------------------------------------
+
+    def group_of(self, name: str) -> str:
+        """A parameter's learning-rate group by its name: vision | connector | llm, or frozen (an LLM base weight
+        under LoRA, which only its adapters train)."""
+        if name.startswith(self.vision_prefixes):
+            return "vision"
+        if name.startswith(self.llm_prefixes):
+            if getattr(self.config, "lora", None) is not None and not is_lora_param(name):
+                return "frozen"
+            return "llm"
+        return "connector"
+
+    def share_frozen(self, other: VLM, batches: int = 1) -> bool:
+        """Let `other`, a model that reads the same batches (`batches` at a time) right after this one (runs trained
+        side by side), reuse this model's work on them that depends only on frozen weights both hold equal; True
+        when something is shared.
+        Exact: shared work is reused only for equal inputs through unchanged weights. The base shares nothing."""
+        return False
+
+    def merge_lora(self) -> VLM:
+        """Fold the LLM's LoRA adapters into its weights (for export): the same logits, no adapters, a plain LLM
+        that saves without adapter.safetensors. Returns the model."""
+        if getattr(self.config, "lora", None) is None:
+            raise ValueError("this model has no LoRA adapters to merge")
+        merge_lora(self.llm)
+        self.config = dataclasses.replace(self.config, lora=None)
+        return self
+
+    def checkpoint_activations(self) -> None:
+        """Recompute activations in backward instead of keeping them. transformers' checkpointed LLM layers are
+        told to keep the KV cache: every call that feeds one writes through a replay-safe StepCache."""
+        self.llm.activation_checkpointing_enable({"use_reentrant": False})
+        for layer in self.decoder().layers:
+            layer._can_checkpoint_with_cache = True
+
+    def counts(self, batch: dict[str, Tensor]) -> tuple[int, int]:
+        """(samples, LLM tokens) of a batch: every text token plus S per real frame (DPO: both answers)."""
+        text = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+        rows = sum(1 for k in batch if k.endswith("attention_mask"))
+        return batch["frame_mask"].shape[0], text + rows * int(batch["frame_mask"].sum()) * self.tokens_per_frame
