@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from collate import group_batches
 from config import DataConfig, ShardSource
 from inputs.frames import MediaError
-from layouts.readers import expand_shards, open_reader
+from layouts.readers import open_reader
+from layouts.shards import expand_shards
 
 log = logging.getLogger(__name__)
 

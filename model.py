@@ -8,7 +8,7 @@ The connector whose reads depend on the LLM. Its three modes (config.MODES) are 
   patch cache is shared by every pass;
 - autoregressive (true inference): frame t is read with the query from the fine tokens of frames < t, the LLM
   advancing one frame at a time on its KV cache; then the text.
-Everything else (layout, loss, generation, scoring, groups) is the base VLM's (vlm.py).
+Everything else (layout, loss, generation, scoring, groups) is the base VLM's (vlm/base.py).
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ class FoveatedVLM(VLM):
             out.loss = out.loss + weight * coarse_loss
         return out
 
-    # ---- rebuilding, and entry points into registry.py / checkpoint.py (the I/O lives there) ----
+    # ---- rebuilding (vlm/saved.py does the I/O) ----
 
     def backbone_configs(self) -> dict[str, dict]:
         return {"dino": self.encoder.dino.config.to_dict(), "llm": self.llm.config.to_dict()}

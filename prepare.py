@@ -3,7 +3,7 @@
     python prepare.py SOURCE --in PATH [--images DIR] --out DIR [--shard-size N] [--limit N] [--workers N]
                       [--frame-size S] [--max-frames N] [--fps F] [--drop-system]
 
-SOURCE is one of sources.NAMES; each reader's docstring gives the layout it expects. Rerunning the same
+SOURCE is one of layouts.converters.NAMES; each reader's docstring gives the layout it expects. Rerunning the same
 command continues an interrupted conversion; OUT/report.json says what was written and what was left out.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import cli
-from layouts.converters import NAMES
 from layouts import shardwriter
+from layouts.converters import NAMES
 from layouts.shardwriter import Options, convert
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -5,7 +5,7 @@
 through each model's processor (processors.py). Stages 1-2 minimise next-token cross-entropy over the labelled
 tokens (data.stage decides which tokens are labelled), stage 3 the DPO loss against a frozen copy of the
 starting model. Several processes: `torchrun --nproc_per_node N train.py ...` (DDP; NCCL on GPU, gloo on
-CPU; each rank reads its own slice of the data). The loop knows only the base model interface (vlm.py).
+CPU; each rank reads its own slice of the data). The loop knows only the base model interface (vlm/base.py).
 
 A run is a pure function of its config: `train.resume: auto` continues from the newest checkpoint in
 out_dir with the same weights, optimizer moments, RNG states and position in the data stream, so the
@@ -42,8 +42,9 @@ from cli import UserError
 from config import Config, ConfigError, ModelConfig, load_config, save_config
 from evals.answering import Answerer
 from inputs.frames import MediaError
-from inputs.processors import exchange, meta_of, processor_for
+from inputs.processors import processor_for
 from layouts.readers import open_reader
+from layouts.shards import exchange, meta_of
 from training import checkpoints as ckpt
 from training.optim import build_optimizer
 from training.processes import Dist, init_dist, lost_peers

@@ -16,7 +16,7 @@ from connectors.tokenlearner_qformer import (
     SwiGLU,
     TokenLearner,
     TokenLearnerQFormer,
-    TokenLearnerQFormerConfig,
+    TokenLearnerQFormerSizes,
 )
 
 CONNECTORS = {
@@ -37,6 +37,6 @@ __all__ = [
     "SwiGLU",
     "TokenLearner",
     "TokenLearnerQFormer",
-    "TokenLearnerQFormerConfig",
+    "TokenLearnerQFormerSizes",
     "pixel_shuffle",
 ]

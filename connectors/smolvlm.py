@@ -150,7 +150,7 @@ class SmolVLM(VLM):
     def from_configs(
         cls, config: SmolVLMConfig, backbones: dict, processor: Idefics3Processor, frames: FrameSpec
     ) -> SmolVLM:
-        """A randomly initialised model of the saved shapes (checkpoint.py loads the weights into it)."""
+        """A randomly initialised model of the saved shapes (`from_saved` loads the weights into it)."""
         return cls(config, Idefics3ForConditionalGeneration(Idefics3Config.from_dict(backbones["idefics3"])),
                    processor, frames)  # fmt: skip
 

@@ -151,7 +151,7 @@ class LlamaQFormer(nn.Module):
 
 
 @dataclass
-class TokenLearnerQFormerConfig:
+class TokenLearnerQFormerSizes:
     """Everything needed to rebuild a TokenLearnerQFormer; saved as JSON beside the weights.
 
     Defaults fit SmolVLM-256M (SigLIP 768 → SmolLM2 576); the Q-Former follows SmolLM2-135M's block
@@ -182,7 +182,7 @@ class TokenLearnerQFormer(nn.Module):
     passed in even when the connector is kept in higher precision.
     """
 
-    def __init__(self, config: TokenLearnerQFormerConfig) -> None:
+    def __init__(self, config: TokenLearnerQFormerSizes) -> None:
         super().__init__()
         if config.num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0 (0: no TokenLearner), got {config.num_tokens}")
@@ -207,9 +207,9 @@ class TokenLearnerQFormer(nn.Module):
     @classmethod
     def from_options(cls, options: Any, vision_dim: int, llm_dim: int) -> TokenLearnerQFormer:
         """From any options holding the Q-Former's sizes (config.QFormerOptions or a kind that has them)."""
-        names = [f.name for f in fields(TokenLearnerQFormerConfig)]
+        names = [f.name for f in fields(TokenLearnerQFormerSizes)]
         sizes = {name: getattr(options, name) for name in names if hasattr(options, name)}
-        return cls(TokenLearnerQFormerConfig(**{**sizes, "vision_hidden": vision_dim, "text_hidden": llm_dim}))
+        return cls(TokenLearnerQFormerSizes(**{**sizes, "vision_hidden": vision_dim, "text_hidden": llm_dim}))
 
     def forward(
         self, image_hidden_states: torch.Tensor, pooled: torch.Tensor | None = None, *, return_maps: bool = False

@@ -1,7 +1,7 @@
 """A vision tower, a connector and an LLM: every design whose read of a frame does not depend on the LLM.
 
 The tower encodes each real frame once (towers.py: patches (N, P, Dv) and a pooled vector (N, Dv)); the
-connector of `model.kind` (connectors/) maps them to S tokens per frame; the base VLM (vlm.py) puts the T*S
+connector of `model.kind` (connectors/) maps them to S tokens per frame; the base VLM (vlm/base.py) puts the T*S
 tokens of a clip before its text. Any of them reads video: a clip of T frames is T x S tokens.
 """
 

@@ -39,7 +39,6 @@ from evals.answering import Answerer
 from evals.caption_metrics import caption_tokens, perplexity, score_captions
 from evals.results import read_predictions
 from inputs.frames import Media, MediaError
-from inputs.processors import media_of
 from inputs.tokenization import CAPTION_PROMPT, DESCRIBE_PROMPT
 from layouts.caption_sets import (
     COCO_SPLITS,
@@ -51,7 +50,7 @@ from layouts.caption_sets import (
 )
 from layouts.caption_sets import LAYOUTS as SET_LAYOUTS
 from layouts.eval_sets import DatasetMissing
-from layouts.readers import expand_shards
+from layouts.shards import expand_shards, media_of
 
 KARPATHY_FILES = ("dataset_flickr30k.json", "dataset_coco.json")
 LAYOUTS = {
@@ -66,7 +65,7 @@ STEM = "captions"
 
 
 @dataclass
-class Decoding:
+class BeamSettings:
     num_beams: int = 3
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
@@ -194,7 +193,7 @@ def load_captions(
 
 
 def caption_reads(
-    answerer: Answerer, item: CaptionItem, prompt: str, modes: list[str], decoding: Decoding
+    answerer: Answerer, item: CaptionItem, prompt: str, modes: list[str], decoding: BeamSettings
 ) -> dict[str, dict]:
     """One image in every read from one `prepare`: the generated caption and the references' summed NLL and
     token count (teacher-forced, as stage 2 labels them)."""
@@ -247,7 +246,7 @@ def summarize(records: list[dict], modes: list[str]) -> tuple[dict[str, dict], d
     return metrics, tokenisation
 
 
-def evaluate(answerer: Answerer, data: CaptionData, modes: list[str], decoding: Decoding, out: Path) -> dict:
+def evaluate(answerer: Answerer, data: CaptionData, modes: list[str], decoding: BeamSettings, out: Path) -> dict:
     """Caption the images (and reads) the JSONL lacks, appending as it goes, then write the summary."""
     out.mkdir(parents=True, exist_ok=True)
     path = (out / STEM).with_suffix(".jsonl")
@@ -312,7 +311,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     if args.protocol is not None or args.prompt_variant != "default":
         parser.error("captions are generated with the prompt the model was trained with: no --protocol or "
                      "--prompt-variant")  # fmt: skip
-    decoding = Decoding(args.num_beams, args.length_penalty, args.no_repeat_ngram_size, args.max_new_tokens)
+    decoding = BeamSettings(args.num_beams, args.length_penalty, args.no_repeat_ngram_size, args.max_new_tokens)
     if decoding.num_beams < 1 or decoding.max_new_tokens < 1 or decoding.no_repeat_ngram_size < 0:
         parser.error("--num-beams and --max-new-tokens must be >= 1, --no-repeat-ngram-size >= 0")
     if decoding.no_repeat_ngram_size and decoding.num_beams == 1:

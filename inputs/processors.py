@@ -18,8 +18,6 @@ extracted at 1 fps), and up to `max_frames` of them are spread over the clip.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,52 +26,9 @@ import torch
 from PIL import Image
 
 from collate import collate, pad_frames, pad_text, pad_views
-from inputs.frames import IMAGE_EXTS, FrameSpec, probe_video, read_image, sample_indices, video_frames
+from inputs.frames import FrameSpec, probe_video, read_image, sample_indices, video_frames
 from inputs.tokenization import DESCRIBE_PROMPT, IGNORE_INDEX, answer_labels, chat_ids, encode_sample, prompt_ids
-
-VIDEO_EXTS = frozenset({"mp4", "webm", "mkv", "avi", "mov"})
-_NUMBERED = re.compile(r"(\d+)\.(\w+)")
-
-
-def media_of(raw: dict) -> tuple[str, list[Any]]:
-    """("frames" | "video" | "image" | "text", payloads), decided from member names alone."""
-    numbered = sorted((int(m[1]), k) for k in raw if (m := _NUMBERED.fullmatch(k)) and m[2] in IMAGE_EXTS)
-    if numbered:
-        return "frames", [raw[k] for _, k in numbered]
-    for kind, exts in (("video", VIDEO_EXTS), ("image", IMAGE_EXTS)):
-        for k in raw:
-            if k in exts:
-                return kind, [raw[k]]
-    return "text", []
-
-
-def meta_of(raw: dict) -> dict:
-    """The sample's JSON as a dict (ValueError when it is missing or malformed)."""
-    if "json" not in raw:
-        raise ValueError("no JSON member")
-    meta = raw["json"]
-    meta = json.loads(meta) if isinstance(meta, bytes | str) else meta
-    if not isinstance(meta, dict):
-        raise ValueError(f"sample JSON must be an object, got {type(meta).__name__}")
-    return meta
-
-
-def exchange(meta: dict) -> tuple[str, str]:
-    """(question, reference answer) of a sample's first exchange, whatever its form."""
-    if "turns" in meta:
-        turns = [t for t in meta["turns"] if t.get("role") != "system"]
-        return turns[0]["content"], next((t["content"] for t in turns if t["role"] == "assistant"), "")
-    if "caption" in meta:
-        return DESCRIBE_PROMPT, meta["caption"]
-    return meta.get("user", ""), meta.get("assistant", meta.get("chosen", ""))
-
-
-def _stated_fps(raw: dict) -> float | None:
-    try:
-        native = meta_of(raw).get("fps")
-    except ValueError:
-        return None  # the sample is counted as bad JSON when it is encoded
-    return float(native) if isinstance(native, int | float) and not isinstance(native, bool) and native > 0 else None
+from layouts.shards import media_of, meta_of, stated_fps
 
 
 class ChatProcessor:
@@ -89,7 +44,7 @@ class ChatProcessor:
     # ---- pictures ------------------------------------------------------------------------------
 
     def _frame_indices(self, count: int, raw: dict) -> list[int]:
-        spec, native = self.frames, _stated_fps(raw) if self.frames.fps is not None else None
+        spec, native = self.frames, stated_fps(raw) if self.frames.fps is not None else None
         if native is not None:
             return sample_indices(count, native, spec.max_frames, spec.fps)
         return sample_indices(count, 1.0, spec.max_frames)

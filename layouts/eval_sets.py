@@ -38,9 +38,8 @@ from webdataset.tariterators import tarfile_samples
 from cli import UserError
 from evals.metrics import mvbench_letter, scienceqa_letter, videomme_letter, videomme_letter_legacy
 from inputs.frames import Media
-from inputs.processors import media_of  # the training reader's rule for media members
 from layouts import textvqa
-from layouts.readers import expand_shards
+from layouts.shards import expand_shards, media_of
 
 LETTERS = string.ascii_uppercase
 LETTER_PROMPT = "\nAnswer with the option's letter from the given choices directly."
@@ -95,7 +94,7 @@ LAYOUTS = {
     "scienceqa": "ROOT/**/*test*.parquet of ScienceQA (image bytes inside), or ROOT/problems.json with "
     "images at ROOT/images/test/<pid>/<image> or ROOT/test/<pid>/<image>",
     "textvqa": "ROOT/TextVQA_0.5.1_val.json and ROOT/train_images/<image_id>.jpg",
-    "shards": "WebDataset .tar files: ROOT as a directory of *.tar, a glob or a brace list (schema in benchmarks.py)",
+    "shards": "WebDataset .tar files: ROOT as a directory of *.tar, a glob or a brace list (layouts/shards.py)",
 }
 LAYOUTS["toy"] = LAYOUTS["shards"]
 

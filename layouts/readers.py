@@ -14,43 +14,22 @@ decode a sample never reads its image.
 
 from __future__ import annotations
 
-import glob
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 from webdataset.tariterators import tarfile_samples
 
 from config import CaptionSource, ShardSource, SourceConfig, TextVQASource
 from inputs.tokenization import CAPTION_PROMPT
 from layouts import textvqa
 from layouts.caption_sets import read_coco_captions, read_karpathy, training_samples
+from layouts.shards import expand_shards
 
 log = logging.getLogger(__name__)
-
-
-def expand_shards(spec: str | list[str] | None) -> list[str]:
-    """Brace lists and globs → shard paths, in a deterministic order every rank agrees on.
-
-    A glob that matches nothing is an error (a typo would otherwise train on nothing); other entries
-    (plain paths, `pipe:` or http URLs) are passed through for WebDataset to open.
-    """
-    out: list[str] = []
-    for pattern in [spec] if isinstance(spec, str) else spec or []:
-        for path in braceexpand.braceexpand(pattern):
-            if re.search(r"[*?\[]", path):
-                matches = sorted(glob.glob(path))
-                if not matches:
-                    raise FileNotFoundError(f"no shards match {path!r}")
-                out.extend(matches)
-            else:
-                out.append(path)
-    return out
 
 
 class ShardReader:

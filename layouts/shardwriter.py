@@ -53,11 +53,12 @@ from tqdm import tqdm
 from inputs.frames import IMAGENET_MEAN, IMAGENET_STD, MediaError, load_image, load_video, read_image, sample_indices
 from inputs.tokenization import check_turns
 from layouts.converters import Record, chat, reader
+from layouts.shards import VIDEO_EXTS
 
 log = logging.getLogger(__name__)
 
 REPORT = "report.json"
-VIDEO_EXTS = frozenset({"mp4", "webm", "mkv", "avi", "mov"})  # the containers data.py reads as a video
+
 FORMAT_EXTS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
 TEXT_FIELDS = ("user", "assistant", "caption", "chosen", "rejected")
 CHECK_FRAMES, CHECK_SIZE = 8, 32  # a copied video is checked by decoding this many frames, this small

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 FILES = {"train": "TextVQA_0.5.1_train.json", "val": "TextVQA_0.5.1_val.json"}
@@ -21,7 +22,7 @@ SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
 @dataclass(frozen=True)
-class Question:
+class TextVQAQuestion:
     """One TextVQA question as published; its image path already resolved under ROOT."""
 
     question_id: str
@@ -36,11 +37,20 @@ class Question:
 
     @property
     def prompt(self) -> str:
-        # str.capitalize (which also lowercases the rest) as lmms-eval and benchmarks.py ask it: train as evaluated
+        # str.capitalize (which also lowercases the rest) as lmms-eval and eval_sets.py ask it: train as evaluated
         return self.question.capitalize() + SHORT_ANSWER_PROMPT
 
 
-def load_questions(root: str | Path, split: str = "train") -> list[Question]:
+@lru_cache(maxsize=2)  # the converter counts, then reads: the file is parsed once
+def entries(path: Path) -> list[dict]:
+    """The question entries of one TextVQA JSON file, as published (the test split's have no answers)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ValueError(f"{path}: expected {{'data': [questions]}} (TextVQA_0.5.1_*.json)")
+    return data["data"]
+
+
+def load_questions(root: str | Path, split: str = "train") -> list[TextVQAQuestion]:
     """The questions of `split` (train | val), in file order."""
     if split not in FILES:
         raise ValueError(f"split must be one of {tuple(FILES)}, got {split!r}")
@@ -48,7 +58,8 @@ def load_questions(root: str | Path, split: str = "train") -> list[Question]:
     path = root / FILES[split]
     if not path.is_file():
         raise FileNotFoundError(f"TextVQA {split}: {path} not found (expected {FILES[split]} in {root})")
+    images = root / IMAGES
     return [
-        Question(str(q["question_id"]), q["question"], root / IMAGES / f"{q['image_id']}.jpg", tuple(q["answers"]))
-        for q in json.loads(path.read_text())["data"]
+        TextVQAQuestion(str(q["question_id"]), q["question"], images / f"{q['image_id']}.jpg", tuple(q["answers"]))
+        for q in entries(path)
     ]

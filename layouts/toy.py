@@ -24,7 +24,7 @@ Written as WebDataset shards in the project's training format (data.py), one fol
                       less than half the tokens of the lettered one
   dpo/NNNNNN.tar      stage 3: `user` / `chosen` (the right option) / `rejected` (a wrong one)
   val/, ask_val/      held-out clips as stage-2 samples in either wording, for validation loss
-  eval/NNNNNN.tar     the same held-out clips as multiple-choice questions in benchmarks.py's schema
+  eval/NNNNNN.tar     the same held-out clips as multiple-choice questions in eval_sets.py's schema
                       (`question`, `options`, `answer`, `task`: whether the ball keeps near the centre):
                       `python benchmark.py --model runs/toy/final --bench toy --data-root DIR/eval`
   caption_eval/       the held-out clips with their captions, for `benchmark.py --bench captions`
@@ -241,7 +241,7 @@ def look_share(attention: torch.Tensor, scene: dict[str, Any], patch: int) -> fl
 
 
 def mcq_prompt(question: str, options: list[str]) -> str:
-    """The multiple-choice user turn exactly as benchmarks.py builds it, so training matches evaluation."""
+    """The multiple-choice user turn exactly as eval_sets.py builds it, so training matches evaluation."""
     return question + "\n" + options_block(options).rstrip("\n") + LETTER_PROMPT
 
 

@@ -8,7 +8,7 @@ import torch
 from config import ConfigError, load_config
 from tests.test_model import USERS, user_turn_batch
 from tests.tiny import tiny_model
-from vlm.casts import ConstantCasts, use_bf16
+from vlm.casts import CPU_BF16, ConstantCasts, use_bf16
 
 
 def _frozen_llm_model(tokenizer):
@@ -77,12 +77,16 @@ def test_evaluation_casts_every_weight_and_scores_as_autocast_does(tokenizer):
         ConstantCasts([model], enabled=True, constant="some")
 
 
-def test_bf16_auto_follows_the_hardware_and_other_words_are_refused():
-    """train.bf16 auto is bf16 only where the device does it in hardware: emulated on an AVX2 CPU, a toy step
-    took 36 s against 1.8 s in fp32."""
+def test_bf16_auto_follows_the_hardware_and_other_words_are_refused(monkeypatch):
+    """train.bf16 auto is bf16 only where the device does it in hardware (emulated on an AVX2 CPU, a step is many
+    times slower than in fp32), or where FVLM_CPU_BF16 says the CPU has it or not."""
     cpu = torch.device("cpu")
+    monkeypatch.delenv(CPU_BF16, raising=False)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert use_bf16("auto", cpu) == native and use_bf16(True, cpu) and not use_bf16(False, cpu)
+    for forced in (True, False):
+        monkeypatch.setenv(CPU_BF16, str(int(forced)))
+        assert use_bf16("auto", cpu) == forced and use_bf16(True, cpu) and not use_bf16(False, cpu)
     assert load_config(None, []).train.bf16 == "auto" and load_config(None, ["train.bf16=false"]).train.bf16 is False
     with pytest.raises(ConfigError, match="'train.bf16' must be one of \\('auto',\\), got 'maybe'"):
         load_config(None, ["train.bf16=maybe"])

@@ -12,7 +12,7 @@ from connectors import (
     PixelShuffle,
     TokenLearner,
     TokenLearnerQFormer,
-    TokenLearnerQFormerConfig,
+    TokenLearnerQFormerSizes,
     pixel_shuffle,
 )
 from connectors import tokenlearner_qformer as tlqf_module
@@ -67,7 +67,7 @@ def test_qformer_grouped_kv_runs():
 @pytest.mark.parametrize("version", ["1", "1.1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_connector_shape_and_dtype(version, dtype):
-    cfg = TokenLearnerQFormerConfig(
+    cfg = TokenLearnerQFormerSizes(
         vision_hidden=20,
         text_hidden=12,
         num_queries=6,
@@ -91,7 +91,7 @@ def test_connector_shape_and_dtype(version, dtype):
 LLM = 12
 
 
-def _qformer_config(**overrides) -> TokenLearnerQFormerConfig:
+def _qformer_config(**overrides) -> TokenLearnerQFormerSizes:
     sizes = dict(
         vision_hidden=DIM,
         text_hidden=LLM,
@@ -103,7 +103,7 @@ def _qformer_config(**overrides) -> TokenLearnerQFormerConfig:
         num_kv_heads=2,
         intermediate_size=32,
     )
-    return TokenLearnerQFormerConfig(**{**sizes, **overrides})
+    return TokenLearnerQFormerSizes(**{**sizes, **overrides})
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -123,7 +123,7 @@ def test_registry_names_each_connector_and_the_config_moves_with_its_module():
         "cls_gate": ClsGate,
         "tokenlearner_qformer": TokenLearnerQFormer,
     }
-    assert tlqf_module.TokenLearnerQFormerConfig is TokenLearnerQFormerConfig
+    assert tlqf_module.TokenLearnerQFormerSizes is TokenLearnerQFormerSizes
     assert tlqf_module.TokenLearnerQFormer is TokenLearnerQFormer
 
 

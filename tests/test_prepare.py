@@ -21,9 +21,9 @@ from webdataset.tariterators import tarfile_samples
 
 import prepare
 from inputs.frames import load_video
-from inputs.processors import media_of
 from inputs.tokenization import IGNORE_INDEX, encode_sample
 from layouts import shardwriter
+from layouts.shards import media_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RED, GREEN, BLUE = (250, 0, 0), (0, 250, 0), (0, 0, 250)

@@ -185,7 +185,7 @@ def test_subset_and_rank_split(root, processor):
     assert set(ranks[0]).isdisjoint(ranks[1])
     cfg = from_dict(DataConfig, {**sources(root, subset=4), "batch_size": 1})
     assert data.epoch_batches(cfg, processor, 2) == 2
-    q = textvqa.Question("1", "what is it?", Path("x.jpg"), ("b", "a", "a", "b", "c"))
+    q = textvqa.TextVQAQuestion("1", "what is it?", Path("x.jpg"), ("b", "a", "a", "b", "c"))
     assert q.answer == "b"  # a tie goes to the answer given first
 
 

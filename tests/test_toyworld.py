@@ -344,11 +344,11 @@ def test_the_marked_task_asks_the_colour_of_the_ball_where_the_first_frame_shows
         places.add(tuple(cue["xy"]))
     assert len(places) == SETTINGS["train"]
     assert "A white ball is shown at the" in toy.caption(scene)
-    load = toyrun_config("marked")
+    load = run_config("marked")
     assert load.train.out_dir == "runs/toy_marked" and load.data.train[0].path == "data/toy_marked/ask/*.tar"
 
 
-def toyrun_config(task: str):
+def run_config(task: str):
     import toyworld
     from config import load_config
 

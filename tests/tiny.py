@@ -164,7 +164,6 @@ IMAGE_TOKENS = [
 ]
 
 
-
 def offline_processor(
     tokenizer: PreTrainedTokenizerBase,
     image_seq_len: int,

@@ -18,18 +18,26 @@ embeddings keep their fp32 table, and outside the block every module holds its o
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+CPU_BF16 = "FVLM_CPU_BF16"  # "1" / "0": take the CPU to have bf16 units or not, whatever it has
+
 
 def bf16_native(device: torch.device) -> bool:
     """Whether `device` does bf16 arithmetic in hardware: a CUDA GPU that supports it, or a CPU with avx512_bf16
-    or AMX. Elsewhere (an AVX2-only CPU) autocast emulates bf16, and a step is many times slower than in fp32."""
+    or AMX. Elsewhere (an AVX2-only CPU) autocast emulates bf16, and a step is many times slower than in fp32.
+    FVLM_CPU_BF16=1 or 0 decides for the CPU instead, so that one machine can run what `train.bf16: auto` does on
+    either kind (the test suite run both ways)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        forced = os.environ.get(CPU_BF16, "").strip()
+        if forced in ("0", "1"):
+            return forced == "1"
         cpu = torch.cpu
         return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return False

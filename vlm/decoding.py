@@ -1,6 +1,6 @@
 """Generation and option scoring for every kind of model, continuing from the KV cache of its prefix.
 
-`Decoding` is a part of the base VLM (vlm.py), kept apart because it is a concept of its own: what is done
+`Decoding` is a part of the base VLM (base.py), kept apart because it is a concept of its own: what is done
 with a prefix once the frames and the prompt have been read. It uses only the base's interface: `prefix`
 (the LLM state after [frames, text], with its KV cache), `_llm` (one LLM call on that cache), `embed` and
 `lm_head`. Greedy and beam-search generation (beam.py) run on a growing KV cache or, for inference, on a

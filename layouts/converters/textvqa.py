@@ -1,36 +1,27 @@
 """TextVQA (Singh et al. 2019): questions that need the text in the picture read, 10 answers each.
 
-Layout (the one textvqa.py trains from): `TextVQA_0.5.1_{train,val}.json` = {"dataset_name", …,
-"data": [{"question_id", "question", "image_id", "answers": [×10], "image_classes", "flickr_original_url",
-"set_name", …}]}; images `train_images/{image_id}.jpg` beside the JSON, for val too (MEDIA default). The
-test split has no answers: its entries are counted as `no_answers`.
+Layout (read by layouts/textvqa.py, as training and evaluation read it): `TextVQA_0.5.1_{train,val}.json` =
+{"dataset_name", …, "data": [{"question_id", "question", "image_id", "answers": [×10], "image_classes",
+"flickr_original_url", "set_name", …}]}; images `train_images/{image_id}.jpg` beside the JSON, for val too
+(MEDIA default). The test split has no answers: its entries are counted as `no_answers`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 
+from layouts import textvqa
 from layouts.converters import Record, most_frequent
 
 
-@lru_cache(maxsize=1)  # count() and records() read the file once
-def _entries(src: Path) -> list[dict]:
-    data = json.loads(src.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f"{src}: expected {{'data': [questions]}} (TextVQA_0.5.1_*.json)")
-    return data["data"]
-
-
 def count(src: Path) -> int:
-    return len(_entries(src))
+    return len(textvqa.entries(src))
 
 
 def records(src: Path, media: Path | None) -> Iterator[Record]:
     root = media or src.parent / "train_images"
-    for q in _entries(src):
+    for q in textvqa.entries(src):
         answers = list(q.get("answers") or [])
         text = {"user": q.get("question"), "assistant": most_frequent(answers) if answers else None, "answers": answers}
         yield Record(

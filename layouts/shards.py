@@ -1,0 +1,84 @@
+"""The training shard format: WebDataset tar files whose samples are members named KEY.<ext>.
+
+A sample is `KEY.json` (the text: pre-tokenized `token_ids` + `loss_mask`, `user`/`assistant`, `turns`, a
+`caption`, or DPO's `user`/`chosen`/`rejected`; optional `fps`, the rate numbered frames were extracted at) and its
+media: numbered frames `KEY.000.jpg, KEY.001.jpg …`, one video `KEY.mp4` (or webm/mkv/avi/mov), one image
+`KEY.jpg` (or png/webp/…), or none for a text-only sample, which is kept. Readers (readers.py, eval_sets.py's
+`shards` layout) and the writer (shardwriter.py) agree on it through this module.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from typing import Any
+
+import braceexpand
+
+from inputs.frames import IMAGE_EXTS
+from inputs.tokenization import DESCRIBE_PROMPT
+
+VIDEO_EXTS = frozenset({"mp4", "webm", "mkv", "avi", "mov"})
+_NUMBERED = re.compile(r"(\d+)\.(\w+)")
+
+
+def media_of(raw: dict) -> tuple[str, list[Any]]:
+    """("frames" | "video" | "image" | "text", payloads), decided from member names alone."""
+    numbered = sorted((int(m[1]), k) for k in raw if (m := _NUMBERED.fullmatch(k)) and m[2] in IMAGE_EXTS)
+    if numbered:
+        return "frames", [raw[k] for _, k in numbered]
+    for kind, exts in (("video", VIDEO_EXTS), ("image", IMAGE_EXTS)):
+        for k in raw:
+            if k in exts:
+                return kind, [raw[k]]
+    return "text", []
+
+
+def meta_of(raw: dict) -> dict:
+    """The sample's JSON as a dict (ValueError when it is missing or malformed)."""
+    if "json" not in raw:
+        raise ValueError("no JSON member")
+    meta = raw["json"]
+    meta = json.loads(meta) if isinstance(meta, bytes | str) else meta
+    if not isinstance(meta, dict):
+        raise ValueError(f"sample JSON must be an object, got {type(meta).__name__}")
+    return meta
+
+
+def exchange(meta: dict) -> tuple[str, str]:
+    """(question, reference answer) of a sample's first exchange, whatever its form."""
+    if "turns" in meta:
+        turns = [t for t in meta["turns"] if t.get("role") != "system"]
+        return turns[0]["content"], next((t["content"] for t in turns if t["role"] == "assistant"), "")
+    if "caption" in meta:
+        return DESCRIBE_PROMPT, meta["caption"]
+    return meta.get("user", ""), meta.get("assistant", meta.get("chosen", ""))
+
+
+def stated_fps(raw: dict) -> float | None:
+    """The frame rate a sample's numbered frames were extracted at, when its JSON states one."""
+    try:
+        native = meta_of(raw).get("fps")
+    except ValueError:
+        return None  # the sample is counted as bad JSON when it is encoded
+    return float(native) if isinstance(native, int | float) and not isinstance(native, bool) and native > 0 else None
+
+
+def expand_shards(spec: str | list[str] | None) -> list[str]:
+    """Brace lists and globs → shard paths, in a deterministic order every rank agrees on.
+
+    A glob that matches nothing is an error (a typo would otherwise train on nothing); other entries
+    (plain paths, `pipe:` or http URLs) are passed through for WebDataset to open.
+    """
+    out: list[str] = []
+    for pattern in [spec] if isinstance(spec, str) else spec or []:
+        for path in braceexpand.braceexpand(pattern):
+            if re.search(r"[*?\[]", path):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise FileNotFoundError(f"no shards match {path!r}")
+                out.extend(matches)
+            else:
+                out.append(path)
+    return out
