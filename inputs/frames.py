@@ -242,18 +242,26 @@ class Media:
     items: list[Path | bytes] = field(default_factory=list)
     start: float | None = None  # seconds: the window of a video or of a frame list to sample from
     end: float | None = None
-    fps: float | None = None  # frame rate of a frame list (needed with start/end)
+    fps: float | None = None  # the rate a frame list was extracted at (None: unknown)
+
+    def frame_indices(self, count: int, spec: FrameSpec) -> list[int]:
+        """Which of a frame list's `count` images a model fed by `spec` sees: at the spec's fps where the list's own
+        rate is known (its window too), else taken to be at the training rate already (the published shards hold
+        frames extracted at 1 fps); at most `max_frames`, spread over the clip."""
+        fps = spec.fps if self.fps is not None else None
+        return sample_indices(count, self.fps or 1.0, spec.max_frames, fps, self.start, self.end)
 
     def pictures(self, spec: FrameSpec) -> list[Image.Image | np.ndarray]:
-        """The question's frames decoded as `spec` samples them: `max_frames` spread uniformly over the video (or
-        its window), an image repeated `image_frames` times; none for a text-only question."""
+        """The frames decoded as `spec` feeds a model: a video at the spec's fps (every rate when it has none) over
+        the clip or its window, at most `max_frames` spread uniformly; a frame list likewise (`frame_indices`); an
+        image repeated `image_frames` times; none for text alone. The one rule from media to frames: training's
+        processors, the benchmark harness, chat, the app and the lmms-eval model all read through it."""
         if self.kind == "video":
-            return video_frames(self.items[0], spec.max_frames, start=self.start, end=self.end)
+            return video_frames(self.items[0], spec.max_frames, spec.fps, start=self.start, end=self.end)
         if self.kind == "image":
             return [read_image(self.items[0], spec.size)] * spec.image_frames
         if self.kind == "frames":
-            idx = sample_indices(len(self.items), self.fps or 1.0, spec.max_frames, start=self.start, end=self.end)
-            return [read_image(self.items[i], spec.size) for i in idx]
+            return [read_image(self.items[i], spec.size) for i in self.frame_indices(len(self.items), spec)]
         return []
 
     def frames(self, spec: FrameSpec) -> torch.Tensor:

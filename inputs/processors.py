@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from collate import collate, pad_frames, pad_text, pad_views
-from inputs.frames import FrameSpec, probe_video, read_image, sample_indices, video_frames
+from inputs.frames import FrameSpec, Media, probe_video, sample_indices
 from inputs.tokenization import DESCRIBE_PROMPT, IGNORE_INDEX, answer_labels, chat_ids, encode_sample, prompt_ids
 from layouts.shards import media_of, meta_of, stated_fps
 
@@ -43,37 +43,29 @@ class ChatProcessor:
 
     # ---- pictures ------------------------------------------------------------------------------
 
-    def _frame_indices(self, count: int, raw: dict) -> list[int]:
-        spec, native = self.frames, stated_fps(raw) if self.frames.fps is not None else None
-        if native is not None:
-            return sample_indices(count, native, spec.max_frames, spec.fps)
-        return sample_indices(count, 1.0, spec.max_frames)
+    @staticmethod
+    def media(raw: dict) -> Media:
+        """A raw sample's media, with the rate its numbered frames were extracted at when its JSON states one."""
+        kind, items = media_of(raw)
+        return Media("none" if kind == "text" else kind, items, fps=stated_fps(raw) if kind == "frames" else None)
 
     def num_frames(self, raw: dict) -> int:
         """The T a sample will decode to, from member names (and a container probe for videos)."""
-        kind, media = media_of(raw)
-        if kind == "frames":
-            return len(self._frame_indices(len(media), raw))
-        if kind == "image":
+        media = self.media(raw)
+        if media.kind == "frames":
+            return len(media.frame_indices(len(media.items), self.frames))
+        if media.kind == "image":
             return self.frames.image_frames
-        if kind == "video":
+        if media.kind == "video":
             try:
-                return len(sample_indices(*probe_video(media[0]), self.frames.max_frames, self.frames.fps))
+                return len(sample_indices(*probe_video(media.items[0]), self.frames.max_frames, self.frames.fps))
             except ValueError:  # MediaError included: decoding fails too and counts the sample
                 return 0
         return 0
 
     def pictures(self, raw: dict) -> list[Image.Image | np.ndarray]:
-        """The sample's frames decoded, before resizing and normalisation (an image repeated image_frames times)."""
-        spec = self.frames
-        kind, media = media_of(raw)
-        if kind == "frames":
-            return [read_image(media[i], spec.size) for i in self._frame_indices(len(media), raw)]
-        if kind == "video":
-            return video_frames(media[0], spec.max_frames, spec.fps)
-        if kind == "image":
-            return [read_image(media[0], spec.size)] * spec.image_frames
-        return []
+        """The sample's frames decoded, before resizing and normalisation (frames.Media's one rule)."""
+        return self.media(raw).pictures(self.frames)
 
     def clip(self, pictures: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """Decoded frames → (T, 3, S, S) as the model is fed."""

@@ -73,3 +73,28 @@ def test_images(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"x")
     with pytest.raises(MediaError, match="bad.png"):
         Media.at(tmp_path / "bad.png").frames(frames.FrameSpec())
+
+
+def test_every_reader_feeds_a_video_at_the_trained_fps(tmp_path, tokenizer):
+    """A 10 s clip at 10 fps, for a model fed at most 64 frames at 1 fps: 10 frames, not 64, on every path from a
+    media file to frames. Training's processor (a shard's mp4, or its numbered frames with their stated rate),
+    the benchmark harness and chat (Media: a video file, an MVBench-style frame folder) all decode as trained."""
+    import json
+
+    from inputs.processors import ChatProcessor
+
+    spec = frames.FrameSpec(size=16, max_frames=64, fps=1.0)
+    clip = mp4(num_frames=100, size=16, fps=10)
+    (tmp_path / "clip.mp4").write_bytes(clip)
+    stills = [jpeg((3 * i, 0, 0), (16, 16)) for i in range(100)]
+    processor = ChatProcessor(tokenizer, spec)
+    shard_video = {"__key__": "v", "json": json.dumps({"caption": "a clip"}).encode(), "mp4": clip}
+    shard_frames = {"__key__": "f", "json": json.dumps({"caption": "a clip", "fps": 10}).encode()}
+    shard_frames |= {f"{i:03d}.jpg": still for i, still in enumerate(stills)}
+    for raw in (shard_video, shard_frames):
+        assert len(processor.pictures(raw)) == processor.num_frames(raw) == 10
+    assert Media.at(tmp_path / "clip.mp4").frames(spec).shape[0] == 10
+    assert len(Media("frames", stills, fps=10).pictures(spec)) == 10
+    assert len(Media("frames", stills, start=2.0, end=3.95, fps=10).pictures(spec)) == 2  # a 2 s window
+    unknown_rate = {k: v for k, v in shard_frames.items() if k != "json"} | {"json": b'{"caption": "x"}'}
+    assert len(processor.pictures(unknown_rate)) == 64  # frames of unstated rate: taken as at the training rate
