@@ -8,7 +8,8 @@ the same way, and write one table.
 Each kind's own options are the model section of configs/toy_<kind>.yaml (configs/toy.yaml for the foveated
 model), its backbones the base config's; everything else (data, optim, train) is the base config's, so the
 kinds differ only in how vision reaches the LLM. Per kind the table gives visual tokens per frame, trainable
-parameters, held-out accuracy (likelihood protocol; per mode for the foveated model), training samples/s and
+parameters, held-out accuracy (likelihood protocol, in the precision each kind trained in; per mode for the
+foveated model), training samples/s and
 the prefill latency of an 8-frame clip on this machine. Writes OUT/compare.json and OUT/compare.md; a kind
 whose run finished is not trained again (its out_dir resumes), so a killed comparison goes on where it stopped.
 """
@@ -30,16 +31,18 @@ import benchmark
 import cli
 import registry
 import train
-from config import load_config
+from config import Config, load_config
 from evals.answering import Answerer
 from evals.timing import device_name, timed
 from inputs.processors import processor_for
 from layouts import toy
 from training.optim import build_optimizer
 from vlm.base import VLM
+from vlm.casts import use_bf16
 
 REPO = Path(__file__).resolve().parent
 KINDS = ("foveated", "pixel_shuffle", "mlp", "cls_gate", "tokenlearner_qformer")
+EVAL_BATCH = 25  # held-out questions scored together, as the toy run scores them
 
 
 def kind_config(kind: str) -> Path:
@@ -98,6 +101,11 @@ def prefill_ms(model: VLM, frames: int = 8) -> float:
     return 1000 * timed(prefill, torch.device("cpu"), repeats=3)
 
 
+def answerer_for(model: VLM, cfg: Config) -> Answerer:
+    """The kind's model read as it trained: in bf16 where its run trained in bf16 (train.bf16 on this CPU)."""
+    return Answerer(model, bf16=use_bf16(cfg.train.bf16, torch.device("cpu")))
+
+
 def compare(base: Path, kinds: list[str], out: Path, overrides: list[str], eval_root: Path | None) -> dict:
     rows = []
     for kind in kinds:
@@ -110,7 +118,8 @@ def compare(base: Path, kinds: list[str], out: Path, overrides: list[str], eval_
         model = registry.load(final)
         held = toy.held_out(cfg.data.train[0].path) if eval_root is None else eval_root
         bench = benchmark.load_benchmark("toy" if eval_root is None else "shards", held)
-        summary = benchmark.evaluate(Answerer(model), bench, "likelihood", list(model.reads), out / kind)
+        answerer = answerer_for(model, cfg)
+        summary = benchmark.evaluate(answerer, bench, "likelihood", list(model.reads), out / kind, EVAL_BATCH)
         rows.append(
             {
                 "kind": kind,
@@ -119,6 +128,7 @@ def compare(base: Path, kinds: list[str], out: Path, overrides: list[str], eval_
                 "accuracy": {read: round(summary["overall"][read], 1) for read in model.reads},
                 "chance": round(summary["chance"], 1),
                 "questions": summary["questions"],
+                "precision": "bf16" if answerer.bf16 else "fp32",
                 "train_samples_per_s": round(samples_per_s(Path(cfg.train.out_dir)), 2),
                 "prefill_ms_8_frames": round(prefill_ms(model), 1),
                 "seconds": round(time.perf_counter() - start),
@@ -141,7 +151,8 @@ def compare(base: Path, kinds: list[str], out: Path, overrides: list[str], eval_
 def markdown(result: dict) -> str:
     head = (
         f"Measured {result['date']} on {result['machine']}: {result['base_config']} "
-        f"{' '.join(result['overrides'])} ({result['steps']} steps each), likelihood protocol, chance "
+        f"{' '.join(result['overrides'])} ({result['steps']} steps each), likelihood protocol, read in "
+        f"{', '.join(sorted({r['precision'] for r in result['rows']}))} as trained, chance "
         f"{result['rows'][0]['chance']} % over {result['rows'][0]['questions']} held-out questions.\n\n"
     )
     lines = [

@@ -211,6 +211,31 @@ def test_every_kind_trains_saves_benchmarks_and_chats(kind, world, tokenizer, tm
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # lr 0: frozen bit for bit
 
 
+def test_bf16_copies_of_the_weights_follow_a_lora_merge():
+    """peft merges an adapter into its base weight through `.data`, which moves neither the tensor nor its version:
+    the bf16 copies an evaluation keeps (ConstantCasts) must still be made again, or the merged model runs the
+    base weights with its adapters gone."""
+    from vlm.casts import ConstantCasts
+
+    model = tiny_connector_model("mlp", lora=LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at 0: give the adapters weight, so that losing them shows
+                p.normal_(0, 0.5)
+    fr, fm, ids, am = ragged([2, 1], [4, 3])
+    casts = ConstantCasts([model], enabled=True, constant="all")
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        with casts:
+            adapted = model(fr, fm, ids, am).logits.float()
+        model.merge_lora()
+        with casts:
+            kept = model(fr, fm, ids, am).logits.float()
+        with ConstantCasts([model], enabled=True, constant="all"):
+            fresh = model(fr, fm, ids, am).logits.float()
+    assert torch.equal(kept, fresh)  # the same bf16 weights as copies made after the merge
+    assert (kept - adapted).abs().max() < 0.1 * adapted.abs().max()  # the adapters' effect kept, to bf16 rounding
+
+
 def test_the_connector_toy_configs_share_the_toy_recipe():
     """compare.py compares connectors only: each configs/toy_<kind>.yaml differs from configs/toy.yaml in its
     model section alone and in the foveated model's query rate (a recipe change made in one must be made in all)."""
@@ -226,7 +251,7 @@ def test_the_connector_toy_configs_share_the_toy_recipe():
         assert {k: v for k, v in cfg.items() if k != "model"} == {k: v for k, v in base.items() if k != "model"}
 
 
-def test_compare_trains_and_tabulates_every_kind_it_is_given(tmp_path, tokenizer):
+def test_compare_trains_and_tabulates_every_kind_it_is_given(tmp_path, tokenizer, monkeypatch):
     """compare.py end to end on the packaged backbones, one step per kind on a small toy world."""
     import json
 
@@ -236,7 +261,19 @@ def test_compare_trains_and_tabulates_every_kind_it_is_given(tmp_path, tokenizer
     overrides = [f"data.train={tmp_path / 'toy' / 'qa' / '*.tar'}", f"data.val={tmp_path / 'toy' / 'val' / '*.tar'}",
                  "train.max_steps=1", "data.batch_size=2", "data.num_workers=0"]  # fmt: skip
     args = ["--kinds", "cls_gate,foveated", "--out", str(tmp_path / "cmp"), "--eval", str(tmp_path / "toy" / "eval")]
-    result = compare.main(args + [x for o in overrides for x in ("--set", o)])
+    scored, evaluate = [], benchmark.evaluate
+
+    def spy(answerer, bench, protocol, modes, out, batch_size=1):
+        scored.append((answerer.bf16, batch_size))
+        return evaluate(answerer, bench, protocol, modes, out, batch_size)
+
+    monkeypatch.setattr(benchmark, "evaluate", spy)
+    result = compare.main(args + [x for o in overrides + ["train.bf16=false"] for x in ("--set", o)])
+    assert scored == [(False, compare.EVAL_BATCH)] * 2  # batched, in the precision trained
+    assert all(r["precision"] == "fp32" for r in result["rows"])
+    for setting in (True, False):  # the reader follows the run's precision, whatever this CPU has
+        cfg = compare.run_config(compare.kind_config("cls_gate"), "cls_gate", tmp_path / "p", [f"train.bf16={setting}"])
+        assert compare.answerer_for(tiny_connector_model("cls_gate", tokenizer), cfg).bf16 is setting
     rows = {r["kind"]: r for r in result["rows"]}
     assert rows["cls_gate"]["tokens_per_frame"] == 1 and list(rows["cls_gate"]["accuracy"]) == ["default"]
     assert list(rows["foveated"]["accuracy"]) == ["coarse_only", "coarse_fine", "autoregressive"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 import peft
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -88,14 +89,21 @@ def add_lora(llm: nn.Module, options: LoraConfig) -> nn.Module:
 def merge_lora(llm: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain Linear back (export); returns `llm`.
 
-    The merged weights keep the base's requires_grad (False): merging is for export, not for training on."""
+    The merged weights keep the base's requires_grad (False): merging is for export, not for training on. peft
+    writes the merge through `.data`, which leaves a weight's version as it was; each merged weight's version is
+    then bumped, so whatever keeps a copy of a weight by its version (casts.ConstantCasts, the head cache) makes
+    it again."""
     tuned = [name for name, m in llm.named_modules() if isinstance(m, BaseTunerLayer)]
     for name in tuned:
         parent_name, _, child = name.rpartition(".")
         parent = llm.get_submodule(parent_name)
         layer = getattr(parent, child)
         layer.merge()
-        setattr(parent, child, layer.get_base_layer())
+        base = layer.get_base_layer()
+        with torch.no_grad():
+            for p in base.parameters(recurse=False):
+                p.add_(0)  # an in-place op: the version moves, the values stay
+        setattr(parent, child, base)
     if hasattr(llm, "peft_config"):  # peft's record of the injected adapters, stale once they are gone
         del llm.peft_config
     return llm
