@@ -27,6 +27,7 @@ predictions file lacks are answered.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import defaultdict
@@ -40,7 +41,7 @@ import registry
 from evals import captioning
 from evals.answering import Answerer
 from evals.metrics import LMMS_EVAL_VERSION, mvbench_summary, normalize_answer, vqa_accuracy
-from evals.results import read_predictions
+from evals.results import claim, default_out, read_predictions, weights_digest
 from inputs.frames import MediaError
 from layouts.eval_sets import LETTERS, NAMES, PROMPT_VARIANTS, Benchmark, DatasetMissing, Question, load_benchmark
 
@@ -129,6 +130,16 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     variant = "" if bench.variant == "default" else f"_{bench.variant}"  # a variant never resumes another's answers
     stem = out / f"{bench.name}_{protocol}{variant}{'_bf16' if answerer.bf16 else ''}"  # nor bf16 reads fp32 ones
+    setting = {
+        "model": weights_digest(answerer.model),
+        "kind": answerer.model.kind,
+        "bench": bench.name,
+        "protocol": protocol,
+        "prompt_variant": bench.variant,
+        "bf16": answerer.bf16,
+        "frames": dataclasses.asdict(answerer.frames),
+    }
+    claim(stem, setting)
     done = read_predictions(stem.with_suffix(".jsonl"))
     todo = [q for q in bench.questions if not set(modes) <= set(done.get(q.id, {}).get("modes", {}))]
     with (
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="multiple-choice questions encoded and scored together under the likelihood protocol (default 1); "
         "the same answers up to float rounding, several times faster on a CPU",
     )
-    p.add_argument("--out", type=Path, help="default: runs/eval/<model directory name>")
+    p.add_argument("--out", type=Path, help="default: runs/eval/<the model's path, separators as _>")
     p.add_argument("--image-frames", type=int, help="copies that make an image a clip (default: the model's)")
     p.add_argument("--max-frames", type=int, help="frames sampled uniformly from a video (default: the model's)")
     p.add_argument("--frame-size", type=int, help="pixels (default: the size the model was trained at)")
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     modes = args.modes.split(",") if args.modes else list(answerer.reads)
     if unknown := [m for m in modes if m not in answerer.reads]:
         p.error(f"modes {unknown} are not among this model's {list(answerer.reads)}")
-    out = args.out or Path("runs/eval") / Path(args.model).resolve().name
+    out = args.out or default_out(args.model)
     summary = evaluate(answerer, bench, protocol, modes, out, args.batch_size)
     print_summary(summary)
     print(f"predictions and summary in {out}")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +28,8 @@ from tests.conftest import jpeg, mp4
 from tests.tiny import IMAGE, tiny_connector_model, tiny_model, tiny_smolvlm
 from vlm.decoding import shared_lead
 from vlm.loss import token_nll
+
+REPO = Path(__file__).resolve().parent.parent
 
 OPTIONS = ["a red ball", "a green cube", "a blue cone", "nothing"]
 
@@ -350,6 +356,29 @@ def test_missing_files_give_one_message_with_the_layout(fvlm_dir, mvbench, tmp_p
     with pytest.raises(SystemExit) as e:
         run(fvlm_dir, "mvbench", mvbench, tmp_path / "out")
     assert "1 media files are missing" in str(e.value.code) and "c1.mp4" in str(e.value.code)
+
+
+def test_a_results_file_belongs_to_one_model_and_setting(tokenizer, mvbench, tmp_path, monkeypatch):
+    """Two runs' models, both called `final`: by default each gets its own folder; sent to one folder, the second
+    model is refused in one line rather than reported with the first's answers. The same model resumes; another
+    frame setting or precision is another setting."""
+    for seed in (0, 1):
+        tiny_model(tokenizer=tokenizer, seed=seed).save_pretrained(tmp_path / f"run{seed}" / "final")
+    first, second = tmp_path / "run0" / "final", tmp_path / "run1" / "final"
+    monkeypatch.chdir(tmp_path)
+    args = ["--bench", "mvbench", "--data-root", str(mvbench), "--frame-size", str(IMAGE), "--max-frames", "4"]
+    a = benchmark.main(["--model", str(first), *args])
+    b = benchmark.main(["--model", str(second), *args])
+    assert a["answered_now"] == b["answered_now"] == a["questions"]  # nothing of the first run taken as answered
+    assert sorted(p.name for p in (tmp_path / "runs" / "eval").iterdir()) == ["run0_final", "run1_final"]
+    shared = ["--out", str(tmp_path / "shared")]
+    assert benchmark.main(["--model", str(first), *args, *shared])["answered_now"] == a["questions"]
+    assert benchmark.main(["--model", str(first), *args, *shared])["answered_now"] == 0  # the same: resumed
+    for other in (["--model", str(second), *args], ["--model", str(first), *args[:-1], "2"]):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmark.py"), *other, *shared], capture_output=True,
+                              text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "holds answers of another setting" in proc.stderr and "--out" in proc.stderr
 
 
 # ---- the SmolVLM variant through the same harness --------------------------------------------------
