@@ -262,9 +262,12 @@ class FoveatedVLM(VLM):
         logits: bool = True,
         **read: Any,
     ) -> Output:
-        """The base's forward; in training with `coarse_weight` > 0 the loss is fine + weight x the loss of an
-        extra LLM pass over the coarse tokens (the same targets, the same encoding), so that one model answers
-        from both reads and coarse_only is a trained reader too. `nll` and `count` stay the fine read's.
+        """The base's forward; with `coarse_weight` > 0 and labels the loss is fine + weight x the loss of an extra
+        LLM pass over the coarse tokens (the same targets, the same encoding), so that one model answers from both
+        reads and coarse_only is a trained reader too; `terms` holds the two (fine_loss, coarse_loss), and
+        validation, which runs this too, measures what training minimises. `nll` and `count` stay the fine read's.
+        Rows reading shared clips (DPO's chosen and rejected answers) take no coarse term: DPO's loss is made of
+        the fine read's log-probabilities alone, so that pass would be thrown away.
 
         In coarse_fine mode that pass is pass 1 as well (the frame slots' hidden states, which the text after
         them cannot change, give the fine queries), so the auxiliary loss costs no extra LLM pass."""
@@ -274,18 +277,19 @@ class FoveatedVLM(VLM):
         if visual is None:
             visual = self.prepare(frames, frame_mask)
         weight = self.config.coarse_weight
-        aux = bool(self.training and weight and labels is not None and read["mode"] != "coarse_only")
+        aux = bool(weight and labels is not None and rows is None and read["mode"] != "coarse_only")
         coarse_loss = None
-        if aux and read["mode"] == "coarse_fine" and rows is None:
+        if aux and read["mode"] == "coarse_fine":
             pre = self.prefix(visual, input_ids, attention_mask, False, None, mode="coarse_only")
             nll, count = labelled_nll(self.lm_head, pre.hidden, labels, pre.last_visual, pre.framed, pre.cut)
             coarse_loss = nll.sum() / count.sum().clamp(min=1)
             visual = Glanced(visual.frame_mask, visual.features, pre.frame_hidden)
         out = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows, logits, **read)
         if aux:
-            if coarse_loss is None:  # autoregressive training, or rows (DPO): a pass of its own
+            if coarse_loss is None:  # autoregressive: a pass of its own
                 coarse_loss = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows,
                                               False, mode="coarse_only").loss  # fmt: skip
+            out.terms = {"fine_loss": out.loss, "coarse_loss": coarse_loss}
             out.loss = out.loss + weight * coarse_loss
         return out
 

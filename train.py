@@ -19,7 +19,9 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
 import random
+import statistics
 import sys
 import time
 from collections import Counter
@@ -53,7 +55,7 @@ from training.schedule import Schedule
 from vlm import saved
 from vlm.base import VLM
 from vlm.casts import ConstantCasts, use_bf16
-from vlm.loss import batch_loss
+from vlm.loss import batch_losses
 
 
 class NonFinite(UserError):
@@ -103,6 +105,34 @@ class Stream:
                 " process: its shards are empty or every sample fails to decode (see the warnings above)"
             )
         return batch
+
+
+class SlowSteps:
+    """Says once when a step is far slower than the run's first ones were. On a machine with few cores, torch's
+    default threads spinning against another process's make each step 20-40x slower, and nothing else shows it."""
+
+    FIRST = 5  # steps whose median is the run's normal pace (the median passes over a slow first step)
+    FACTOR = 5.0
+
+    def __init__(self, enabled: bool) -> None:
+        """`enabled` is True on the process that prints (rank 0) when the run trains on the CPU."""
+        self.enabled, self.first = enabled, []
+
+    def see(self, step: int, seconds: float) -> None:
+        if not self.enabled:
+            return
+        if len(self.first) < self.FIRST:
+            self.first.append(seconds)
+            return
+        pace = statistics.median(self.first)
+        if seconds > self.FACTOR * pace > 0:
+            self.enabled = False  # once per run: the cause, if it is this one, stays for the run
+            tqdm.write(  # above the progress bars, which a print would break
+                f"warning: step {step} took {seconds:.1f} s, {seconds / pace:.0f}x the {pace:.2f} s of the first "
+                f"steps; torch runs {torch.get_num_threads()} threads on {os.cpu_count()} CPUs: if other jobs share "
+                "them, start each with OMP_NUM_THREADS=1",
+                file=sys.stderr,
+            )
 
 
 def set_seed(seed: int) -> None:
@@ -233,6 +263,7 @@ class Trainer:
         self.stream = Stream(partial(self.loader, split="train"), d, self.state)
         self.nonfinite = 0  # steps in a row skipped for a NaN/inf loss or gradient
         self.rng = ckpt.rng_state()  # this run's RNG streams, swapped in while it works (train_together)
+        self.slow = SlowSteps(d.rank == 0 and d.device.type == "cpu")
 
     @contextmanager
     def own_rng(self) -> Iterator[None]:
@@ -248,16 +279,17 @@ class Trainer:
         d = self.d
         return data.make_loader(self.cfg.data, self.processor, d.rank, d.world_size, epoch, skip_batches, split)
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def losses(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The step's loss and its terms (vlm/loss.py's batch_losses)."""
         with self.autocast:
-            return batch_loss(model, batch, self.raw.train_read, self.reference, self.cfg.train.dpo_beta)
+            return batch_losses(model, batch, self.raw.train_read, self.reference, self.cfg.train.dpo_beta)
 
     def step(self) -> dict:
         """One optimizer step over `accumulate` micro-batches; returns its log row."""
         tc, d = self.cfg.train, self.d
         lrs = self.schedule.apply(self.optimizer, self.state.step)
         start, skipped = time.perf_counter(), self.stream.skipped
-        data_s, loss_sum, samples, tokens = 0.0, torch.zeros((), device=d.device), 0, 0
+        data_s, sums, samples, tokens = 0.0, {}, 0, 0  # sums: the loss and its terms over the micro-batches
         for micro in range(tc.accumulate):
             t = time.perf_counter()
             batch = self.stream.next()
@@ -266,15 +298,18 @@ class Trainer:
             data_s += time.perf_counter() - t
             sync = self.ddp is None or micro == tc.accumulate - 1
             with nullcontext() if sync else self.ddp.no_sync(), self.casts:
-                loss = self.loss(self.model, batch)
-                (loss / tc.accumulate).backward()
-            loss_sum, samples, tokens = loss_sum + loss.detach().float(), samples + n, tokens + k
+                terms = self.losses(self.model, batch)
+                (terms["loss"] / tc.accumulate).backward()
+            sums = {name: sums.get(name, 0.0) + value.detach().float() for name, value in terms.items()}
+            samples, tokens = samples + n, tokens + k
+        names = sorted(sums)  # "loss" and its terms, the same on every process
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf  # inf: measure only
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        bad = not (math.isfinite(loss_sum.item()) and math.isfinite(norm.item()))
-        loss_sum, samples, tokens, skipped, bad = d.sum(
-            [loss_sum.item(), samples, tokens, self.stream.skipped - skipped, bad]
+        bad = not (math.isfinite(sums["loss"].item()) and math.isfinite(norm.item()))
+        *totals, samples, tokens, skipped, bad = d.sum(
+            [*(sums[name].item() for name in names), samples, tokens, self.stream.skipped - skipped, bad]
         )
+        means = {name: total / (tc.accumulate * d.world_size) for name, total in zip(names, totals, strict=True)}
         if bad:  # on any process: no process steps, so no NaN reaches the weights or the optimizer's moments
             self.nonfinite += 1
             if self.nonfinite >= tc.max_nonfinite:
@@ -292,7 +327,7 @@ class Trainer:
         return {
             "step": self.state.step,
             "epoch": self.state.epoch,
-            "loss": loss_sum / (tc.accumulate * d.world_size),
+            **means,  # loss, and fine_loss / coarse_loss where the loss is their sum
             **{f"lr_{name}": lr for name, lr in lrs.items()},
             "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds,
@@ -310,20 +345,32 @@ class Trainer:
         return "/".join(f"{drawn[i] / total:.3f}" for i in range(n))
 
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean loss over up to val_batches validation batches per process. It runs the unwrapped model
-        with no collective inside, so a rank with fewer batches cannot hang the others."""
+    def validate(self) -> dict[str, float]:
+        """The loss training minimises and its terms, as val_loss, val_fine_loss, ..., each the mean over up to
+        val_batches validation batches per process. It runs the unwrapped model with no collective inside, so a
+        rank with fewer batches cannot hang the others."""
         self.raw.eval()
-        total, count = 0.0, 0
-        with torch.random.fork_rng(devices=[]):
+        totals: dict[str, float] = {}
+        count = 0
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             loader = self.loader(split="val")
             batches = (batch for batch in loader if batch["keys"])  # empty markers carry no sample
             for batch in itertools.islice(batches, self.cfg.train.val_batches):
                 batch = {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-                total, count = total + self.loss(self.raw, batch).item(), count + 1
+                for name, value in self.losses(self.raw, batch).items():
+                    totals[name] = totals.get(name, 0.0) + value.item()
+                count += 1
         self.raw.train()
-        total, count = self.d.sum([total, count])
-        return total / max(count, 1)
+        names = self.loss_names
+        *sums, count = self.d.sum([*(totals.get(name, 0.0) for name in names), count])
+        return {f"val_{name}": total / max(count, 1) for name, total in zip(names, sums, strict=True)}
+
+    @property
+    def loss_names(self) -> list[str]:
+        """The loss and the terms this run's model logs (the same on every process, whatever data it holds)."""
+        config = self.raw.config
+        terms = getattr(config, "coarse_weight", 0) and self.reference is None and config.mode != "coarse_only"
+        return ["coarse_loss", "fine_loss", "loss"] if terms else ["loss"]
 
     def save(self) -> None:
         """Checkpoint (rank 0 writes, with every rank's RNG state and data position) and prune old checkpoints."""
@@ -362,7 +409,10 @@ def train_together(cfgs: list[Config]) -> list[Path]:
     logs = [RunLog(cfg, enabled=d.rank == 0) for cfg in cfgs]  # fails here, before any work, if wandb is missing
     runs = []
     for cfg, out in zip(cfgs, outs, strict=True):
-        run = Trainer(cfg, d, find_resume(cfg))
+        resume = find_resume(cfg)
+        run = Trainer(cfg, d, resume)
+        if resume is not None and d.rank == 0:
+            print(f"resumed from step {run.state.step} (checkpoint {resume})")
         cfg.model = run.raw.config  # the run config saved beside the model describes the model trained
         if d.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -417,8 +467,9 @@ def take_step(run: Trainer, log: RunLog, bar: tqdm) -> None:
     """One optimizer step of a run, then what follows it: validation, the log row, the bar, a checkpoint."""
     tc = run.cfg.train
     row = run.step()
+    run.slow.see(run.state.step, row["compute_s"])  # the data's time varies on its own (epoch starts, media)
     if tc.val_every and run.state.step % tc.val_every == 0:
-        row["val_loss"] = run.validate()
+        row.update(run.validate())
     log.write(row)
     bar.update(1)
     bar.set_postfix(loss=f"{row['loss']:.4f}")

@@ -4,7 +4,7 @@ checkpoints, DPO, DDP, strict config, frozen groups and LR schedules."""
 from __future__ import annotations
 
 import csv
-import importlib.util
+import dataclasses
 import json
 import math
 import os
@@ -26,11 +26,11 @@ from collate import pad_text
 from config import Config, OptimConfig, from_dict, load_config, to_dict
 from evals.answering import Answerer
 from inputs.frames import FrameSpec
+from inputs.tokenization import chat_ids
 from model import MODES, FoveatedVLM
 from tests.tiny import IMAGE, frames, tiny_model
 from training import checkpoints as ckpt
 from training.optim import build_optimizer
-from training.runlog import RunLog
 from training.schedule import Schedule
 from vlm import saved
 from vlm.loss import batch_loss, pair_batch
@@ -444,14 +444,6 @@ def test_prune_keeps_last_k_and_best_k(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == kept  # the staging dir is gone too
 
 
-def test_wandb_is_needed_only_when_enabled(tmp_path):
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed")
-    with pytest.raises(RuntimeError, match="pip install wandb"):
-        RunLog(from_dict(Config, {"train": {"out_dir": str(tmp_path), "wandb": "offline"}}))
-    RunLog(from_dict(Config, {"train": {"out_dir": str(tmp_path)}}))  # disabled: wandb is never imported
-
-
 SHIPPED_OPTIONS = sorted(
     {
         (m.frames_at, m.glimpses, m.deep_query)
@@ -516,3 +508,74 @@ def test_the_log_reports_the_mix_it_trained_on(tmp_path, start_model):
     )
     train.train(cfg)
     assert [r["mix"] for r in log_rows(cfg.train.out_dir)] == ["0.750/0.250", "0.750/0.250"]
+
+
+def test_a_resumed_run_says_where_it_resumed_from(tmp_path, start_model, monkeypatch, capsys):
+    cfg = make_config(tmp_path, start_model, train={"max_steps": 4})
+    with monkeypatch.context() as m:
+        crash_after(m, 3)  # last checkpoint at step 2
+        with pytest.raises(Crash):
+            train.train(cfg)
+    assert "resumed from" not in capsys.readouterr().out  # a new run has nothing to say
+    train.train(cfg)  # resume: auto
+    checkpoint = ckpt.checkpoint_dir(cfg.train.out_dir, 2)
+    assert f"resumed from step 2 (checkpoint {checkpoint})\n" in capsys.readouterr().out
+
+
+def test_a_step_far_slower_than_the_first_ones_warns_once(capsys):
+    slow = train.SlowSteps(enabled=True)
+    for step, seconds in enumerate([3.0, 1.0, 0.9, 1.1, 1.0, 4.9, 6.0, 60.0, 8.0], 1):  # a slow first, 4.9 < 5x
+        slow.see(step, seconds)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: step 7 took 6.0 s, 6x the 1.00 s of the first steps")
+    assert f"{torch.get_num_threads()} threads on {os.cpu_count()} CPUs" in lines[0]
+    assert "OMP_NUM_THREADS=1" in lines[0]
+    quiet = train.SlowSteps(enabled=False)  # ranks but 0, and runs on a GPU
+    for step, seconds in enumerate([1.0] * 5 + [60.0], 1):
+        quiet.see(step, seconds)
+    assert not capsys.readouterr().err
+
+
+def test_training_warns_of_a_slow_step(tmp_path, start_model, monkeypatch, capsys):
+    real = train.Trainer.step
+
+    def step(self):  # the clock of step 4 reads 100x its compute time
+        row = real(self)
+        if self.state.step == 4:
+            row["compute_s"] *= 100
+        return row
+
+    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(train.SlowSteps, "FIRST", 3)
+    train.train(make_config(tmp_path, start_model, train={"max_steps": 5, "accumulate": 1, "save_every": 5}))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "OMP_NUM_THREADS=1" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: step 4 took"), warnings
+
+
+def test_the_log_keeps_the_loss_terms_apart_and_validates_what_it_trains(tmp_path, start_model, tokenizer):
+    """With coarse_weight > 0 the step minimises fine + weight x coarse: log.csv holds that sum as `loss`, its terms
+    in their own columns, and validation measures the same sum (val_loss, val_fine_loss, val_coarse_loss), so
+    train.best_metric compares like with like. DPO's policy runs no coarse pass: its loss would be thrown away."""
+    weight = 0.5
+    cfg = make_config(tmp_path, start_model, data={"val": write_shards(tmp_path, "val", 1, 4)},
+                      train={"max_steps": 2, "val_every": 1, "val_batches": 2})  # fmt: skip
+    cfg.model = dataclasses.replace(cfg.model, coarse_weight=weight)  # a training option: the run's, not the model's
+    train.train(cfg)
+    with (Path(cfg.train.out_dir) / "log.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for row in rows:
+        for prefix in ("", "val_"):
+            total, fine, coarse = (float(row[f"{prefix}{name}"]) for name in ("loss", "fine_loss", "coarse_loss"))
+            assert total == pytest.approx(fine + weight * coarse, rel=1e-5) and fine > 0 and coarse > 0
+    policy = tiny_model(tokenizer=tokenizer, coarse_weight=1.0).train()
+    rows_ = [chat_ids(tokenizer, "What is it?", "Red.", stage=2)]
+    text = pad_text([r[0] for r in rows_], [r[1] for r in rows_], tokenizer.pad_token_id)
+    pairs = {"frames": frames(1, 2), "frame_mask": torch.ones(1, 2, dtype=torch.bool)}
+    for name in ("input_ids", "attention_mask", "labels"):
+        pairs[f"chosen_{name}"] = pairs[f"rejected_{name}"] = text[name]
+    calls = []
+    hook = policy.llm.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    batch_loss(policy, pairs, {"mode": "coarse_fine"}, policy, beta=0.1)
+    hook.remove()
+    assert len(calls) == 2 * 2  # policy and reference: two passes of coarse_fine each, no third for a coarse loss

@@ -105,6 +105,30 @@ def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> Tensor:
     return -F.logsigmoid(beta * (chosen - rejected)).mean()
 
 
+def batch_losses(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    read: dict[str, Any] | None = None,
+    reference: nn.Module | None = None,
+    beta: float = 0.1,
+) -> dict[str, Tensor]:
+    """The loss a step minimises ("loss": cross-entropy over the labelled tokens, or with a `reference` model the
+    DPO loss of a pair batch) and, where the model's loss is a sum of terms (the foveated model's fine + coarse),
+    each term under its own name, so that a log never mixes them.
+
+    `model` may be DDP-wrapped: it is only ever called, with the batch's tensors as keyword arguments and the
+    read's options (the foveated model's mode), so DDP sees every forward."""
+    read = read or {}
+    if reference is None:
+        out = model(**batch, logits=False, **read)
+        return {"loss": out.loss, **out.terms}
+    pairs = pair_batch(batch)
+    policy = answer_logp(model, pairs, read)
+    with torch.no_grad():
+        ref = answer_logp(reference, pairs, read)
+    return {"loss": dpo_loss(policy, ref, beta)}
+
+
 def batch_loss(
     model: nn.Module,
     batch: dict[str, Tensor],
@@ -112,15 +136,5 @@ def batch_loss(
     reference: nn.Module | None = None,
     beta: float = 0.1,
 ) -> Tensor:
-    """Cross-entropy over the labelled tokens, or with a `reference` model the DPO loss of a pair batch.
-
-    `model` may be DDP-wrapped: it is only ever called, with the batch's tensors as keyword arguments and the
-    read's options (the foveated model's mode), so DDP sees every forward."""
-    read = read or {}
-    if reference is None:
-        return model(**batch, logits=False, **read).loss
-    pairs = pair_batch(batch)
-    policy = answer_logp(model, pairs, read)
-    with torch.no_grad():
-        ref = answer_logp(reference, pairs, read)
-    return dpo_loss(policy, ref, beta)
+    """The loss a step minimises (see `batch_losses`)."""
+    return batch_losses(model, batch, read, reference, beta)["loss"]

@@ -3,7 +3,7 @@ prefix (`Prefix`) and a forward's result (`Output`). Apart from the base so that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -27,6 +27,7 @@ class Output:
     nll: Tensor | None = None  # (R,) summed negative log-likelihood of each row's labelled tokens
     count: Tensor | None = None  # (R,) labelled tokens per row
     attention: Tensor | None = None  # (B, T, maps, positions): where the read looked, for kinds that know
+    terms: dict[str, Tensor] = field(default_factory=dict)  # `loss`'s terms by name, when it is a sum of several
 
 
 @dataclass
