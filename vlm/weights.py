@@ -13,7 +13,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ import huggingface_hub
 import numpy as np
 import onnx
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from onnx import numpy_helper
 from transformers import (
     AutoConfig,
@@ -61,6 +63,8 @@ _DINO_RENAMES = {
     "attention.output.dense": "attention.o_proj",
 }
 _PROBE_TIMEOUT_S = 3.0
+# The probe's answer, kept for the process: each backbone load asking again would wait again (None: not asked yet).
+_hub_up: bool | None = None
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,14 +94,17 @@ def _llm_from_pretrained(source: str | Path, **kwargs) -> PreTrainedModel:
 def _resolve(source: str, hub_id: str, load: Callable[..., T], packaged: Callable[[], T]) -> T:
     """Directory, then HF cache, then hub (only if reachable), then the packaged copy of `hub_id`."""
     if source == PACKAGED:
-        return packaged()
+        with _hub_offline():
+            return packaged()
     if os.path.isdir(source):
         try:
-            return load(source)
+            with _hub_offline():
+                return load(source)
         except (OSError, ValueError) as e:
             raise OSError(f"{source!r} is a directory but not a from_pretrained checkpoint: {e}") from e
     try:
-        return load(source, local_files_only=True)
+        with _hub_offline():
+            return load(source, local_files_only=True)
     except (OSError, ValueError):
         pass
     if _hub_reachable():
@@ -105,9 +112,12 @@ def _resolve(source: str, hub_id: str, load: Callable[..., T], packaged: Callabl
             return load(source)
         except OSError as e:
             log.warning("fvlm: could not download %s from the hub (%s)", source, e)
+            if _is_connection_error(e):  # the next load would sit through the same retries
+                _set_hub_up(False)
     if source == hub_id:
         log.warning("fvlm: %s is neither in the HF cache nor downloadable; using the packaged weights", source)
-        return packaged()
+        with _hub_offline():
+            return packaged()
     raise OSError(
         f"Cannot load {source!r}: not a local directory, not in the Hugging Face cache, and the hub is "
         f"unreachable. Pass a directory saved with save_pretrained, or use {hub_id!r} or {PACKAGED!r}, "
@@ -115,18 +125,51 @@ def _resolve(source: str, hub_id: str, load: Callable[..., T], packaged: Callabl
     )
 
 
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE for a load that must not use the network: even a load from local files asks the hub
+    for its agent registry while building its request headers (huggingface_hub 2.x), which offline costs a
+    connection attempt and up to its timeout."""
+    before = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = before
+
+
 def _hub_reachable() -> bool:
-    """One short request: a failed `from_pretrained` retries for ~25 s before giving up."""
+    """One short request per process: a `from_pretrained` that cannot connect retries five times (~23 s)
+    before giving up, and every backbone load would pay that again."""
     offline_env = any(
         os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
     if offline_env or huggingface_hub.is_offline_mode():
         return False
-    try:
-        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=_PROBE_TIMEOUT_S)
-    except Exception:  # any failure (DNS, refused, timeout, proxy) means: do not wait on the hub
-        return False
-    return True
+    if _hub_up is None:
+        try:
+            response = huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=_PROBE_TIMEOUT_S)
+            # a 5xx is a proxy or gateway answering for an unreachable hub; downloads would retry on it too
+            _set_hub_up(response.status_code < 500)
+        except Exception:  # any failure (DNS, refused, timeout, proxy) means: do not wait on the hub
+            _set_hub_up(False)
+    return _hub_up
+
+
+def _set_hub_up(up: bool) -> None:
+    global _hub_up
+    _hub_up = up
+
+
+def _is_connection_error(error: BaseException | None) -> bool:
+    """Whether a failed download failed to reach the hub, rather than, say, finding no such repository."""
+    for _ in range(8):  # transformers' OSError, raised from huggingface_hub's, raised from the transport's
+        if error is None:
+            return False
+        if isinstance(error, (LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _packaged_file(dist: str, package: str, relpath: str) -> Path:
