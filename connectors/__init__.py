@@ -16,7 +16,6 @@ from connectors.tokenlearner_qformer import (
     SwiGLU,
     TokenLearner,
     TokenLearnerQFormer,
-    TokenLearnerQFormerSizes,
 )
 
 CONNECTORS = {
@@ -37,6 +36,5 @@ __all__ = [
     "SwiGLU",
     "TokenLearner",
     "TokenLearnerQFormer",
-    "TokenLearnerQFormerSizes",
     "pixel_shuffle",
 ]

@@ -8,12 +8,12 @@ attention-pooling connector (learned queries, one cross-attention), a one-layer 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from config import QFormerOptions
 
 
 class TokenLearner(nn.Module):
@@ -150,28 +150,6 @@ class LlamaQFormer(nn.Module):
         return self.proj(self.norm(x))
 
 
-@dataclass
-class TokenLearnerQFormerSizes:
-    """Everything needed to rebuild a TokenLearnerQFormer; saved as JSON beside the weights.
-
-    Defaults fit SmolVLM-256M (SigLIP 768 → SmolLM2 576); the Q-Former follows SmolLM2-135M's block
-    shape (9 heads, 3 KV heads, SwiGLU 1536).
-    """
-
-    vision_hidden: int = 768
-    text_hidden: int = 576
-    num_queries: int = 64  # S: must equal the processor's image_seq_len
-    num_tokens: int = 256  # T; 0: no TokenLearner, the Q-Former reads the P patches
-    version: str = "1.1"
-    bottleneck: int = 64
-    hidden_size: int = 576
-    num_layers: int = 2
-    num_heads: int = 9
-    num_kv_heads: int = 3
-    intermediate_size: int = 1536
-    rms_norm_eps: float = 1e-5
-
-
 class TokenLearnerQFormer(nn.Module):
     """Image connector: patch features (N, P, vision_hidden) → (N, S, text_hidden).
 
@@ -182,21 +160,21 @@ class TokenLearnerQFormer(nn.Module):
     passed in even when the connector is kept in higher precision.
     """
 
-    def __init__(self, config: TokenLearnerQFormerSizes) -> None:
+    def __init__(self, config: QFormerOptions, vision_hidden: int, text_hidden: int) -> None:
         super().__init__()
         if config.num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0 (0: no TokenLearner), got {config.num_tokens}")
         self.config = config
         self.token_learner = (
-            TokenLearner(config.vision_hidden, config.num_tokens, config.bottleneck, config.version)
+            TokenLearner(vision_hidden, config.num_tokens, config.bottleneck, config.version)
             if config.num_tokens
             else None
         )
         self.qformer = LlamaQFormer(
             config.num_queries,
             config.hidden_size,
-            config.vision_hidden,
-            config.text_hidden,
+            vision_hidden,
+            text_hidden,
             config.num_layers,
             config.num_heads,
             config.num_kv_heads,
@@ -205,11 +183,9 @@ class TokenLearnerQFormer(nn.Module):
         )
 
     @classmethod
-    def from_options(cls, options: Any, vision_dim: int, llm_dim: int) -> TokenLearnerQFormer:
-        """From any options holding the Q-Former's sizes (config.QFormerOptions or a kind that has them)."""
-        names = [f.name for f in fields(TokenLearnerQFormerSizes)]
-        sizes = {name: getattr(options, name) for name in names if hasattr(options, name)}
-        return cls(TokenLearnerQFormerSizes(**{**sizes, "vision_hidden": vision_dim, "text_hidden": llm_dim}))
+    def from_options(cls, options: QFormerOptions, vision_dim: int, llm_dim: int) -> TokenLearnerQFormer:
+        """From the run's options (config.QFormerOptions, or a kind's config that holds them) and the widths."""
+        return cls(options, vision_dim, llm_dim)
 
     def forward(
         self, image_hidden_states: torch.Tensor, pooled: torch.Tensor | None = None, *, return_maps: bool = False

@@ -3,6 +3,7 @@ import torch
 from transformers import Idefics3Config
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
+from config import QFormerOptions
 from connectors import (
     CONNECTORS,
     Attention,
@@ -12,7 +13,6 @@ from connectors import (
     PixelShuffle,
     TokenLearner,
     TokenLearnerQFormer,
-    TokenLearnerQFormerSizes,
     pixel_shuffle,
 )
 from connectors import tokenlearner_qformer as tlqf_module
@@ -67,9 +67,7 @@ def test_qformer_grouped_kv_runs():
 @pytest.mark.parametrize("version", ["1", "1.1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_connector_shape_and_dtype(version, dtype):
-    cfg = TokenLearnerQFormerSizes(
-        vision_hidden=20,
-        text_hidden=12,
+    cfg = QFormerOptions(
         num_queries=6,
         num_tokens=8,
         version=version,
@@ -79,11 +77,11 @@ def test_connector_shape_and_dtype(version, dtype):
         num_kv_heads=2,
         intermediate_size=32,
     )
-    connector = TokenLearnerQFormer(cfg).to(dtype)
+    connector = TokenLearnerQFormer(cfg, 20, 12).to(dtype)
     out = connector(torch.randn(3, 64, 20, dtype=dtype))
     assert out.shape == (3, 6, 12) and out.dtype == dtype
     # a float32 connector inside a bf16 model still hands back bf16
-    assert TokenLearnerQFormer(cfg)(torch.randn(1, 64, 20, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert TokenLearnerQFormer(cfg, 20, 12)(torch.randn(1, 64, 20, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 # ---- the tower connectors ------------------------------------------------------------------------
@@ -91,10 +89,8 @@ def test_connector_shape_and_dtype(version, dtype):
 LLM = 12
 
 
-def _qformer_config(**overrides) -> TokenLearnerQFormerSizes:
+def _qformer_config(**overrides) -> QFormerOptions:
     sizes = dict(
-        vision_hidden=DIM,
-        text_hidden=LLM,
         num_queries=6,
         num_tokens=8,
         bottleneck=8,
@@ -103,7 +99,7 @@ def _qformer_config(**overrides) -> TokenLearnerQFormerSizes:
         num_kv_heads=2,
         intermediate_size=32,
     )
-    return TokenLearnerQFormerSizes(**{**sizes, **overrides})
+    return QFormerOptions(**{**sizes, **overrides})
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -112,7 +108,7 @@ def _build(name: str) -> torch.nn.Module:
     if name == "pixel_shuffle":
         return CONNECTORS[name](DIM, LLM, 2)
     if name == "tokenlearner_qformer":
-        return CONNECTORS[name](_qformer_config())
+        return CONNECTORS[name](_qformer_config(), DIM, LLM)
     return CONNECTORS[name](DIM, LLM)
 
 
@@ -123,7 +119,6 @@ def test_registry_names_each_connector_and_the_config_moves_with_its_module():
         "cls_gate": ClsGate,
         "tokenlearner_qformer": TokenLearnerQFormer,
     }
-    assert tlqf_module.TokenLearnerQFormerSizes is TokenLearnerQFormerSizes
     assert tlqf_module.TokenLearnerQFormer is TokenLearnerQFormer
 
 
@@ -197,7 +192,7 @@ def test_tokenlearner_qformer_reads_a_tiny_dinov2_towers_patches(num_tokens):
     with torch.no_grad():
         patches, pooled = tower(pixels(2))  # (2, 16, 32), (2, 32)
     torch.manual_seed(0)
-    connector = TokenLearnerQFormer(_qformer_config(num_tokens=num_tokens, num_layers=1))
+    connector = TokenLearnerQFormer(_qformer_config(num_tokens=num_tokens, num_layers=1), DIM, LLM)
     out, maps = connector(patches, pooled, return_maps=True)
     assert out.shape == (2, 6, LLM) and connector.tokens_per_frame(tower.grid(IMAGE)) == 6
     torch.testing.assert_close(connector(patches), out)  # Idefics3's one-argument call, same tokens
@@ -209,7 +204,7 @@ def test_tokenlearner_qformer_reads_a_tiny_dinov2_towers_patches(num_tokens):
         assert not any(k.startswith("token_learner") for k in connector.state_dict())
         torch.testing.assert_close(out, connector.qformer(patches))
     with pytest.raises(ValueError, match="num_tokens"):
-        TokenLearnerQFormer(_qformer_config(num_tokens=-1))
+        TokenLearnerQFormer(_qformer_config(num_tokens=-1), DIM, LLM)
 
 
 @pytest.mark.parametrize("name", sorted(CONNECTORS))
