@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +137,7 @@ def read_image(src: Source, size: int | None = None) -> Image.Image:
     With `size`, a JPEG at least twice that large is decoded at a reduced scale (libjpeg's DCT scaling,
     never below size×size), several times faster for the 64 frames of a training sample.
     """
+    _exists(src)
     try:
         with Image.open(_open(src)) as im:
             if size is not None:
@@ -141,6 +145,33 @@ def read_image(src: Source, size: int | None = None) -> Image.Image:
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"cannot decode image {_name(src)}: {e}") from e
+
+
+class MediaMissing(MediaError, FileNotFoundError):
+    """A media file that is not there: skipped and counted wherever undecodable media are (a MediaError), and a
+    FileNotFoundError to whoever asks for one."""
+
+
+def _exists(src: Source) -> None:
+    """A missing file is said to be missing, before any decoder runs (they would call it undecodable, and FFmpeg and
+    decord print lines of their own first)."""
+    if not isinstance(src, bytes) and not Path(src).is_file():
+        raise MediaMissing(f"{src}: no such file")
+
+
+@contextmanager
+def _native_stderr_quiet() -> Iterator[None]:
+    """Silence what FFmpeg and decord write straight to file descriptor 2 while they try a clip: a failure is reported
+    once, as a MediaError naming the file and each decoder's reason, not as their lines before it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _decord_probe(src: Source) -> tuple[object, int, float]:
@@ -178,10 +209,12 @@ def _pyav_frames(src: Source, indices: list[int]) -> list[np.ndarray]:
 
 def probe_video(src: Source, backend: str | None = None) -> tuple[int, float]:
     """(frame count, native fps) read from the container without decoding frames."""
+    _exists(src)
     errors = []
     for name in (backend,) if backend else ("decord", "pyav"):
         try:
-            return _decord_probe(src)[1:] if name == "decord" else _pyav_probe(src)
+            with _native_stderr_quiet():
+                return _decord_probe(src)[1:] if name == "decord" else _pyav_probe(src)
         except Exception as e:  # decord and FFmpeg raise many unrelated types
             errors.append(f"{name}: {e}")
     raise MediaError(f"cannot read video {_name(src)}: {'; '.join(errors)}")
@@ -202,23 +235,30 @@ def video_frames(
     """
     if backend not in (None, "decord", "pyav"):
         raise ValueError(f"unknown video backend {backend!r}")
+    _exists(src)
     errors = []
     for name in (backend,) if backend else ("decord", "pyav"):
         try:
-            if name == "decord":
-                vr, n, rate = _decord_probe(src)
-                idx = sample_indices(n, rate, max_frames, fps, start, end)
-                arrays = list(vr.get_batch(idx).asnumpy()) if idx else []
-            else:
-                n, rate = _pyav_probe(src)
-                idx = sample_indices(n, rate, max_frames, fps, start, end)
-                arrays = _pyav_frames(src, idx) if idx else []
+            with _native_stderr_quiet():
+                arrays = _decoded(name, src, max_frames, fps, start, end)
             if not arrays:
                 raise MediaError("no frames")
             return arrays
         except Exception as e:  # decord and FFmpeg raise many unrelated types
             errors.append(f"{name}: {e}")
     raise MediaError(f"cannot decode video {_name(src)}: {'; '.join(errors)}")
+
+
+def _decoded(
+    name: str, src: Source, max_frames: int, fps: float | None, start: float | None, end: float | None
+) -> list[np.ndarray]:
+    if name == "decord":
+        vr, n, rate = _decord_probe(src)
+        idx = sample_indices(n, rate, max_frames, fps, start, end)
+        return list(vr.get_batch(idx).asnumpy()) if idx else []
+    n, rate = _pyav_probe(src)
+    idx = sample_indices(n, rate, max_frames, fps, start, end)
+    return _pyav_frames(src, idx) if idx else []
 
 
 def load_video(

@@ -98,3 +98,19 @@ def test_every_reader_feeds_a_video_at_the_trained_fps(tmp_path, tokenizer):
     assert len(Media("frames", stills, start=2.0, end=3.95, fps=10).pictures(spec)) == 2  # a 2 s window
     unknown_rate = {k: v for k, v in shard_frames.items() if k != "json"} | {"json": b'{"caption": "x"}'}
     assert len(processor.pictures(unknown_rate)) == 64  # frames of unstated rate: taken as at the training rate
+
+
+def test_a_missing_file_is_not_undecodable_and_decoders_print_nothing_of_their_own(tmp_path, capfd):
+    """A file that is not there is said to be missing (a FileNotFoundError, and a MediaError where media are skipped
+    and counted), not "cannot decode"; a corrupt one is one
+    MediaError, with nothing that FFmpeg or decord print on their own before it."""
+    for read in (frames.video_frames, frames.probe_video, frames.read_image):
+        with pytest.raises(FileNotFoundError, match="gone.mp4: no such file") as e:
+            read(tmp_path / "gone.mp4")
+        assert isinstance(e.value, MediaError)
+    (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 200)
+    with pytest.raises(MediaError, match="cannot decode video .*bad.mp4"):
+        frames.video_frames(tmp_path / "bad.mp4")
+    with pytest.raises(MediaError, match="bad.mp4"):
+        frames.probe_video(tmp_path / "bad.mp4")
+    assert capfd.readouterr().err == ""
