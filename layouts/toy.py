@@ -15,6 +15,10 @@ The marked task (`--task marked`) asks where rather than what: frame 0 shows a w
 nothing else, the later frames four coloured balls (each colour once) standing still, one of them where the white
 one was, and the question asks that one's colour. What frame 0 tells is a place, which a query reaches through
 DINOv2's position embeddings, rather than a shape to match.
+The binding task (`--task binding`) is the world where the question decides where to look: every frame shows four
+coloured shapes (each colour once, each shape once) at random places, and the question names one by one attribute
+and asks the other ("What colour is the triangle?", "What shape is the red one?"). The bag of colours and shapes is
+the same in every clip: only a read that goes to the named object carries which colour belongs to which shape.
 
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
   caption/NNNNNN.tar  stage 1: `caption` describing the clip ("A red ball moves from the top left to ...")
@@ -113,15 +117,7 @@ def make_cued_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, 
     is the answer only in how they bind to shapes; a query written from the cue can go to the one shape."""
     scene = make_scene(rng, size, frames, clutter)
     r = scene["ball"]["radius"]
-    shapes, colours = rng.permutation(len(SHAPES)).tolist(), rng.permutation(len(COLOURS)).tolist()
-    objects, starts = [], []
-    while len(starts) < len(SHAPES):  # starts apart by more than a diameter: no shape covers another at first
-        xy = rng.uniform(r + 1, size - r - 1, 2)
-        starts = [*starts, xy] if all(np.linalg.norm(xy - o) > 2.5 * r for o in starts) else starts[:-1]
-    for shape, colour, start in zip(shapes, colours, starts, strict=True):
-        step = rng.uniform(-size / 16, size / 16, 2)
-        path = [np.clip(start + t * step, r + 1, size - r - 1).round().astype(int).tolist() for t in range(frames)]
-        objects.append({"shape": SHAPES[shape], "colour": list(COLOURS)[colour], "radius": r, "path": path})
+    objects = _objects(rng, size, frames, r, size / 16)
     target = int(rng.integers(len(objects)))
     scene["cue"] = {"shape": objects[target]["shape"], "xy": [size // 2, size // 2], "radius": int(1.5 * r)}
     scene["objects"], scene["target"] = objects, target
@@ -157,14 +153,53 @@ def make_marked_scene(rng: np.random.Generator, size: int = 112, frames: int = 4
     return scene
 
 
-# the world's tasks: the ball's colour, the colour of the shape the first frame shows, of the ball where it shows one
-SCENES = {"ball": make_scene, "cued": make_cued_scene, "marked": make_marked_scene}
+def _objects(rng: np.random.Generator, size: int, frames: int, r: int, step: float) -> list[dict[str, Any]]:
+    """Four coloured shapes, each shape once and each colour once, started apart at random places and drifting by
+    up to `step` pixels a frame (the cued task's later frames, the binding task's every frame)."""
+    shapes, colours = rng.permutation(len(SHAPES)).tolist(), rng.permutation(len(COLOURS)).tolist()
+    starts: list[np.ndarray] = []
+    while len(starts) < len(SHAPES):  # starts apart by more than a diameter: no shape covers another at first
+        xy = rng.uniform(r + 1, size - r - 1, 2)
+        starts = [*starts, xy] if all(np.linalg.norm(xy - o) > 2.5 * r for o in starts) else starts[:-1]
+    objects = []
+    for shape, colour, start in zip(shapes, colours, starts, strict=True):
+        move = rng.uniform(-step, step, 2)
+        path = [np.clip(start + t * move, r + 1, size - r - 1).round().astype(int).tolist() for t in range(frames)]
+        objects.append({"shape": SHAPES[shape], "colour": list(COLOURS)[colour], "radius": r, "path": path})
+    return objects
+
+
+def make_binding_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, clutter: int = 6) -> dict[str, Any]:
+    """A clip of the binding task: every frame shows four coloured shapes (each colour once, each shape once) at
+    random places, drifting, among the grey clutter; the question names one of them by one attribute and asks the
+    other ("What colour is the triangle?", "What shape is the red one?"). Every clip holds the same bag of colours
+    and of shapes, so a read that does not know the question carries no answer but in which colour binds to which
+    shape; a read written from the question can go to the one it names."""
+    scene = make_scene(rng, size, frames, clutter)
+    r = scene["ball"]["radius"]
+    while True:  # apart in every frame, so that none is ever hidden behind another
+        objects = _objects(rng, size, frames, r, size / 16)
+        paths = np.asarray([o["path"] for o in objects], dtype=float)  # (4, T, 2)
+        gaps = np.linalg.norm(paths[:, None] - paths[None], axis=-1)[~np.eye(len(objects), dtype=bool)]
+        if gaps.min() > 2.2 * r:
+            break
+    target, ask = int(rng.integers(len(objects))), ("colour", "shape")[int(rng.integers(2))]
+    scene["objects"], scene["target"], scene["ask"] = objects, target, ask
+    scene["ball"] = objects[target]  # the named object stands in for the ball (answer, group, look share)
+    scene["task"] = "binding"
+    return scene
+
+
+# the world's tasks: the ball's colour, the colour of the shape the first frame shows, of the ball where it shows
+# one, and one attribute of the object the question names by the other
+SCENES = {"ball": make_scene, "cued": make_cued_scene, "marked": make_marked_scene, "binding": make_binding_scene}
 TASKS = tuple(SCENES)
-QUESTIONS = {"ball": QUESTION, "cued": CUED_QUESTION, "marked": MARKED_QUESTION}
+QUESTIONS = {"ball": QUESTION, "cued": CUED_QUESTION, "marked": MARKED_QUESTION}  # binding: one per clip
 TARGETS = {  # what the look share measures (ball_patches), per task
     "ball": "the ball",
     "cued": "the cue, then the cued shape",
     "marked": "the white ball, then the one in its place",
+    "binding": "the object the question names",
 }
 
 
@@ -193,7 +228,7 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
             _shape(draw, c["shape"], c["xy"], c["r"], (c["grey"],) * 3)
         if scene.get("task", "ball") == "ball":
             _shape(draw, "circle", ball["path"][t], ball["radius"], COLOURS[ball["colour"]])
-        elif t == 0:  # the cue: white, outlined in black so that no grey clutter looks like it
+        elif t == 0 and scene["task"] != "binding":  # the cue: white, outlined in black: no grey clutter is like it
             cue, r = scene["cue"], scene["cue"]["radius"]
             _shape(draw, cue["shape"], cue["xy"], r + 2, (0, 0, 0))
             _shape(draw, cue["shape"], cue["xy"], r, (255, 255, 255))
@@ -205,16 +240,30 @@ def render(scene: dict[str, Any]) -> list[Image.Image]:
 
 
 def answer_of(scene: dict[str, Any]) -> str:
-    """The ball's colour (in the cued and marked tasks, the cued one's): what every question about the scene asks."""
-    return scene["ball"]["colour"]
+    """The ball's colour (in the cued and marked tasks, the cued one's; in the binding task the named object's
+    colour or shape, whichever is asked): what every question about the scene asks."""
+    return scene["ball"][scene.get("ask", "colour")]
+
+
+def options_of(scene: dict[str, Any]) -> list[str]:
+    """The answers a question about the scene chooses from, in option order: the colours, or the shapes."""
+    return list(SHAPES) if scene.get("ask", "colour") == "shape" else list(COLOURS)
 
 
 def question_of(scene: dict[str, Any]) -> str:
-    return QUESTIONS[scene.get("task", "ball")]
+    if scene.get("task", "ball") != "binding":
+        return QUESTIONS[scene.get("task", "ball")]
+    named = scene["ball"]
+    if scene["ask"] == "colour":
+        return f"What colour is the {named['shape']}?"
+    return f"What shape is the {named['colour']} one?"
 
 
 def group_of(scene: dict[str, Any]) -> str:
-    """Whether the ball keeps near the middle of the frame (mean distance under a quarter of its width)."""
+    """Whether the ball keeps near the middle of the frame (mean distance under a quarter of its width); in the
+    binding task, which attribute the question asks."""
+    if scene.get("task", "ball") == "binding":
+        return f"asks the {scene['ask']}"
     offsets = np.asarray(scene["ball"]["path"]) - scene["size"] / 2
     return GROUPS[int(np.linalg.norm(offsets, axis=1).mean() >= scene["size"] / 4)]
 
@@ -254,9 +303,11 @@ def held_out(train_glob: str) -> Path:
     return family.parent / EVAL_OF.get(family.name, "eval")
 
 
-def plain_reply(colour: str, task: str = "ball") -> str:
-    """The answer to the task's question asked plainly."""
-    return f"It is {colour}." if task != "ball" else f"The ball is {colour}."
+def plain_reply(answer: str, task: str = "ball") -> str:
+    """The answer to the task's question asked plainly (a colour, or in the binding task a shape)."""
+    if answer in SHAPES:
+        return f"It is a {answer}."
+    return f"It is {answer}." if task != "ball" else f"The ball is {answer}."
 
 
 def _corner(scene: dict[str, Any], xy: list[int]) -> str:
@@ -268,8 +319,10 @@ def caption(scene: dict[str, Any]) -> str:
     if scene.get("task", "ball") == "marked":
         balls = ", ".join(f"a {o['colour']} ball at the {_corner(scene, o['path'][-1])}" for o in scene["objects"])
         return f"A white ball is shown at the {_corner(scene, scene['cue']['xy'])}, then {balls}, among grey shapes."
-    if scene.get("task", "ball") == "cued":
+    if scene.get("task", "ball") in ("cued", "binding"):
         shapes = ", ".join(f"a {o['colour']} {o['shape']}" for o in scene["objects"])
+        if scene["task"] == "binding":
+            return f"{shapes[0].upper()}{shapes[1:]} move among grey shapes."
         return f"A white {scene['cue']['shape']} is shown, then {shapes} move among grey shapes."
     path, colour = scene["ball"]["path"], scene["ball"]["colour"]
     first, last = _corner(scene, path[0]), _corner(scene, path[-1])
@@ -281,7 +334,7 @@ def sample(seed: int, split: str, index: int, size: int = 112, frames: int = 4, 
     """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another)."""
     rng = _rng(seed, split, index)
     scene = SCENES[task](rng, size, frames)
-    options = list(COLOURS)
+    options = options_of(scene)
     answer = options.index(answer_of(scene))
     wrong = int(rng.choice([i for i in range(len(options)) if i != answer]))
     return {"scene": scene, "frames": render(scene), "options": options, "answer": answer, "wrong": wrong}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,44 @@ def test_the_cued_task_asks_the_colour_of_the_shape_the_first_frame_shows(tmp_pa
             assert mask[y // 14, x // 14] and mask.sum() <= (((2 * (r + 2)) // 14 + 2) ** 2 if t == 0 else 9)
     assert [json.loads(e["json"])["question"] for e in evals] == [toy.CUED_QUESTION] * SETTINGS["eval"]
     assert json.loads((root / toy.MANIFEST).read_text())["task"] == "cued"
+
+
+def test_the_binding_task_needs_the_named_object_and_nothing_else_gives_the_answer(tmp_path):
+    """Every frame shows each colour once and each shape once, where the scene says; the question names one object
+    by one attribute and asks the other, so exactly one answer is right, in both wordings; every clip shows the
+    same bag of colours and shapes (no attribute of a frame alone tells the answer), and the answers and the kinds
+    of question are spread over the options. Held-out clips are not training clips."""
+    root = toy.generate(tmp_path / "binding", **{**SETTINGS, "size": 112, "train": 40}, task="binding")
+    assert task_of(root) == "binding"
+    answers, asked = Counter(), Counter()
+    for raw, qa in zip(read(root / "ask" / "000000.tar"), read(root / "qa" / "000000.tar"), strict=True):
+        meta, lettered = json.loads(raw["json"]), json.loads(qa["json"])
+        scene = meta["scene"]
+        objects, named = scene["objects"], scene["objects"][scene["target"]]
+        assert sorted(o["shape"] for o in objects) == sorted(toy.SHAPES)
+        assert sorted(o["colour"] for o in objects) == sorted(toy.COLOURS)
+        by = "shape" if scene["ask"] == "colour" else "colour"
+        (match,) = [o for o in objects if o[by] == named[by]]  # the question's words pick one object
+        answer = match[scene["ask"]]
+        if scene["ask"] == "colour":
+            assert meta["user"] == f"What colour is the {named['shape']}?" and meta["assistant"] == f"It is {answer}."
+        else:
+            assert meta["user"] == f"What shape is the {named['colour']} one?"
+            assert meta["assistant"] == f"It is a {answer}."
+        options = toy.options_of(scene)
+        assert lettered["assistant"] == f"{toy.LETTERS[options.index(answer)]}. {answer}"
+        assert lettered["user"].startswith(meta["user"] + "\n")
+        for t in range(FRAMES):  # drawn in every frame, the first too
+            for o in objects:
+                assert np.abs(pixel(raw, t, o["path"][t]) - toy.COLOURS[o["colour"]]).max() < 40
+        answers[answer] += 1
+        asked[scene["ask"]] += 1
+    assert set(asked) == {"colour", "shape"} and len(answers) >= 6  # both kinds of question, most answers seen
+    train = {json.dumps(json.loads(r["json"])["scene"]["objects"]) for r in read(root / "ask" / "000000.tar")}
+    held = {json.dumps(json.loads(r["json"])["scene"]["objects"]) for r in read(root / "ask_eval" / "000000.tar")}
+    assert train.isdisjoint(held)
+    groups = {json.loads(r["json"])["task"] for r in read(root / "ask_eval" / "000000.tar")}
+    assert groups <= {"asks the colour", "asks the shape"}
 
 
 def test_the_marked_task_asks_the_colour_of_the_ball_where_the_first_frame_shows_a_white_one(tmp_path):
