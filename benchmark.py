@@ -3,7 +3,7 @@ or caption a caption set (Flickr30k, COCO, caption shards: `--bench captions`, c
 
     python benchmark.py --model runs/stage2/final --bench mvbench --data-root data/MVBench
     python benchmark.py --model DIR --bench videomme --data-root data/Video-MME --protocol generate \
-        --modes autoregressive
+        --reads autoregressive
     python benchmark.py --model smolvlm_dir --bench textvqa --data-root data/TextVQA --limit 500
     python benchmark.py --model DIR --bench captions --data-root data/flickr30k/dataset_flickr30k.json --num-beams 3
 
@@ -17,9 +17,9 @@ Open questions (TextVQA) are always generated and scored with the VQA accuracy. 
 the accuracy, an empty reply as wrong, except in MVBench's generate figures: there `overall` and the task
 groups are lmms-eval's, which leave empty replies out, with ours beside them under `all_questions`.
 
-Each question's media is decoded and encoded once and reused by every mode; options share one prefix, and with
+Each question's media is decoded and encoded once and reused by every read; options share one prefix, and with
 --batch-size N the likelihood protocol encodes and scores N questions in one batch.
-Writes OUT/<bench>_<protocol>.jsonl (one line per question holding every mode; `_<variant>` added to the name
+Writes OUT/<bench>_<protocol>.jsonl (one line per question holding every read; `_<variant>` added to the name
 for a prompt variant) and the summary OUT/<bench>_<protocol>.json; run again and only the questions the
 predictions file lacks are answered.
 """
@@ -50,38 +50,38 @@ MAX_NEW_TOKENS = 16  # lmms-eval's setting for these benchmarks
 
 
 def answer_questions(
-    answerer: Answerer, bench: Benchmark, questions: list[Question], protocol: str, modes: list[str]
+    answerer: Answerer, bench: Benchmark, questions: list[Question], protocol: str, reads: list[str]
 ) -> list[dict]:
-    """Questions in every read (the foveated model's modes), each question's media decoded and encoded once: the
+    """Questions in every read (the foveated model's reads), each question's media decoded and encoded once: the
     JSONL records (score 1/0, or VQA accuracy). Multiple-choice questions under the likelihood protocol are
     encoded and scored as one batch (per question what it would get alone, up to float rounding); replies are
     generated one question at a time."""
     records, ready = [], []
     for q in questions:
-        record: dict = {"id": q.id, "groups": q.groups, "answer": q.answer, "options": len(q.options), "modes": {}}
+        record: dict = {"id": q.id, "groups": q.groups, "answer": q.answer, "options": len(q.options), "reads": {}}
         records.append(record)
         try:
             ready.append((q, record, q.media.pictures(answerer.frames)))
-        except MediaError as e:  # counted as wrong in every mode, and reported
+        except MediaError as e:  # counted as wrong in every read, and reported
             record["error"] = str(e)
-            record["modes"] = {m: {"pred": "", "score": 0.0} for m in modes}
+            record["reads"] = {m: {"pred": "", "score": 0.0} for m in reads}
     scored = [r for r in ready if r[0].options and protocol == "likelihood"]
     if scored:
         batch = answerer.prepare_batch([pictures for _, _, pictures in scored])
         prompts, answers = [q.prompt for q, _, _ in scored], [option_answers(q) for q, _, _ in scored]
-        for mode in modes:
-            scores = answerer.score_batch(batch, prompts, answers, mode)
+        for read in reads:
+            scores = answerer.score_batch(batch, prompts, answers, read)
             for (q, record, _), losses in zip(scored, scores, strict=True):
                 pred = LETTERS[min(range(len(losses)), key=losses.__getitem__)]
                 losses = [round(v, 5) for v in losses]
-                record["modes"][mode] = {"pred": pred, "losses": losses, "score": float(pred == q.answer)}
+                record["reads"][read] = {"pred": pred, "losses": losses, "score": float(pred == q.answer)}
     for q, record, pictures in ready:
         if q.options and protocol == "likelihood":
             continue
         state = answerer.prepare_pictures(pictures)
-        for mode in modes:
-            reply = answerer.generate(state, q.prompt, mode, MAX_NEW_TOKENS)
-            record["modes"][mode] = {"reply": reply, **reply_score(bench, q, reply)}
+        for read in reads:
+            reply = answerer.generate(state, q.prompt, read, MAX_NEW_TOKENS)
+            record["reads"][read] = {"reply": reply, **reply_score(bench, q, reply)}
     return records
 
 
@@ -103,11 +103,11 @@ def reply_score(bench: Benchmark, q: Question, reply: str) -> dict:
     return {"pred": pred, "score": float(pred == q.answer)}
 
 
-def summarize(records: list[dict], modes: list[str]) -> dict:
-    """Percentages per mode: overall and per value of every group key (task, duration, domain, …)."""
+def summarize(records: list[dict], reads: list[str]) -> dict:
+    """Percentages per read: overall and per value of every group key (task, duration, domain, …)."""
 
     def score(rows: list[dict]) -> dict:
-        return {"n": len(rows), **{m: 100 * sum(r["modes"][m]["score"] for r in rows) / len(rows) for m in modes}}
+        return {"n": len(rows), **{m: 100 * sum(r["reads"][m]["score"] for r in rows) / len(rows) for m in reads}}
 
     by_group: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -123,7 +123,7 @@ def summarize(records: list[dict], modes: list[str]) -> dict:
 
 
 def evaluate(
-    answerer: Answerer, bench: Benchmark, protocol: str, modes: list[str], out: Path, batch_size: int = 1
+    answerer: Answerer, bench: Benchmark, protocol: str, reads: list[str], out: Path, batch_size: int = 1
 ) -> dict:
     """Answer the questions the predictions file lacks (appending as it goes, `batch_size` questions at a time),
     then write the summary."""
@@ -141,13 +141,13 @@ def evaluate(
     }
     claim(stem, setting)
     done = read_predictions(stem.with_suffix(".jsonl"))
-    todo = [q for q in bench.questions if not set(modes) <= set(done.get(q.id, {}).get("modes", {}))]
+    todo = [q for q in bench.questions if not set(reads) <= set(done.get(q.id, {}).get("reads", {}))]
     with (
         stem.with_suffix(".jsonl").open("a") as f,
         tqdm(total=len(todo), desc=f"{bench.name} ({protocol})", unit="q", disable=not todo) as bar,
     ):
         for start in range(0, len(todo), batch_size):
-            for record in answer_questions(answerer, bench, todo[start : start + batch_size], protocol, modes):
+            for record in answer_questions(answerer, bench, todo[start : start + batch_size], protocol, reads):
                 done[record["id"]] = record
                 f.write(json.dumps(record) + "\n")
             f.flush()
@@ -156,16 +156,16 @@ def evaluate(
         "bench": bench.name,
         "protocol": "generate" if all(not q.options for q in bench.questions) else protocol,
         "metric": "vqa_accuracy" if any(not q.options for q in bench.questions) else "accuracy",
-        "modes": modes,
+        "reads": reads,
         "lmms_eval": LMMS_EVAL_VERSION,
         "prompt_variant": bench.variant,
         "bf16": answerer.bf16,
         "questions": len(bench.questions),
         "answered_now": len(todo),
-        **summarize([done[q.id] for q in bench.questions], modes),
+        **summarize([done[q.id] for q in bench.questions], reads),
     }
     if bench.name == "mvbench" and protocol == "generate":  # lmms-eval's figures first, ours beside them
-        lmms = mvbench_summary([done[q.id] for q in bench.questions], modes)
+        lmms = mvbench_summary([done[q.id] for q in bench.questions], reads)
         summary["all_questions"] = {"overall": summary["overall"], "task": summary["groups"].get("task", {})}
         summary["overall"], summary["groups"]["task"] = lmms["overall"], lmms["tasks"]
         summary["empty_replies"] = lmms["empty_replies"]
@@ -177,8 +177,8 @@ def print_summary(summary: dict) -> None:
     chance = f", chance {summary['chance']:.1f}" if summary["chance"] is not None else ""
     head = f"{summary['bench']} ({summary['protocol']}, {summary['metric']} %, {summary['questions']} questions"
     print(f"\n{head}{chance})")
-    for mode in summary["modes"]:
-        print(f"  {mode:<16} {summary['overall'][mode]:6.2f}")
+    for read in summary["reads"]:
+        print(f"  {read:<16} {summary['overall'][read]:6.2f}")
     if summary["errors"]:
         print(f"  {summary['errors']} questions had undecodable media (scored wrong)")
 
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="default: lmms-eval 0.7.3's default prompts; llava_vid, legacy: Video-MME's model-specific 'The best "
         "answer is:' prompt, legacy with the letter reader lmms-eval used before 0.7.2",
     )
-    p.add_argument("--modes", help="comma-separated reads, e.g. the foveated model's modes (default: all it has)")
+    p.add_argument("--reads", help="comma-separated reads, e.g. the foveated model's coarse_only,autoregressive "
+                   "(default: every read it has)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument(
         "--batch-size",
@@ -241,11 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(str(e))
     model = registry.load(args.model).to(args.device)
     answerer = Answerer(model, args.max_frames, args.image_frames, args.frame_size, bf16=args.bf16)
-    modes = args.modes.split(",") if args.modes else list(answerer.reads)
-    if unknown := [m for m in modes if m not in answerer.reads]:
-        p.error(f"modes {unknown} are not among this model's {list(answerer.reads)}")
+    reads = args.reads.split(",") if args.reads else list(answerer.reads)
+    if unknown := [m for m in reads if m not in answerer.reads]:
+        p.error(f"reads {unknown} are not among this model's {list(answerer.reads)}")
     out = args.out or default_out(args.model)
-    summary = evaluate(answerer, bench, protocol, modes, out, args.batch_size)
+    summary = evaluate(answerer, bench, protocol, reads, out, args.batch_size)
     print_summary(summary)
     print(f"predictions and summary in {out}")
     return summary

@@ -6,7 +6,7 @@ trains them; DESCRIBE_PROMPT for the project's caption shards, as their `caption
 scored against its references with caption_metrics.score_captions. Perplexity is the references' own,
 teacher-forced: each reference is the assistant turn after that prompt, labelled as stage 2 labels it (the
 caption and its end-of-turn token), and the per-token mean NLL over all references of the set is
-exponentiated. Each read of the model (the foveated model's modes) gets its own captions and figures.
+exponentiated. Each read of the model (the foveated model's reads) gets its own captions and figures.
 
 Data (`--data-root`), told apart by what is there:
   Karpathy split  a dataset_flickr30k.json / dataset_coco.json (or a folder holding one); images beside it
@@ -37,7 +37,7 @@ from webdataset.tariterators import tarfile_samples
 import registry
 from evals.answering import Answerer
 from evals.caption_metrics import caption_tokens, perplexity, score_captions
-from evals.results import read_predictions
+from evals.results import default_out, read_predictions
 from inputs.frames import Media, MediaError
 from inputs.tokenization import CAPTION_PROMPT, DESCRIBE_PROMPT
 from layouts.caption_sets import (
@@ -193,7 +193,7 @@ def load_captions(
 
 
 def caption_reads(
-    answerer: Answerer, item: CaptionItem, prompt: str, modes: list[str], decoding: BeamSettings
+    answerer: Answerer, item: CaptionItem, prompt: str, reads: list[str], decoding: BeamSettings
 ) -> dict[str, dict]:
     """One image in every read from one `prepare`: the generated caption and the references' summed NLL and
     token count (teacher-forced, as stage 2 labels them)."""
@@ -203,15 +203,15 @@ def caption_reads(
     continuations, labels = processor.answers(prompt, item.references)
     prompt_ids = torch.tensor([ids], device=answerer.device)
     out = {}
-    for mode in modes:
-        read = answerer.reads[mode]
+    for name in reads:
+        read = answerer.reads[name]
         new = model.generate(
             state.visual, prompt_ids, torch.ones_like(prompt_ids), decoding.max_new_tokens, processor.end_ids,
             decoding.num_beams, decoding.length_penalty, decoding.no_repeat_ngram_size, **read,
         )  # fmt: skip
         caption = processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
         nll, count = model.option_nll(state.visual, ids, continuations, labels, mean=False, **read)
-        out[mode] = {"caption": caption, "nll": float(nll.sum()), "tokens": int(count.sum())}
+        out[name] = {"caption": caption, "nll": float(nll.sum()), "tokens": int(count.sum())}
     return out
 
 
@@ -230,30 +230,30 @@ def _cut_short(path: Path) -> bool:
         return f.read(1) != b"\n"
 
 
-def summarize(records: list[dict], modes: list[str]) -> tuple[dict[str, dict], dict]:
+def summarize(records: list[dict], reads: list[str]) -> tuple[dict[str, dict], dict]:
     """({read: every metric}, the metrics' tokenisation). An image whose media failed counts with an empty
     caption and adds no tokens to the perplexity."""
     refs = {r["id"]: r["references"] for r in records}
     metrics, tokenisation = {}, {}
-    for mode in modes:
-        reads = [r["reads"][mode] for r in records]
-        scores = score_captions({r["id"]: x["caption"] for r, x in zip(records, reads, strict=True)}, refs)
+    for name in reads:
+        per_read = [r["reads"][name] for r in records]
+        scores = score_captions({r["id"]: x["caption"] for r, x in zip(records, per_read, strict=True)}, refs)
         tokenisation = scores.pop("tokenisation")
         scores.pop("num_images")
-        nll, tokens = [x["nll"] for x in reads], [x["tokens"] for x in reads]
+        nll, tokens = [x["nll"] for x in per_read], [x["tokens"] for x in per_read]
         scores["perplexity"] = perplexity(nll, tokens) if sum(tokens) else None
-        metrics[mode] = {k: scores[k] for k in METRICS}
+        metrics[name] = {k: scores[k] for k in METRICS}
     return metrics, tokenisation
 
 
-def evaluate(answerer: Answerer, data: CaptionData, modes: list[str], decoding: BeamSettings, out: Path) -> dict:
+def evaluate(answerer: Answerer, data: CaptionData, reads: list[str], decoding: BeamSettings, out: Path) -> dict:
     """Caption the images (and reads) the JSONL lacks, appending as it goes, then write the summary."""
     out.mkdir(parents=True, exist_ok=True)
     path = (out / STEM).with_suffix(".jsonl")
     settings = asdict(decoding)
     saved = read_predictions(path)
     done = {i.id: r for i in data.items if (r := _done(saved.get(i.id), i, settings))}
-    todo = [(i, [m for m in modes if m not in done.get(i.id, {}).get("reads", {})]) for i in data.items]
+    todo = [(i, [m for m in reads if m not in done.get(i.id, {}).get("reads", {})]) for i in data.items]
     todo = [(i, ms) for i, ms in todo if ms]
     with path.open("a") as f:
         if _cut_short(path):  # a crash left half a line: the next record starts on its own
@@ -270,7 +270,7 @@ def evaluate(answerer: Answerer, data: CaptionData, modes: list[str], decoding: 
             f.write(json.dumps(record) + "\n")
             f.flush()
     records = [done[i.id] for i in data.items]
-    metrics, tokenisation = summarize(records, modes)
+    metrics, tokenisation = summarize(records, reads)
     summary = {
         "bench": "captions",
         "layout": data.layout,
@@ -280,7 +280,7 @@ def evaluate(answerer: Answerer, data: CaptionData, modes: list[str], decoding: 
         "num_images": len(records),
         "answered_now": len(todo),
         "errors": sum("error" in r for r in records),
-        "modes": modes,
+        "reads": reads,
         "decoding": settings,
         "metrics": metrics,
         "tokenisation": tokenisation,
@@ -298,10 +298,10 @@ def print_summary(summary: dict) -> None:
     heads = ("BLEU-1", "BLEU-4", "ROUGE-1", "ROUGE-L", "CIDEr-D", "F1", "PPL")
     keys = ("bleu1", "bleu4", "rouge1", "rougeL", "cider_d", "token_f1", "perplexity")
     print(f"  {'read':<16}" + "".join(f"{h:>9}" for h in heads[:-1]) + f"{heads[-1]:>12}")
-    for mode, m in summary["metrics"].items():
+    for name, m in summary["metrics"].items():
         cells = "".join(f"{m[k]:9.3f}" for k in keys[:-1])
         cells += f"{m['perplexity']:12.2f}" if m["perplexity"] is not None else f"{'-':>12}"
-        print(f"  {mode:<16}{cells}")
+        print(f"  {name:<16}{cells}")
     if summary["errors"]:
         print(f"  {summary['errors']} images had undecodable media (empty captions)")
 
@@ -324,11 +324,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         sys.exit(f"error: {e}")
     model = registry.load(args.model).to(args.device)
     answerer = Answerer(model, args.max_frames, args.image_frames, args.frame_size)
-    modes = args.modes.split(",") if args.modes else list(answerer.reads)
-    if unknown := [m for m in modes if m not in answerer.reads]:
-        parser.error(f"modes {unknown} are not among this model's {list(answerer.reads)}")
-    out = args.out or Path("runs/eval") / Path(args.model).resolve().name
-    summary = evaluate(answerer, data, modes, decoding, out)
+    reads = args.reads.split(",") if args.reads else list(answerer.reads)
+    if unknown := [m for m in reads if m not in answerer.reads]:
+        parser.error(f"reads {unknown} are not among this model's {list(answerer.reads)}")
+    out = args.out or default_out(args.model)
+    summary = evaluate(answerer, data, reads, decoding, out)
     print_summary(summary)
     print(f"captions and summary in {out}")
     return summary

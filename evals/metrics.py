@@ -217,8 +217,8 @@ def scienceqa_letter(reply: str, letters: str) -> str:
     return ""
 
 
-def mvbench_summary(records: list[dict], modes: list[str]) -> dict:
-    """lmms-eval 0.7.3's MVBench figures per mode, from benchmark.py's generate records.
+def mvbench_summary(records: list[dict], reads: list[str]) -> dict:
+    """lmms-eval 0.7.3's MVBench figures per read, from benchmark.py's generate records.
 
     Each task's accuracy counts only the questions whose reply is not empty (0 when none is); lmms-eval
     prints no overall figure for the group, so `overall` is the plain mean of the task figures, the default
@@ -229,11 +229,11 @@ def mvbench_summary(records: list[dict], modes: list[str]) -> dict:
     for r in records:
         by_task[r["groups"].get("task", "")].append(r)
 
-    def task_figure(rows: list[dict], mode: str) -> float:
-        answered = [r["modes"][mode] for r in rows if r["modes"][mode].get("reply", None) != ""]
+    def task_figure(rows: list[dict], read: str) -> float:
+        answered = [r["reads"][read] for r in rows if r["reads"][read].get("reply", None) != ""]
         return 100 * sum(m["score"] for m in answered) / len(answered) if answered else 0
 
-    tasks = {t: {"n": len(rows), **{m: task_figure(rows, m) for m in modes}} for t, rows in sorted(by_task.items())}
-    empty = {m: sum(r["modes"][m].get("reply", None) == "" for r in records) for m in modes}
-    overall = {m: statistics.fmean(t[m] for t in tasks.values()) for m in modes} if tasks else {}
+    tasks = {t: {"n": len(rows), **{m: task_figure(rows, m) for m in reads}} for t, rows in sorted(by_task.items())}
+    empty = {m: sum(r["reads"][m].get("reply", None) == "" for r in records) for m in reads}
+    overall = {m: statistics.fmean(t[m] for t in tasks.values()) for m in reads} if tasks else {}
     return {"overall": {"n": len(records), **overall}, "tasks": tasks, "empty_replies": empty}

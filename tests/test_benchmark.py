@@ -128,25 +128,25 @@ def test_mvbench_end_to_end_encodes_once_and_resumes(fvlm_dir, mvbench, tmp_path
     out = tmp_path / "out"
     summary = run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol, "--limit", "3")
     assert calls == {"prepare": 3, "encode_patches": 3}  # 3 questions x 3 modes x (3-4 options): one pass each
-    assert summary["protocol"] == protocol and summary["modes"] == list(MODES) and summary["questions"] == 3
+    assert summary["protocol"] == protocol and summary["reads"] == list(MODES) and summary["questions"] == 3
     assert set(summary["groups"]["task"]) == {"action_sequence", "episodic_reasoning"}
     assert summary["chance"] == pytest.approx(100 * (1 / 4 + 2 / 3) / 3)
     records = lines(out / f"mvbench_{protocol}.jsonl")
     assert [r["id"] for r in records] == ["action_sequence/0", "episodic_reasoning/0", "episodic_reasoning/1"]
     for r in records:
-        assert set(r["modes"]) == set(MODES)
-        for m in r["modes"].values():
+        assert set(r["reads"]) == set(MODES)
+        for m in r["reads"].values():
             assert m["score"] == float(m["pred"] == r["answer"])
             assert len(m["losses"]) == r["options"] if protocol == "likelihood" else isinstance(m["reply"], str)
     saved = json.loads((out / f"mvbench_{protocol}.json").read_text())
     assert saved["overall"] == summary["overall"]
     assert saved["lmms_eval"] == "0.7.3" and saved["prompt_variant"] == "default"
     if protocol == "generate":  # lmms-eval's MVBench figures leave empty replies out; ours are beside them
-        empty = {m: sum(r["modes"][m]["reply"] == "" for r in records) for m in MODES}
+        empty = {m: sum(r["reads"][m]["reply"] == "" for r in records) for m in MODES}
         assert saved["empty_replies"] == empty and saved["all_questions"]["overall"]["n"] == 3
         assert set(saved["all_questions"]["task"]) == set(saved["groups"]["task"])
         for m in MODES:
-            correct = sum(r["modes"][m]["score"] for r in records)
+            correct = sum(r["reads"][m]["score"] for r in records)
             assert saved["all_questions"]["overall"][m] == pytest.approx(100 * correct / 3)
     else:
         assert "all_questions" not in saved
@@ -154,16 +154,16 @@ def test_mvbench_end_to_end_encodes_once_and_resumes(fvlm_dir, mvbench, tmp_path
     summary = run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol)  # resume: only the 4th question
     assert calls["prepare"] == 4 and summary["answered_now"] == 1 and summary["overall"]["n"] == 4
     assert len(lines(out / f"mvbench_{protocol}.jsonl")) == 4
-    run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol, "--modes", "coarse_only")
+    run(fvlm_dir, "mvbench", mvbench, out, "--protocol", protocol, "--reads", "coarse_only")
     assert calls["prepare"] == 4  # every requested mode is already there
 
 
 def test_resume_ignores_a_line_cut_short(fvlm_dir, mvbench, tmp_path):
     out = tmp_path / "out"
-    run(fvlm_dir, "mvbench", mvbench, out, "--limit", "2", "--modes", "coarse_only")
+    run(fvlm_dir, "mvbench", mvbench, out, "--limit", "2", "--reads", "coarse_only")
     path = out / "mvbench_likelihood.jsonl"
     path.write_text(path.read_text() + '{"id": "object_inter')  # a crash mid-write
-    summary = run(fvlm_dir, "mvbench", mvbench, out, "--limit", "3", "--modes", "coarse_only")
+    summary = run(fvlm_dir, "mvbench", mvbench, out, "--limit", "3", "--reads", "coarse_only")
     assert summary["answered_now"] == 1 and summary["overall"]["n"] == 3
 
 
@@ -249,13 +249,13 @@ def test_videomme(fvlm_dir, tmp_path):
     assert (bench.letter("Answer: B", 4), load_benchmark("videomme", root).letter("Answer: B", 4)) == ("A", "B")
     assert q.groups == {"duration": "short", "domain": "Knowledge", "sub_category": "Astronomy",
                         "task_type": "Counting Problem"}  # fmt: skip
-    summary = run(fvlm_dir, "videomme", root, tmp_path / "out", "--protocol", "generate", "--modes", "autoregressive")
+    summary = run(fvlm_dir, "videomme", root, tmp_path / "out", "--protocol", "generate", "--reads", "autoregressive")
     assert summary["groups"]["duration"]["short"]["n"] == 2 and summary["groups"]["domain"]["Knowledge"]["n"] == 2
     assert set(summary["groups"]) == {"duration", "domain", "sub_category", "task_type"}
-    assert summary["modes"] == ["autoregressive"] and summary["overall"]["n"] == 3
+    assert summary["reads"] == ["autoregressive"] and summary["overall"]["n"] == 3
     assert summary["prompt_variant"] == "default" and summary["lmms_eval"] == "0.7.3"
     out = tmp_path / "out"
-    variant = run(fvlm_dir, "videomme", root, out, "--protocol", "generate", "--modes", "autoregressive",
+    variant = run(fvlm_dir, "videomme", root, out, "--protocol", "generate", "--reads", "autoregressive",
                   "--prompt-variant", "llava_vid")  # fmt: skip
     assert variant["prompt_variant"] == "llava_vid" and variant["answered_now"] == 3  # never resumes the default's
     assert json.loads((out / "videomme_generate_llava_vid.json").read_text())["prompt_variant"] == "llava_vid"
@@ -283,7 +283,7 @@ def test_scienceqa_parquet_and_json_layouts(fvlm_dir, tmp_path):
         "Answer with the option's letter from the given choices directly."
     )
     assert questions[1].prompt.startswith("Which is a mammal?") and questions[0].answer == "B"
-    summary = run(fvlm_dir, "scienceqa", root, tmp_path / "out", "--modes", "coarse_only,coarse_fine")
+    summary = run(fvlm_dir, "scienceqa", root, tmp_path / "out", "--reads", "coarse_only,coarse_fine")
     assert set(summary["groups"]["subject"]) == {"natural science", "language science"}
 
     json_root = tmp_path / "sqa_json"
@@ -313,10 +313,10 @@ def test_textvqa_generate_with_vqa_accuracy(fvlm_dir, tmp_path):
     root = textvqa_root(tmp_path)
     q = load_benchmark("textvqa", root).questions[0]
     assert q.prompt == "What brand is shown?\nAnswer the question using a single word or phrase."
-    summary = run(fvlm_dir, "textvqa", root, tmp_path / "out", "--modes", "coarse_only")
+    summary = run(fvlm_dir, "textvqa", root, tmp_path / "out", "--reads", "coarse_only")
     assert summary["metric"] == "vqa_accuracy" and summary["protocol"] == "generate" and summary["chance"] is None
     for r in lines(tmp_path / "out/textvqa_generate.jsonl"):
-        assert isinstance(r["modes"]["coarse_only"]["reply"], str) and 0 <= r["modes"]["coarse_only"]["score"] <= 1
+        assert isinstance(r["reads"]["coarse_only"]["reply"], str) and 0 <= r["reads"]["coarse_only"]["score"] <= 1
     with pytest.raises(SystemExit):
         run(fvlm_dir, "textvqa", root, tmp_path / "out", "--protocol", "likelihood")
 
@@ -395,7 +395,7 @@ def test_smolvlm_textvqa_and_shared_prefix_scores(smolvlm_dir, tmp_path):
     model = registry.load(smolvlm_dir)
     assert isinstance(model, SmolVLM)
     summary = run(smolvlm_dir, "textvqa", textvqa_root(tmp_path), tmp_path / "out")
-    assert summary["modes"] == ["default"] and summary["overall"]["n"] == 2
+    assert summary["reads"] == ["default"] and summary["overall"]["n"] == 2
 
     answerer = Answerer(model)
     state = answerer.prepare(Media("image", [jpeg((0, 90, 200), (40, 30))]))
@@ -466,5 +466,5 @@ def test_evaluate_in_batches_gives_the_records_of_one_at_a_time(fvlm, tmp_path):
     for a, b in zip(ones, twos, strict=True):
         assert a.keys() == b.keys() and a.get("error") == b.get("error")
         for m in MODES:
-            assert a["modes"][m]["pred"] == b["modes"][m]["pred"]
-            assert a["modes"][m].get("losses", []) == pytest.approx(b["modes"][m].get("losses", []), abs=1e-4)
+            assert a["reads"][m]["pred"] == b["reads"][m]["pred"]
+            assert a["reads"][m].get("losses", []) == pytest.approx(b["reads"][m].get("losses", []), abs=1e-4)

@@ -111,7 +111,7 @@ def lines(path: Path) -> list[dict]:
 
 def check_summary(summary: dict, out: Path, modes: list[str], n: int) -> list[dict]:
     """Every metric of every read present and finite, the summary saved, one JSONL record per image."""
-    assert summary["modes"] == modes and summary["num_images"] == n and summary["errors"] == 0
+    assert summary["reads"] == modes and summary["num_images"] == n and summary["errors"] == 0
     assert json.loads((out / "captions.json").read_text()) == summary
     assert set(summary["tokenisation"]) == {"bleu", "rouge", "cider_d", "token_f1"}
     assert set(summary["decoding"]) == {"num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens"}
@@ -143,7 +143,7 @@ def count_prepares(monkeypatch) -> dict[str, int]:
 def test_karpathy_flickr30k_end_to_end_modes_and_resume(fvlm_dir, tmp_path, monkeypatch):
     path, out = karpathy(tmp_path / "flickr30k"), tmp_path / "out"
     calls = count_prepares(monkeypatch)
-    summary = run(fvlm_dir, path, out, "--modes", "coarse_only,autoregressive")
+    summary = run(fvlm_dir, path, out, "--reads", "coarse_only,autoregressive")
     assert calls["prepare"] == 4  # one encoding per image serves both reads
     assert (summary["layout"], summary["split"], summary["data_root"]) == ("karpathy", "test", str(path))
     assert summary["prompt"] == CAPTION_PROMPT and summary["answered_now"] == 4
@@ -152,27 +152,27 @@ def test_karpathy_flickr30k_end_to_end_modes_and_resume(fvlm_dir, tmp_path, monk
     records = check_summary(summary, out, ["coarse_only", "autoregressive"], 4)
     assert [(r["id"], r["references"]) for r in records] == [(str(1000 + i), two(c)) for i, c in enumerate(COLOURS)]
 
-    again = run(fvlm_dir, path, out, "--modes", "coarse_only,autoregressive")  # resume: nothing left to do
+    again = run(fvlm_dir, path, out, "--reads", "coarse_only,autoregressive")  # resume: nothing left to do
     assert again["answered_now"] == 0 and calls["prepare"] == 4 and again["metrics"] == summary["metrics"]
 
     path_out = out / "captions.jsonl"
     path_out.write_text(path_out.read_text() + '{"id": "1003", "refer')  # a crash mid-write is ignored
     every = run(fvlm_dir, tmp_path / "flickr30k", out)  # the folder holding the JSON; all modes: coarse_fine added
-    assert every["answered_now"] == 4 and calls["prepare"] == 8 and every["modes"] == list(MODES)
+    assert every["answered_now"] == 4 and calls["prepare"] == 8 and every["reads"] == list(MODES)
     records = check_summary(every, out, list(MODES), 4)
     assert [x for x in path_out.read_text().splitlines() if not x.endswith("}")] == ['{"id": "1003", "refer']
     for mode in ("coarse_only", "autoregressive"):  # the reads already there are kept, not redone
         assert every["metrics"][mode] == summary["metrics"][mode]
-    assert run(fvlm_dir, path, out, "--modes", "coarse_fine")["answered_now"] == 0
+    assert run(fvlm_dir, path, out, "--reads", "coarse_fine")["answered_now"] == 0
 
-    other_split = run(fvlm_dir, path, tmp_path / "val", "--split", "val", "--modes", "coarse_only")
+    other_split = run(fvlm_dir, path, tmp_path / "val", "--split", "val", "--reads", "coarse_only")
     assert other_split["num_images"] == 1 and other_split["split"] == "val"
 
 
 def test_coco2017_and_karpathy_coco_with_images_elsewhere(gate_dir, tmp_path):
     root = coco2017(tmp_path / "coco")
     summary = run(gate_dir, root, tmp_path / "out")
-    assert (summary["layout"], summary["split"], summary["modes"]) == ("coco", "val", ["default"])
+    assert (summary["layout"], summary["split"], summary["reads"]) == ("coco", "val", ["default"])
     records = check_summary(summary, tmp_path / "out", ["default"], 4)
     assert [r["id"] for r in records] == ["139", "140", "141", "142"] and records[0]["references"] == two("red")
 
@@ -199,7 +199,7 @@ def test_smolvlm_captions(tokenizer, tmp_path):
 
 def test_caption_shards_and_the_toy_worlds_caption_eval(fvlm_dir, tmp_path):
     root = shards(tmp_path / "shards")
-    summary = run(fvlm_dir, str(root / "*.tar"), tmp_path / "out", "--modes", "coarse_fine")
+    summary = run(fvlm_dir, str(root / "*.tar"), tmp_path / "out", "--reads", "coarse_fine")
     assert (summary["layout"], summary["split"], summary["prompt"]) == ("shards", None, DESCRIBE_PROMPT)
     records = check_summary(summary, tmp_path / "out", ["coarse_fine"], 3)
     assert [(r["id"], len(r["references"])) for r in records] == [("c0", 1), ("v-1", 2), ("c2", 1)]
@@ -214,7 +214,7 @@ def test_caption_shards_and_the_toy_worlds_caption_eval(fvlm_dir, tmp_path):
     assert records[2]["reads"]["coarse_fine"]["tokens"] == int(count.sum())
 
     world = toy.generate(tmp_path / "toy", train=1, eval=3, size=32, frames=2)
-    summary = run(fvlm_dir, world / "caption_eval", tmp_path / "toy_out", "--modes", "autoregressive")
+    summary = run(fvlm_dir, world / "caption_eval", tmp_path / "toy_out", "--reads", "autoregressive")
     records = check_summary(summary, tmp_path / "toy_out", ["autoregressive"], 3)
     assert records[0]["references"][0].startswith("A ") and "ball" in records[0]["references"][0]
     with pytest.raises(SystemExit, match="no splits"):

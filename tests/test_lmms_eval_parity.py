@@ -143,7 +143,7 @@ def test_videomme_verdicts(lmms):
         ours = float(videomme_letter(reply) == answer)
         assert ours == out["score"], reply
         results.append(out)
-        records.append({"groups": {}, "options": 4, "modes": {"m": {"score": ours}}})
+        records.append({"groups": {}, "options": 4, "reads": {"m": {"score": ours}}})
     assert summarize(records, ["m"])["overall"]["m"] == pytest.approx(lmms.videomme.videomme_aggregate_results(results))
 
 
@@ -164,7 +164,7 @@ def test_mvbench_verdicts_and_task_figure(lmms, n):
         ours = float(mvbench_letter(reply) == LETTERS[right])
         assert ours == out["score"], reply
         results.append(out)
-        records.append({"groups": {"task": "t"}, "modes": {"m": {"reply": reply, "score": ours}}})
+        records.append({"groups": {"task": "t"}, "reads": {"m": {"reply": reply, "score": ours}}})
     summary = mvbench_summary(records, ["m"])
     assert summary["tasks"]["t"]["m"] == lmms.mvbench.mvbench_aggregate_results(results)
     assert summary["empty_replies"]["m"] == sum(r == "" for r in REPLIES) > 0  # empties are left out above
@@ -178,7 +178,7 @@ def test_mvbench_overall_is_the_mean_of_the_task_figures(lmms):
             out = lmms.mvbench.mvbench_process_results({"candidates": ["p", "q", "r"], "answer": "r"}, [reply])
             results.append(out["mvbench_accuracy"])
             score = float(mvbench_letter(reply) == "C")
-            records.append({"groups": {"task": f"t{t}"}, "modes": {"m": {"reply": reply, "score": score}}})
+            records.append({"groups": {"task": f"t{t}"}, "reads": {"m": {"reply": reply, "score": score}}})
         figures.append(lmms.mvbench.mvbench_aggregate_results(results))
     summary = mvbench_summary(records, ["m"])
     assert [summary["tasks"][f"t{t}"]["m"] for t in range(3)] == figures == [0.0, 0, 50.0]  # " " is answered

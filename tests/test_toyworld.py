@@ -256,7 +256,7 @@ def test_the_main_command_runs_end_to_end_in_seconds(tmp_path, tokenizer, capsys
     benchmark.evaluate(alone, bench, "likelihood", ["coarse_only"], tmp_path / "alone", toyworld.EVAL_BATCH)
     results = "toy_likelihood_bf16.jsonl" if bf16 else "toy_likelihood.jsonl"
     shared, own = (
-        [json.loads(line)["modes"]["coarse_only"]["losses"] for line in (d / results).open()]
+        [json.loads(line)["reads"]["coarse_only"]["losses"] for line in (d / results).open()]
         for d in (run / "glance" / "eval", tmp_path / "alone")
     )
     assert len(own) == toy.EVAL_CLIPS and shared == own

@@ -201,7 +201,7 @@ def test_every_kind_trains_saves_benchmarks_and_chats(kind, world, tokenizer, tm
                 "--out", str(tmp_path / "eval")]  # fmt: skip
         summary = benchmark.main(args)
         reads = list(loaded.reads)
-        assert summary["questions"] == 4 and summary["modes"] == reads and summary["protocol"] == protocol
+        assert summary["questions"] == 4 and summary["reads"] == reads and summary["protocol"] == protocol
     (tmp_path / "red.jpg").write_bytes(jpeg((200, 30, 30), (24, 20)))
     chat.main(["--model", str(final), "--media", str(tmp_path / "red.jpg"), "What colour is the ball?"])
     assert capsys.readouterr().out.strip()
