@@ -1,15 +1,18 @@
 """A chat demo in the browser over any saved model: upload an image or a video, talk about it over several turns,
 and see where the model looked.
 
-    python app.py [--model DIR] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model DIR] [--host 127.0.0.1] [--port 7860] [--repetition-penalty 1.2] [--no-repeat-ngram-size 3]
 
 Every kind goes through the shared interface: `Answerer.prepare` encodes an upload once, a `Conversation` per
 session carries the turns on its KV cache, and a change of the foveated model's mode starts a new Conversation
-on the same encoding. Beside the chat, each frame with the read's attention over it and its entropy.
+on the same encoding. Beside the chat, each frame as it is (its aspect ratio and colours kept; an image once, not
+as the copies the model reads) next to the read's attention over it, and its entropy. Replies are greedy under
+chat.py's rules against repeating.
 
 The app stays on this machine: it binds 127.0.0.1 unless told otherwise, has no share link, sends no analytics,
 uses system fonts and only the assets Gradio ships. Uploads are checked against the limits below from their
-headers, before anything is decoded; whatever goes wrong with one is said in the chat.
+headers, before anything is decoded; whatever goes wrong with one is said in the chat. A port another program
+holds is one line on stderr (exit status 2), and the folder of examples made at start-up goes when the app does.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this at import time
 
 import argparse
+import errno
 import logging
 import math
+import signal
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +41,10 @@ from PIL import Image, UnidentifiedImageError
 
 import cli
 import registry
+from chat import NO_REPEAT_NGRAM_SIZE, REPETITION_PENALTY, add_repetition_flags, check_repetition_flags
 from config import FoveatedConfig
 from evals.answering import Answerer, Prepared
-from evals.attention_viz import entropy, overlay, patch_maps
+from evals.attention_viz import beside, entropy, patch_maps
 from evals.conversation import Conversation
 from inputs.frames import IMAGE_EXTS, FrameSpec, Media, MediaError, letterboxed, probe_video
 from layouts import toy
@@ -151,28 +159,37 @@ def prepare_upload(answerer: Answerer, path: str | Path, name: str | None = None
 
 @dataclass
 class Look:
-    """Where one read looked: a picture per frame (each map's attention over the frame, maps side by side)."""
+    """Where one read looked: a picture per frame shown (the frame, then each map's attention beside it)."""
 
     pictures: list[np.ndarray]  # (H, W, 3) uint8
-    entropy: list[list[float]]  # [frame][map], nats
+    entropy: list[list[float]]  # [picture][map], nats
     uniform: float  # the entropy of an even spread over the patches, nats
+    copies: int = 0  # an image read as this many copies of itself, shown once with the last copy's look; 0: a video
 
     def captions(self) -> list[str]:
-        return [f"frame {t + 1} · {' / '.join(f'{e:.2f}' for e in row)} nats" for t, row in enumerate(self.entropy)]
+        def nats(row: list[float]) -> str:
+            return f"{' / '.join(f'{e:.2f}' for e in row)} nats"
+
+        if self.copies:
+            return [f"the image (the last of its {self.copies} copies' looks) · {nats(self.entropy[0])}"]
+        return [f"frame {t + 1} · {nats(row)}" for t, row in enumerate(self.entropy)]
 
 
-def _as_seen(picture: Any, spec: FrameSpec) -> np.ndarray:
-    """A decoded frame as the model saw it (squashed or letterboxed to its size), scaled up to be looked at."""
+def shown(picture: Any, spec: FrameSpec) -> np.ndarray:
+    """A decoded frame as it is shown: DISPLAY_PX high in its own aspect ratio, so a 16:9 clip is not squashed
+    square as the model may be fed it (an attention map over the squashed square stretches back with the frame,
+    patch for patch), or letterboxed as the model saw it, which keeps the aspect ratio already."""
     im = (Image.fromarray(picture) if isinstance(picture, np.ndarray) else picture).convert("RGB")
-    im = letterboxed(im, spec.size) if spec.letterbox else im.resize((spec.size, spec.size), Image.BILINEAR)
-    if spec.size < DISPLAY_PX:
-        im = im.resize((DISPLAY_PX, DISPLAY_PX), Image.BILINEAR)
-    return np.asarray(im)
+    if spec.letterbox:
+        return np.asarray(letterboxed(im, DISPLAY_PX))
+    w, h = im.size
+    return np.asarray(im.resize((max(1, round(DISPLAY_PX * w / h)), DISPLAY_PX), Image.BILINEAR))
 
 
-def look_of(conversation: Conversation) -> Look | None:
+def look_of(conversation: Conversation, still: bool = False) -> Look | None:
     """The attention pictures of a conversation's read, or None when its kind reports none (or it has no frames,
-    or no turn has read the frames yet)."""
+    or no turn has read the frames yet). `still`: the frames are copies of one image, shown once, with the look of
+    the last copy (in the autoregressive read, the query written after the model had seen the image most)."""
     attention = conversation.attention  # (T, maps, 1+P)
     if attention is None or not len(attention):
         return None
@@ -183,11 +200,10 @@ def look_of(conversation: Conversation) -> Look | None:
         return None
     maps = patch_maps(attention, (side, side))  # (T, maps, side, side)
     spec, pictures = conversation.answerer.frames, conversation.state.pictures
-    drawn = []
-    for t in range(maps.shape[0]):
-        frame = _as_seen(pictures[t], spec)
-        drawn.append(np.concatenate([overlay(frame, m) for m in maps[t]], axis=1))
-    return Look(drawn, entropy(maps).tolist(), math.log(positions))
+    chosen = [maps.shape[0] - 1] if still else range(maps.shape[0])
+    drawn = [beside(shown(pictures[t], spec), maps[t]) for t in chosen]
+    rows = entropy(maps).tolist()  # over the whole map, as the model read it
+    return Look(drawn, [rows[t] for t in chosen], math.log(positions), maps.shape[0] if still else 0)
 
 
 def look_note(answerer: Answerer, session: Session) -> str:
@@ -204,9 +220,12 @@ def look_note(answerer: Answerer, session: Session) -> str:
         return "Ask a question: the pictures of where the model looked appear with the reply."
     who = "the query" if kind == "foveated" else "each pooled token"
     mean = [sum(row) / len(row) for row in session.look.entropy]
+    copies = session.look.copies
+    what = f" (the image, read as {copies} copies: the last copy's look)" if copies else ""
     return (
-        f"Where {who} looked, read **{conv.read}**. Entropy per frame (nats; {session.look.uniform:.2f} is an even "
-        f"spread over the patches, 0 a single patch): " + ", ".join(f"{e:.2f}" for e in mean)
+        f"Where {who} looked, read **{conv.read}**{what}. Left, the frame as it is; right, the attention over its "
+        f"grey. Entropy per frame (nats; {session.look.uniform:.2f} is an even spread over the patches, 0 a single "
+        f"patch): " + ", ".join(f"{e:.2f}" for e in mean)
     )
 
 
@@ -219,6 +238,11 @@ class Session:
     upload: str | None = None  # its name
     conversation: Conversation | None = None
     look: Look | None = None  # drawn once per conversation, when its read has happened
+
+    @property
+    def still(self) -> bool:
+        """Whether the upload is an image (its frames are copies of it)."""
+        return self.upload is not None and Path(self.upload).suffix.lower().lstrip(".") in IMAGE_EXTS
 
 
 def _say(session: Session, text: str) -> None:
@@ -242,10 +266,17 @@ def change_read(answerer: Answerer, session: Session, read: str) -> Session:
 
 
 def respond(
-    answerer: Answerer, session: Session, message: dict[str, Any], read: str, max_new_tokens: int = MAX_NEW_TOKENS
+    answerer: Answerer,
+    session: Session,
+    message: dict[str, Any],
+    read: str,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    repetition_penalty: float = REPETITION_PENALTY,
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
 ) -> Iterator[Session]:
     """One message from the chat box (`{"text", "files"}`): an upload starts a new conversation, a question is
-    answered in the current one; the session after every step, the reply growing by a token each time."""
+    answered in the current one; the session after every step, the reply growing by a token each time. Replies
+    follow chat.py's rules against repeating unless told otherwise (1.0 and 0: plain greedy)."""
     text = (message.get("text") or "").strip()
     files = list(message.get("files") or [])
     if files:
@@ -282,10 +313,10 @@ def respond(
     session.chat.append({"role": "assistant", "content": "…"})
     reply = session.chat[-1]
     try:
-        for so_far in session.conversation.ask(text, max_new_tokens):
+        for so_far in session.conversation.ask(text, max_new_tokens, repetition_penalty, no_repeat_ngram_size):
             reply["content"] = so_far or "(the model ended its turn without a word)"
             if session.look is None:
-                session.look = look_of(session.conversation)
+                session.look = look_of(session.conversation, session.still)
             yield session
     except Exception:  # noqa: BLE001
         log.exception("generation failed")
@@ -310,11 +341,17 @@ def load_model(path: str | Path | None) -> tuple[VLM, str]:
 
 
 def _write_mp4(images: list[Image.Image], path: Path, fps: int) -> None:
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"  # H.264 plays in every browser
+    """Near-lossless H.264 (yuv420p: it plays in every browser; MPEG-4 at a high rate where FFmpeg lacks x264), so
+    the frames decode to what was drawn within a level or two, as the toy world's JPEGs do."""
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height = images[0].size
         s.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            s.options = {"crf": "8"}
+        else:
+            s.bit_rate = 20_000_000
         for im in images:
             for p in s.encode(av.VideoFrame.from_image(im.convert("RGB"))):
                 c.mux(p)
@@ -323,30 +360,51 @@ def _write_mp4(images: list[Image.Image], path: Path, fps: int) -> None:
 
 
 def write_examples(
-    folder: str | Path, clips: tuple[int, ...] = (0, 3), still: int = 6, frames: int = 8, size: int = 224
+    folder: str | Path, clips: tuple[int, ...] = (0, 3), still: int = 6, frames: int = 4, size: int = 112
 ) -> list[tuple[Path, str]]:
-    """Toy-world media made here (nothing downloaded): held-out clips `clips` as mp4 and clip `still`'s first frame as
-    jpg, each labelled with its ball's colour (three different ones), so a trained toy model can be checked by eye."""
+    """Toy-world media made here (nothing downloaded): held-out clips `clips` of seed 0 as mp4 and clip `still`'s
+    first frame as jpg, each labelled with its ball's colour (three different ones), so a trained toy model can be
+    checked by eye. Pass the model's frame size and frames per clip (the defaults are the toy world's): a clip made
+    so is the very held-out clip the toy model is evaluated on, every frame read once at its own size, not a clip
+    it reads every other frame of (a ball twice as fast, past where training clips go) downscaled (noise smoothed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    size += size % 2  # H.264 in yuv420p needs even sides
     out = []
     for n, index in enumerate(clips):
         s = toy.sample(0, "eval", index, size, frames)
         path = folder / f"toy_clip_{n + 1}.mp4"
         _write_mp4(s["frames"], path, fps=4)
         out.append((path, f"toy clip {n + 1} ({s['options'][s['answer']]} ball)"))
-    s = toy.sample(0, "eval", still, size, 1)
+    s = toy.sample(0, "eval", still, size, frames)
     path = folder / "toy_frame.jpg"
-    s["frames"][0].save(path, quality=92)
+    s["frames"][0].save(path, quality=95)  # as the toy world's shards store a frame
     out.append((path, f"toy frame ({s['options'][s['answer']]} ball)"))
     return out
 
 
-CSS = "#attention .caption-label { font-size: 0.8em; }"
+# The gallery grows with its pictures, so no row is scrolled off, and starts below its label; each cell takes its
+# picture's shape (a frame and its map side by side are wider than Gradio's square cells), its caption under it.
+CSS = """#attention .grid-wrap, #attention .fixed-height { max-height: none; min-height: 0; }
+#attention .grid-wrap { padding-top: 2.25em; }
+#attention .grid-container { grid-template-rows: none; grid-auto-rows: auto; }
+#attention .thumbnail-item { aspect-ratio: auto; height: auto; }
+#attention .thumbnail-item img { height: auto; }
+#attention .caption-label { position: static; max-width: none; font-size: 0.8em; border: none; }"""
+
+
+def columns(pictures: int) -> int:
+    """Gallery columns for this many pictures: one a row while that keeps a clip's frames in view at once."""
+    return 1 if pictures <= 4 else 2 if pictures <= 16 else 4
 
 
 def build_app(
-    answerer: Answerer, model_note: str, examples: list[tuple[Path, str]], max_new_tokens: int = MAX_NEW_TOKENS
+    answerer: Answerer,
+    model_note: str,
+    examples: list[tuple[Path, str]],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    repetition_penalty: float = REPETITION_PENALTY,
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
 ):
     """The Gradio page: chat on the left, where the model looked on the right; one Session per browser tab."""
     import gradio as gr
@@ -356,15 +414,17 @@ def build_app(
     spec = answerer.frames
 
     def outputs(session: Session, drawn: bool = True) -> tuple:
-        gallery = [(p, c) for p, c in zip(session.look.pictures, session.look.captions(), strict=True)] if (
-            session.look) else []  # fmt: skip
-        return session.chat, session, gallery if drawn else gr.skip(), look_note(answerer, session)
+        look = session.look
+        pictures = list(zip(look.pictures, look.captions(), strict=True)) if look else []
+        gallery = gr.Gallery(pictures, columns=columns(len(pictures))) if drawn else gr.skip()
+        return session.chat, session, gallery, look_note(answerer, session)
 
     def on_message(message: dict | None, current: Session | None, read: str):
         session = current or Session()
         locked = gr.MultimodalTextbox(value=None, interactive=False)
         looked: Any = object()  # the first step always draws (a new upload clears the last pictures)
-        for step in respond(answerer, session, message or {}, read, max_new_tokens):
+        rules = (repetition_penalty, no_repeat_ngram_size)
+        for step in respond(answerer, session, message or {}, read, max_new_tokens, *rules):
             session, drawn, looked = step, step.look is not looked, step.look
             yield locked, *outputs(session, drawn)
         yield gr.MultimodalTextbox(value=None, interactive=True), *outputs(session)
@@ -386,7 +446,9 @@ def build_app(
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(elem_id="chat", label="Chat", height=460, feedback_options=None)
+                chatbot = gr.Chatbot(  # a notice (a change of read) is a bubble of its own, not part of the last reply
+                    elem_id="chat", label="Chat", height=460, feedback_options=None, group_consecutive_messages=False
+                )
                 box = gr.MultimodalTextbox(
                     elem_id="message",
                     sources=["upload"],
@@ -405,7 +467,7 @@ def build_app(
             with gr.Column(scale=2):
                 mode = gr.Radio(reads, value=reads[-1], label="Read mode", visible=len(reads) > 1, elem_id="mode")
                 gallery = gr.Gallery(
-                    label="Where the model looked", elem_id="attention", columns=2, height=420, format="png",
+                    label="Where the model looked", elem_id="attention", columns=1, height="auto", format="png",
                     object_fit="contain", interactive=False,
                 )  # fmt: skip
                 note = gr.Markdown(look_note(answerer, Session()), elem_id="attention-note")
@@ -423,42 +485,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="a reply's length in tokens")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_repetition_flags(p)
     args = p.parse_args(argv)
     if args.model is not None and not Path(args.model).is_dir():
         p.error(f"no saved model at {args.model}")
+    check_repetition_flags(p, args)
     return args
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse an address this app cannot serve on before the model loads, in one line that names the port and
+    `--port` (Gradio's own failure, later, is a traceback that suggests GRADIO_SERVER_PORT, which this command
+    does not read). Bound as uvicorn binds, with SO_REUSEADDR: a port left in TIME_WAIT is free."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise cli.UserError(f"cannot serve on {host}: {e.strerror}; pass another address with --host") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise cli.UserError(f"port {port} on {host} is in use: pass another with --port") from None
+            raise cli.UserError(f"cannot serve on {host} port {port}: {e.strerror}; see --host and --port") from None
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the app as Ctrl-C does: through main's clean-up
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_port(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, note = load_model(args.model)
     answerer = Answerer(model.to(args.device))
-    folder = Path(tempfile.mkdtemp(prefix="fvlm-app-"))
-    demo = build_app(answerer, note, write_examples(folder), args.max_new_tokens)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fvlm-app-") as folder:  # the examples: gone when the app is
+            serve(answerer, note, Path(folder), args)
+    except KeyboardInterrupt:
+        pass  # stopped: the folder is gone, and so is the server
+
+
+def serve(answerer: Answerer, note: str, folder: Path, args: argparse.Namespace) -> None:
+    """Serve the page until interrupted (Ctrl-C or SIGTERM), then close the server."""
+    spec = answerer.frames  # the examples as this model reads a clip: for the toy model, its held-out clips exactly
+    examples = write_examples(folder, frames=spec.max_frames, size=spec.size)
+    demo = build_app(answerer, note, examples, args.max_new_tokens, args.repetition_penalty, args.no_repeat_ngram_size)
     import gradio as gr
 
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # the default's web fonts: none needed
-    demo.queue(max_size=32).launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=False,
-        theme=theme,
-        css=CSS,
-        allowed_paths=[str(folder)],
-        max_file_size=UPLOAD_CAP_BYTES,
-        state_session_capacity=MAX_SESSIONS,
-        ssr_mode=False,
-        pwa=False,
-        mcp_server=False,
-        enable_monitoring=False,
-        footer_links=[],
-        show_error=False,
-        quiet=True,  # Gradio's banner suggests a share link, which this app does not offer
-        prevent_thread_lock=True,
-    )
-    print(f"fvlm chat: serving on http://{args.host}:{args.port}", flush=True)
-    demo.block_thread()
+    try:
+        demo.queue(max_size=32).launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            theme=theme,
+            css=CSS,
+            allowed_paths=[str(folder)],
+            max_file_size=UPLOAD_CAP_BYTES,
+            state_session_capacity=MAX_SESSIONS,
+            ssr_mode=False,
+            pwa=False,
+            mcp_server=False,
+            enable_monitoring=False,
+            footer_links=[],
+            show_error=False,
+            quiet=True,  # Gradio's banner suggests a share link, which this app does not offer
+            prevent_thread_lock=True,
+        )
+    except OSError as e:  # taken since check_port looked: Gradio's "Cannot find empty port ...", as one line
+        if "port" not in str(e):
+            raise
+        raise cli.UserError(f"port {args.port} on {args.host} is in use: pass another with --port") from None
+    try:
+        print(f"fvlm chat: serving on http://{args.host}:{args.port}", flush=True)
+        while demo.is_running:
+            time.sleep(0.1)
+    finally:
+        demo.close(verbose=False)
 
 
 if __name__ == "__main__":

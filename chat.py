@@ -6,6 +6,10 @@
 Without --model the foveated model is built from the pretrained backbones (hub, else the packaged
 weights) with a fresh, untrained connector: it runs end to end, but only a trained checkpoint answers
 about what it sees. Media are read as the model was trained to see them (its saved frame settings).
+
+A reply is greedy under transformers' two rules against repeating, so that a small model does not loop on a
+phrase: a repetition penalty of 1.2 and no 3-gram twice (`--repetition-penalty 1.0` and
+`--no-repeat-ngram-size 0` turn them off: the benchmarks' plain greedy decode).
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import torch
 
 import cli
 import registry
+from cli import UserError
 from config import FoveatedConfig
 from evals.answering import Answerer
 from inputs.frames import Media
 from vlm.base import VLM
+
+REPETITION_PENALTY = 1.2  # a chat's defaults (the demo's too); generate's own are off, as benchmarks decode
+NO_REPEAT_NGRAM_SIZE = 3
 
 
 def ask(
@@ -31,14 +39,43 @@ def ask(
     max_new_tokens: int = 64,
     max_frames: int | None = None,
     size: int | None = None,
+    repetition_penalty: float = REPETITION_PENALTY,
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
 ) -> str:
     """One greedy answer to `question` about an image/video file (or none, for a text-only question), in the
-    named read (default: the model's last one, the foveated model's autoregressive mode)."""
+    named read (default: the model's last one, the foveated model's autoregressive mode), under the chat's rules
+    against repeating (1.0 and 0: none, as the benchmarks decode)."""
     answerer = Answerer(model, max_frames, size=size)
     read = read or list(answerer.reads)[-1]
-    if read not in answerer.reads:
-        raise ValueError(f"this model reads in {list(answerer.reads)}, not {read!r}")
-    return answerer.generate(answerer.prepare(Media.at(media)), question, read, max_new_tokens)
+    if read not in answerer.reads:  # before the media is decoded
+        raise UserError(f"this model reads in {list(answerer.reads)}, not {read!r}")
+    state = answerer.prepare(Media.at(media))
+    rules = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
+    return answerer.generate(state, question, read, max_new_tokens, **rules)
+
+
+def add_repetition_flags(p: argparse.ArgumentParser) -> None:
+    """The rules against repeating as flags, shared with the demo (app.py)."""
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=REPETITION_PENALTY,
+        help=f"CTRL's penalty on tokens already said or asked (default {REPETITION_PENALTY}; 1.0: off)",
+    )
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=NO_REPEAT_NGRAM_SIZE,
+        help=f"no n-gram of this many tokens twice (default {NO_REPEAT_NGRAM_SIZE}; 0: off)",
+    )
+
+
+def check_repetition_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse values generate would refuse, as a usage error before any model loads."""
+    if not args.repetition_penalty > 0:
+        p.error(f"--repetition-penalty must be positive (1.0 turns it off), not {args.repetition_penalty}")
+    if args.no_repeat_ngram_size < 0:
+        p.error(f"--no-repeat-ngram-size must be 0 (off) or more, not {args.no_repeat_ngram_size}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-frames", type=int, help="frames sampled from a video (default: the model's)")
     p.add_argument("--frame-size", type=int, help="pixels (default: the size the model was trained at)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_repetition_flags(p)
     args = p.parse_args(argv)
+    check_repetition_flags(p, args)
     if args.model:
         model = registry.load(args.model)
     elif args.backbones:
@@ -60,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = registry.new_model(FoveatedConfig())
     model = model.to(args.device).eval()
-    reply = ask(model, args.media, args.question, args.read, args.max_new_tokens, args.max_frames, args.frame_size)
+    reply = ask(model, args.media, args.question, args.read, args.max_new_tokens, args.max_frames, args.frame_size,
+                args.repetition_penalty, args.no_repeat_ngram_size)  # fmt: skip
     print(reply if reply else "(the model's reply is empty: it ended its turn at once)")
 
 

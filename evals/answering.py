@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from cli import UserError
 from inputs.frames import FrameSpec, Media
 from inputs.processors import processor_for
 from vlm.base import VLM
@@ -111,10 +112,17 @@ class Answerer:
             start += len(a)
         return out
 
-    def generate(self, state: Prepared, question: str, read: str, max_new_tokens: int = 64) -> str:
+    def generate(
+        self, state: Prepared, question: str, read: str, max_new_tokens: int = 64, **decoding: Any
+    ) -> str:
+        """A greedy reply in the named read; `decoding`: generate's options (the chat's rules against repeating;
+        none in the benchmarks)."""
+        if read not in self.reads:
+            raise UserError(f"this model reads in {list(self.reads)}, not {read!r}")
         ids = torch.tensor([self.processor.prompt(question, state.pictures)], device=self.device)
-        tokenizer = self.processor.tokenizer
         ends = self.processor.end_ids
         with self.casts, self.autocast:
-            new = self.model.generate(state.visual, ids, torch.ones_like(ids), max_new_tokens, ends, **self.reads[read])
-        return tokenizer.decode(new[0], skip_special_tokens=True).strip()
+            new = self.model.generate(
+                state.visual, ids, torch.ones_like(ids), max_new_tokens, ends, **decoding, **self.reads[read]
+            )
+        return self.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()

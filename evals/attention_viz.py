@@ -5,7 +5,9 @@ The model reports, for every frame and glimpse, the last DINO layer's attention 
 dropped, the patch weights are renormalised and laid out on the patch grid, upsampled to the frame and
 blended over it with a colour map whose brightness rises with the weight (so the brightest spot of a
 picture is where the query looked). The entropy of each frame's patch distribution says how focused
-the look was: log(P) nats is uniform, 0 is a single patch.
+the look was: log(P) nats is uniform, 0 is a single patch. Where a person asks about colours (the demo), `beside`
+puts the frame untouched next to its maps, each drawn over the frame's grey: the blend would tint the very object
+asked about.
 
     from evals.attention_viz import read_attention, save_attention
     attention = read_attention(model, frames, input_ids, mode="autoregressive")  # (T, k, 1+P)
@@ -64,6 +66,29 @@ def overlay(frame: np.ndarray, amap: Tensor, alpha: float = 0.6) -> np.ndarray:
     heat = F.interpolate(amap[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     level = (heat / heat.max().clamp(min=1e-12) * 255).round().clamp(0, 255).byte().numpy()
     return ((1 - alpha) * frame + alpha * _LUT[level]).round().astype(np.uint8)
+
+
+def grey(frame: np.ndarray) -> np.ndarray:
+    """An RGB frame (H, W, 3) uint8 -> its luminance (ITU-R 601), still 3 channels: the frame's layout without
+    its colours, for a map to be drawn over."""
+    y = frame[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.repeat(y.round().clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def beside(frame: np.ndarray, maps: Tensor, gap: int = 4) -> np.ndarray:
+    """One RGB frame (H, W, 3) uint8 and its k maps (k, gh, gw) -> [frame | map 1 | ... | map k], `gap` white
+    pixels apart, (H, (k+1) W + k gap, 3) uint8.
+
+    The frame is shown exactly as it is, so the object asked about keeps its colour (an overlay would tint a red
+    ball orange and a blue one purple); each map is drawn over the frame's grey, so where it peaks can be found
+    in the frame beside it, and none of the map's colours can be taken for the frame's."""
+    h = frame.shape[0]
+    background = grey(frame)
+    space = np.full((h, gap, 3), 255, dtype=np.uint8)
+    panels = [frame[..., :3]]
+    for m in maps:
+        panels += [space, overlay(background, m)]
+    return np.concatenate(panels, axis=1)
 
 
 def patch_grid(frames: Tensor, patch: int) -> tuple[int, int]:

@@ -2,7 +2,9 @@
 
 The chat template decides the text: before each turn the whole conversation so far is rendered, and only what
 the cache does not hold yet (the previous reply's end of turn, the new user turn, the generation prompt) is
-tokenised and fed; the reply is generated greedily on the cache and streamed. A reply the template would write
+tokenised and fed; the reply is generated greedily on the cache and streamed, optionally under transformers' rules
+against repeating (vlm/beam.py's `restrain`, over every token of the conversation so far, as `VLM.generate`
+applies them over its prompt and reply). A reply the template would write
 otherwise than it was generated (stripped of surrounding spaces, or SmolVLM's "Assistant: " + reply after a
 generation prompt of "Assistant:") is taken back out of the cache and fed, as the template writes it, with
 the next turn. So what the model has read is
@@ -18,7 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cli import UserError
 from evals.answering import Answerer, Prepared
+from vlm.beam import check_restraints, restrain, seen
 
 
 class Conversation:
@@ -28,7 +32,7 @@ class Conversation:
         self.answerer, self.state = answerer, state
         self.read = read or list(answerer.reads)[-1]
         if self.read not in answerer.reads:
-            raise ValueError(f"this model reads in {list(answerer.reads)}, not {self.read!r}")
+            raise UserError(f"this model reads in {list(answerer.reads)}, not {self.read!r}")
         self.messages: list[dict[str, str]] = []
         self.fed = ""  # the rendered conversation whose tokens the cache holds
         self.ids: list[int] = []  # those tokens
@@ -55,8 +59,13 @@ class Conversation:
         return model._llm(model.embed(tensor), self.mask, self.past)[:, -1]
 
     @torch.inference_mode()
-    def ask(self, question: str, max_new_tokens: int = 128) -> Iterator[str]:
-        """Stream the reply to `question`: the text so far after every new token."""
+    def ask(
+        self, question: str, max_new_tokens: int = 128, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0
+    ) -> Iterator[str]:
+        """Stream the reply to `question`: the text so far after every new token. The two rules against repeating
+        (off by default) see the whole conversation, so a reply is what `VLM.generate` writes after it."""
+        check_restraints(repetition_penalty, no_repeat_ngram_size)
+        restrained, held = repetition_penalty != 1.0 or no_repeat_ngram_size, None
         processor, model = self.answerer.processor, self.answerer.model
         messages = [*self.messages, {"role": "user", "content": question}]
         rendered = processor.render(messages, self.state.pictures, generation_prompt=True)
@@ -66,11 +75,18 @@ class Conversation:
         self.fed, self.asked = rendered, list(self.ids)
         ends, tokenizer, new = set(processor.end_ids), processor.tokenizer, []
         for _ in range(max_new_tokens):
-            token = int(model.lm_head(hidden).argmax(-1))
+            logits = model.lm_head(hidden)  # (1, V)
+            if restrained:
+                if held is None and repetition_penalty != 1.0:
+                    held = seen([self.ids], logits.shape[-1], logits.device)
+                logits = restrain(logits.float(), [self.ids], held, repetition_penalty, no_repeat_ngram_size)
+            token = int(logits.argmax(-1))
             if token in ends:
                 break
             new.append(token)
             self.ids.append(token)
+            if held is not None:
+                held[0, token] = True
             self.mask = torch.cat([self.mask, self.mask.new_ones(1, 1)], dim=1)
             step = model.embed(torch.tensor([[token]], device=self.answerer.device))
             hidden = model._llm(step, self.mask, self.past)[:, -1]

@@ -1,6 +1,8 @@
-"""The chat demo: its upload limits, session transitions and attention pictures as plain functions, then the app
-itself in a real browser (Debian's chromium through Playwright), with every request the page makes checked to stay
-on this machine."""
+"""The chat demo: its upload limits, session transitions, attention pictures (each frame as it is, in its own aspect
+ratio, beside its map; an image once) and examples as plain functions; the command's failure on a port in use; then
+the app itself in a real browser (Debian's chromium through Playwright), with every request the page makes checked
+to stay on this machine, every picture of where the model looked in view, a notice in a bubble of its own, and no
+folder of examples left behind once it stops."""
 
 from __future__ import annotations
 
@@ -17,13 +19,19 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
 
 import app
+import cli
 from encoder import FoveatedEncoder
 from evals.answering import Answerer
+from evals.attention_viz import entropy, patch_maps
+from evals.conversation import Conversation
+from inputs.frames import FrameSpec, Media
+from layouts import toy
 from tests.conftest import jpeg, mp4
 from tests.tiny import tiny_connector_model, tiny_model
 
@@ -46,6 +54,18 @@ DONE = """n => document.querySelectorAll('#chat [data-testid="bot"]').length > n
   && document.querySelector('#chat [data-testid="status-tracker"]').classList.contains('hide')
   && !document.querySelector('#message textarea').disabled"""
 READ = "autoregressive"
+DRAWN = "i => i.complete && i.naturalWidth > 0"
+# Where each picture of the gallery is: inside the gallery's visible box, below its label, and the gallery not scrolling
+# within itself.
+IN_VIEW = """() => { const wrap = document.querySelector('#attention .grid-wrap'), box = wrap.getBoundingClientRect();
+  const imgs = [...document.querySelectorAll('#attention img')];
+  const label = document.querySelector('#attention [data-testid="block-label"]').getBoundingClientRect();
+  return {scrolled: wrap.scrollHeight - wrap.clientHeight,
+    below_label: imgs.every(i => i.getBoundingClientRect().top >= label.bottom - 1),
+    inside: imgs.map(i => { const r = i.getBoundingClientRect();
+      return r.height > 0 && r.top >= box.top - 1 && r.bottom <= box.bottom + 1 && r.left >= box.left - 1
+        && r.right <= box.right + 1; }),
+    ratios: imgs.map(i => i.getBoundingClientRect().width / i.getBoundingClientRect().height)}; }"""
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +184,8 @@ def test_the_attention_pictures_are_one_per_frame_with_an_entropy_each(answerer,
     assert look is not None  # drawn with the reply
     frames = answerer.frames.max_frames
     assert len(look.pictures) == len(look.entropy) == len(look.captions()) == frames
-    assert all(p.shape == (app.DISPLAY_PX, app.DISPLAY_PX, 3) and p.dtype == np.uint8 for p in look.pictures)
+    side = (app.DISPLAY_PX, 2 * app.DISPLAY_PX + 4, 3)  # a square frame, then its map, 4 px apart
+    assert all(p.shape == side and p.dtype == np.uint8 for p in look.pictures)
     assert all(len(row) == 1 and 0 <= row[0] <= look.uniform + 1e-5 for row in look.entropy)
     assert look.uniform == pytest.approx(math.log(16))  # 16 px frames, 4 px patches
     note = app.look_note(answerer, session)
@@ -177,7 +198,9 @@ def test_other_kinds_show_their_maps_or_say_they_have_none(tokenizer, media):
     *_, session = app.respond(tokenlearner, app.Session(), message, "default", 2)
     look = session.look
     maps = session.conversation.attention.shape[1]
-    assert maps > 1 and len(look.pictures) == 2 and look.pictures[0].shape[1] == maps * app.DISPLAY_PX
+    width = round(app.DISPLAY_PX * 40 / 30)  # red.jpg is 40x30: shown in its aspect ratio
+    assert maps > 1 and len(look.pictures) == 1  # an image, once
+    assert look.pictures[0].shape[1] == (maps + 1) * width + maps * 4  # the image, then each pooled token's map
     assert all(len(row) == maps for row in look.entropy) and "each pooled token" in app.look_note(tokenlearner, session)
     mlp = Answerer(tiny_connector_model("mlp", tokenizer))
     *_, session = app.respond(mlp, app.Session(), message, "default", 2)
@@ -191,6 +214,82 @@ def test_the_examples_are_made_here_and_pass_the_checks(tmp_path):
     assert [app.check_upload(p).kind for p, _ in examples] == ["video", "video", "image"]
 
 
+def test_an_example_clip_is_the_held_out_clip_the_toy_model_reads(tmp_path):
+    """Made at the model's frame size and count, the example decodes, as the app reads it, to the held-out clip's
+    own frames (within what the toy world's JPEGs change: the ball's colour within two levels), every frame once;
+    the still is that clip's first frame."""
+    spec = FrameSpec(size=112, max_frames=4)
+    examples = app.write_examples(tmp_path, clips=(3,), still=3, frames=spec.max_frames, size=spec.size)
+    held_out = toy.sample(0, "eval", 3, 112, 4)
+    assert "(red ball)" in examples[0][1] and held_out["options"][held_out["answer"]] == "red"
+    decoded = Media("video", [examples[0][0]]).pictures(spec)
+    assert len(decoded) == 4 and decoded[0].shape == (112, 112, 3)
+    for drawn, read in zip(held_out["frames"], decoded, strict=True):
+        drawn = np.asarray(drawn).astype(int)
+        assert np.abs(drawn - read).mean() < 1.5  # the toy world's JPEGs (quality 95) differ by 1.7 on average
+    x, y = held_out["scene"]["ball"]["path"][2]
+    assert np.abs(decoded[2][y, x].astype(int) - (225, 30, 30)).max() <= 3  # red stays red
+    still = Media("image", [examples[1][0]]).pictures(spec)[0]
+    assert np.abs(np.asarray(still).astype(int) - np.asarray(held_out["frames"][0])).mean() < 3
+
+
+def wide_mp4(frames: int = 4, width: int = 64, height: int = 36) -> bytes:
+    """A 16:9 clip, grey with a red square in its top-left corner."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt, s.bit_rate = width, height, "yuv420p", 4_000_000
+        for _ in range(frames):
+            a = np.full((height, width, 3), 110, np.uint8)
+            a[4:16, 4:16] = (225, 30, 30)
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+def test_a_wide_video_is_shown_in_its_aspect_ratio_with_its_colours_as_they_are(answerer, tmp_path):
+    """16:9 stays 16:9 in the pictures while the model is still fed its square frames; the frame's half of each
+    picture is the decoded frame itself (the red square red), the map's half has none of its colours."""
+    path = tmp_path / "wide.mp4"
+    path.write_bytes(wide_mp4())
+    *_, session = app.respond(answerer, app.Session(), {"text": "Where?", "files": [str(path)]}, READ, 2)
+    fed = answerer.frames.tensor(session.prepared.pictures)
+    assert fed.shape[-2:] == (16, 16)  # the model is fed its square frames as before
+    width = round(app.DISPLAY_PX * 64 / 36)
+    for picture, frame in zip(session.look.pictures, session.prepared.pictures, strict=True):
+        assert picture.shape == (app.DISPLAY_PX, 2 * width + 4, 3)
+        assert np.array_equal(picture[:, :width], app.shown(frame, answerer.frames))
+        red = picture[20:80, 20:80].reshape(-1, 3).astype(int).mean(0)  # inside the red square, in the frame
+        assert red[0] > 180 and red[1] < 70 and red[2] < 70
+        heat = picture[20:80, width + 4 + 20 : width + 4 + 80].reshape(-1, 3).astype(int)
+        assert not ((heat[:, 0] > 180) & (heat[:, 1] < 70) & (heat[:, 2] < 70)).all()  # not the square's red
+
+
+def test_an_image_is_shown_once_with_its_last_copys_look(answerer, media):
+    *_, session = app.respond(answerer, app.Session(), {"text": "?", "files": [str(media["red.jpg"])]}, READ, 2)
+    look, copies = session.look, answerer.frames.image_frames
+    assert len(session.prepared.pictures) == copies > 1  # the model still reads its copies
+    assert len(look.pictures) == len(look.entropy) == 1 and look.copies == copies
+    attention = session.conversation.attention
+    assert look.entropy[0] == pytest.approx(entropy(patch_maps(attention, (4, 4)))[-1].tolist())
+    assert f"the last of its {copies} copies" in look.captions()[0]
+    assert f"read as {copies} copies" in app.look_note(answerer, session)
+
+
+def test_replies_follow_the_chats_rules_against_repeating_unless_told_otherwise(answerer, monkeypatch):
+    asked = []
+    real = Conversation.ask
+    monkeypatch.setattr(Conversation, "ask", lambda self, *a: asked.append(a[1:]) or real(self, *a))
+    list(app.respond(answerer, app.Session(), {"text": "Hi?"}, READ, 2))
+    list(app.respond(answerer, app.Session(), {"text": "Hi?"}, READ, 2, 1.0, 0))
+    assert asked == [(2, 1.2, 3), (2, 1.0, 0)]
+    defaults, off = app.parse_args([]), app.parse_args(["--repetition-penalty", "1", "--no-repeat-ngram-size", "0"])
+    assert (defaults.repetition_penalty, defaults.no_repeat_ngram_size) == (1.2, 3)
+    assert (off.repetition_penalty, off.no_repeat_ngram_size) == (1.0, 0)
+
+
 def test_the_command_binds_this_machine_and_has_no_share_link(tmp_path, capsys):
     assert app.parse_args([]).host == "127.0.0.1"
     with pytest.raises(SystemExit):
@@ -198,6 +297,50 @@ def test_the_command_binds_this_machine_and_has_no_share_link(tmp_path, capsys):
     with pytest.raises(SystemExit):
         app.parse_args(["--model", str(tmp_path / "missing")])
     assert "no saved model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        app.parse_args(["--repetition-penalty", "-1"])
+    assert "--repetition-penalty must be positive" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_exit_status_2(tmp_path):
+    """Another program listens on the port: the command says so in one line, before loading any model, and
+    leaves no folder behind."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "tmp").mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # listening, as a server on that port would be
+        port = taken.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "app.py"), "--model", str(tmp_path / "model"), "--port", str(port)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"error: port {port} on 127.0.0.1 is in use: pass another with --port"]
+    assert "GRADIO_SERVER_PORT" not in done.stderr and "Traceback" not in done.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_port_taken_after_the_check_is_the_same_one_line(answerer, tmp_path, monkeypatch):
+    """Between check_port and Gradio's bind another program may take the port: Gradio's OSError, which suggests
+    GRADIO_SERVER_PORT, becomes the command's own failure."""
+
+    class Taken:
+        is_running = False
+
+        def queue(self, **kw):
+            return self
+
+        def launch(self, **kw):
+            raise OSError(f"Cannot find empty port in range: {kw['server_port']}-{kw['server_port']}. You can specify "
+                          "a different port by setting the GRADIO_SERVER_PORT environment variable")  # fmt: skip
+
+        def close(self, verbose=True):
+            pass
+
+    monkeypatch.setattr(app, "build_app", lambda *a, **k: Taken())
+    args = app.parse_args(["--port", "7999"])
+    with pytest.raises(cli.UserError, match="^port 7999 on 127.0.0.1 is in use: pass another with --port$"):
+        app.serve(answerer, "", tmp_path, args)
 
 
 # --- the app in a browser ---------------------------------------------------------------------------------------
@@ -258,13 +401,15 @@ def test_the_app_in_a_browser(tokenizer, tmp_path):
     tiny_model(tokenizer=tokenizer, frames_at="user_turn").save_pretrained(model_dir)
     (image,) = [p for p, _ in app.write_examples(tmp_path / "upload", clips=(), size=112)]
     video = tmp_path / "clip.mp4"
-    video.write_bytes(mp4(12, 32))
+    video.write_bytes(wide_mp4(12))  # 16:9
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all" * 16)
 
     proxy = ProxyRecorder()
     port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    temp = tmp_path / "tmp"  # where the app makes its folder of examples
+    temp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "TMPDIR": str(temp)}
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env[var] = f"http://127.0.0.1:{proxy.port}"
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
@@ -320,8 +465,9 @@ def test_the_app_in_a_browser(tokenizer, tmp_path):
             assert len(set(lengths)) >= 2, f"the reply did not grow as it streamed: {lengths}"
             pictures = page.locator("#attention img")
             pictures.first.wait_for()
-            assert pictures.count() == 2  # the image is read as two copies: one picture per frame
+            assert pictures.count() == 1  # the image is read as two copies, and shown once
             assert "Entropy per frame" in page.locator("#attention-note").inner_text()
+            assert len(list(temp.glob("fvlm-app-*"))) == 1  # the examples' folder, while the app runs
             page.screenshot(path=str(tmp_path / "app.png"))  # the test's own: docs/app.png is a trained model's
 
             follow = send("And where is it going?")
@@ -330,10 +476,21 @@ def test_the_app_in_a_browser(tokenizer, tmp_path):
             assert sum("What colour is the ball?" in a for a in asked) == 1
             assert sum("And where is it going?" in a for a in asked) == 1
 
+            page.locator("#mode label", has_text="coarse_only").click()  # a notice: a bubble of its own
+            page.wait_for_function("n => document.querySelectorAll('#chat [data-testid=\"bot\"]').length > n", arg=2)
+            assert bots.count() == 3 and bots.last.inner_text().startswith("Now reading in coarse_only")
+            assert "Now reading" not in bots.nth(1).inner_text() and bots.nth(1).inner_text().strip() == follow.strip()
+
             said = send("", video)
             assert "Got a video, read as 4 frames" in said
             send("What happens?")
             page.wait_for_function("() => document.querySelectorAll('#attention img').length === 4")
+            page.wait_for_function(f"() => [...document.querySelectorAll('#attention img')].every({DRAWN})")
+            shown = page.evaluate(IN_VIEW)  # every frame of the clip in the gallery, none cut off or scrolled away
+            assert shown["scrolled"] <= 1 and shown["inside"] == [True] * 4 and shown["below_label"], shown
+            wide = (2 * round(app.DISPLAY_PX * 64 / 36) + 4) / app.DISPLAY_PX  # 16:9 frame and map, side by side
+            assert all(abs(r - wide) < 0.05 * wide for r in shown["ratios"]), shown  # drawn undistorted
+            page.screenshot(path=str(tmp_path / "video.png"))
 
             said = send("", broken)
             assert "broken.mp4 could not be read as a video" in said and "goes on about clip.mp4" in said
@@ -350,6 +507,7 @@ def test_the_app_in_a_browser(tokenizer, tmp_path):
             server.kill()
             server.wait(timeout=10)
         proxy.close()
+    assert list(temp.glob("fvlm-app-*")) == []  # stopped (SIGTERM), the app took its folder with it
     assert outside == [], f"the page asked hosts off this machine: {outside}"
     assert proxy.seen == [], f"the server tried to reach off this machine: {proxy.seen}"
     assert (tmp_path / "app.png").stat().st_size > 10_000  # a page was drawn

@@ -1,4 +1,5 @@
-"""Attention pictures: sizes, where the bright spot lands, entropy, and the model's attention read."""
+"""Attention pictures: sizes, where the bright spot lands, entropy, the model's attention read, and the frame shown
+untouched beside its maps (its colours never tinted)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from PIL import Image
 
 from evals.attention_viz import (
+    beside,
     entropy,
+    grey,
     patch_maps,
     read_attention,
     read_attentions,
@@ -105,3 +108,27 @@ def test_clips_read_together_look_where_each_looks_alone():
         for clip, attention in zip(clips, together, strict=True):
             assert attention.shape == (len(clip), 2, 1 + 16)
             assert torch.allclose(attention, read_attention(model, clip, ids, mode), atol=1e-5)
+
+
+def test_beside_keeps_the_frame_as_it_is_and_draws_each_map_over_its_grey():
+    """A red ball on grey, 16:9: the frame panel is the frame, byte for byte (the ball stays red); each map's panel
+    has no colour from the frame, only the map's, brightest over the attended patch."""
+    h, w = 36, 64
+    frame = np.full((h, w, 3), 110, dtype=np.uint8)
+    frame[4:12, 40:48] = (225, 30, 30)  # the ball
+    maps = torch.full((2, 3, 4), 0.01)
+    maps[0, 0, 2] = 1.0  # the first map on the ball's patch (rows of 12 px, columns of 16 px)
+    maps[1, 2, 0] = 1.0  # the second elsewhere
+    picture = beside(frame, maps, gap=4)
+    assert picture.shape == (h, 3 * w + 2 * 4, 3) and picture.dtype == np.uint8
+    assert np.array_equal(picture[:, :w], frame)
+    assert (picture[:, w : w + 4] == 255).all()  # the gap
+    panels = [picture[:, w + 4 : 2 * w + 4], picture[:, 2 * w + 8 :]]
+    for panel, (row, col) in zip(panels, [(0, 2), (2, 0)], strict=True):
+        luminance = panel.astype(float).sum(-1)
+        peak = np.unravel_index(luminance.argmax(), luminance.shape)
+        assert (peak[0] // 12, peak[1] // 16) == (row, col)
+    # where a map is cold, the panel is the frame's grey darkened: the red ball is not red there
+    cold = panels[1][4:12, 40:48].astype(int)
+    assert (abs(cold[..., 0] - cold[..., 1]) < 60).all()
+    assert grey(frame)[5, 41].tolist() == [round(0.299 * 225 + 0.587 * 30 + 0.114 * 30)] * 3

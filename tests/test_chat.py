@@ -29,3 +29,31 @@ def test_image_and_video_files_run_end_to_end(real_model, tmp_path):
         for mode in ("coarse_only", "autoregressive"):
             answer = ask(real_model, tmp_path / media, "What do you see?", read=mode, max_new_tokens=4)
             assert isinstance(answer, str)
+
+
+def test_chat_replies_under_the_rules_against_repeating_and_the_flags_turn_them_off(tokenizer, monkeypatch, capsys):
+    """`ask` and the command pass a repetition penalty of 1.2 and 3-gram blocking by default; 1.0 and 0 give the
+    plain greedy reply the benchmarks decode (Answerer.generate)."""
+    import chat
+    from evals.answering import Answerer
+    from inputs.frames import Media
+    from tests.tiny import tiny_model
+    from vlm.base import VLM
+
+    model = tiny_model(tokenizer=tokenizer, frames_at="user_turn")
+    answerer = Answerer(model)
+    plain = answerer.generate(answerer.prepare(Media("none")), "Hello there?", "autoregressive", 12)
+    assert ask(model, None, "Hello there?", max_new_tokens=12, repetition_penalty=1.0, no_repeat_ngram_size=0) == plain
+    seen, real = [], VLM.generate
+    monkeypatch.setattr(VLM, "generate", lambda self, *a, **k: seen.append(k) or real(self, *a, **k))
+    ask(model, None, "Hello there?", max_new_tokens=12)
+    assert seen[-1]["repetition_penalty"] == 1.2 and seen[-1]["no_repeat_ngram_size"] == 3
+    monkeypatch.setattr(chat.registry, "load", lambda path: model)
+    chat.main(["--model", "m", "Hello there?", "--max-new-tokens", "12", "--repetition-penalty", "1.0",
+               "--no-repeat-ngram-size", "0"])  # fmt: skip
+    assert seen[-1]["repetition_penalty"] == 1.0 and seen[-1]["no_repeat_ngram_size"] == 0
+    assert capsys.readouterr().out.strip() == plain
+    for flag, value in (("--repetition-penalty", "0"), ("--no-repeat-ngram-size", "-1")):
+        with pytest.raises(SystemExit):
+            chat.main(["Hi", flag, value])
+        assert flag in capsys.readouterr().err

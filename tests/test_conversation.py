@@ -1,11 +1,13 @@
 """Conversations on a KV cache: the model reads exactly the chat template's rendering of the conversation, a
-later turn reuses the clip's encoding and equals recomputing everything, replies stream."""
+later turn reuses the clip's encoding and equals recomputing everything, replies stream, and the rules against
+repeating see the whole conversation as generate sees its prompt."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from cli import UserError
 from encoder import FoveatedEncoder
 from evals.answering import Answerer
 from evals.conversation import Conversation
@@ -81,5 +83,24 @@ def test_later_turns_do_not_encode_the_clip_again(tokenizer, monkeypatch):
 
 def test_an_unknown_read_is_refused(tokenizer):
     answerer = Answerer(tiny_connector_model("cls_gate", tokenizer))
-    with pytest.raises(ValueError, match="reads in"):
+    with pytest.raises(UserError, match="reads in"):
         Conversation(answerer, answerer.prepare(Media("none")), read="autoregressive")
+
+
+def test_the_rules_against_repeating_see_the_whole_conversation(tokenizer):
+    """Each turn under a repetition penalty and n-gram blocking is what generate writes after everything the
+    conversation had read, under the same rules; and the rules change what this tiny model says."""
+    answerer = Answerer(tiny_model(tokenizer=tokenizer, frames_at="user_turn"))
+    state = answerer.prepare(Media("image", [jpeg((200, 30, 30))]))
+    rules = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    conv, plain = Conversation(answerer, state), Conversation(answerer, state)
+    processor, replies = answerer.processor, []
+    for q in QUESTIONS:
+        said = list(conv.ask(q, 12, **rules))[-1]
+        replies.append(said)
+        ids = torch.tensor([conv.asked])
+        with torch.inference_mode():
+            fresh = answerer.model.generate(state.visual, ids, torch.ones_like(ids), 12, processor.end_ids,
+                                            **rules, **answerer.reads[conv.read])  # fmt: skip
+        assert processor.tokenizer.decode(fresh[0], skip_special_tokens=True) == said
+    assert [list(plain.ask(q, 12))[-1] for q in QUESTIONS] != replies

@@ -3,7 +3,8 @@
 `Decoding` is a part of the base VLM (base.py), kept apart because it is a concept of its own: what is done
 with a prefix once the frames and the prompt have been read. It uses only the base's interface: `prefix`
 (the LLM state after [frames, text], with its KV cache), `_llm` (one LLM call on that cache), `embed` and
-`lm_head`. Greedy and beam-search generation (beam.py) run on a growing KV cache or, for inference, on a
+`lm_head`. Greedy and beam-search generation (beam.py, with transformers' repetition penalty and n-gram blocking,
+both off unless asked for) run on a growing KV cache or, for inference, on a
 preallocated static one (kvcache.StaticKV: fixed shapes at every decode step, optionally torch.compile'd);
 option scoring runs every question's prefix once, with the tokens all its options begin with, and the rest of
 all its continuations as one batch on their caches.
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from inputs.tokenization import IGNORE_INDEX
-from vlm.beam import beam_search
+from vlm.beam import beam_search, check_restraints, restrain, seen
 from vlm.loss import head_nll
 from vlm.outputs import Prefix, Visual
 
@@ -44,6 +45,11 @@ def _pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def _rows(input_ids: Tensor, attention_mask: Tensor) -> list[list[int]]:
+    """Each right-padded prompt's real tokens."""
+    return [row[: int(n)].tolist() for row, n in zip(input_ids, attention_mask.sum(1), strict=True)]
+
+
 class Decoding:
     """Generation and scoring, mixed into the base VLM (see the module docstring)."""
 
@@ -60,6 +66,7 @@ class Decoding:
         no_repeat_ngram_size: int = 0,
         cache: str = "dynamic",
         compile: bool = False,
+        repetition_penalty: float = 1.0,
         **read: Any,
     ) -> Tensor:
         """Continuation of right-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), through the first
@@ -68,7 +75,13 @@ class Decoding:
 
         `cache` "static" preallocates the KV cache for prefix + max_new_tokens (the same tokens as "dynamic"), so
         every decode step has fixed shapes; `compile` then runs that step through torch.compile (CUDA graphs on
-        a GPU; the first call compiles)."""
+        a GPU; the first call compiles).
+
+        `repetition_penalty` (CTRL's rule: > 1 makes every token of the prompt or the reply so far less likely)
+        and `no_repeat_ngram_size` (no n-gram of that many tokens, prompt included, twice) act on the scores as
+        transformers' processors of the same names do, so its generate writes the same tokens; both are off by
+        default, where the scores are not touched at all: benchmarks decode exactly as without them."""
+        check_restraints(repetition_penalty, no_repeat_ngram_size)
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, not {cache!r}")
         if compile and cache != "static":
@@ -80,15 +93,25 @@ class Decoding:
         hidden = pre.hidden[torch.arange(len(last)), last]  # (B, D)
         if num_beams > 1:
             return self._beams(pre, hidden, input_ids, attention_mask, ends.tolist(), num_beams, max_new_tokens,
-                               length_penalty, no_repeat_ngram_size, compile)  # fmt: skip
-        if no_repeat_ngram_size:
-            raise ValueError("no_repeat_ngram_size needs beam search here: set num_beams > 1")
-        mask, out = pre.mask, []
+                               length_penalty, no_repeat_ngram_size, compile, repetition_penalty)  # fmt: skip
+        restrained = repetition_penalty != 1.0 or no_repeat_ngram_size  # off: the scores as they come
+        sequences = _rows(input_ids, attention_mask) if restrained else []
+        mask, out, held = pre.mask, [], None
         done = torch.zeros_like(last, dtype=torch.bool)
         for _ in range(max_new_tokens):
-            token = self.lm_head(hidden).argmax(-1)  # (B,)
+            logits = self.lm_head(hidden)  # (B, V)
+            if restrained:  # in fp32, as transformers processes the scores
+                if held is None and repetition_penalty != 1.0:
+                    held = seen(sequences, logits.shape[-1], logits.device)
+                logits = restrain(logits.float(), sequences, held, repetition_penalty, no_repeat_ngram_size)
+            token = logits.argmax(-1)  # (B,)
             token = torch.where(done, ends[0], token)
             out.append(token)
+            if restrained:
+                for row, t in zip(sequences, token.tolist(), strict=True):
+                    row.append(t)
+                if held is not None:
+                    held[torch.arange(len(token), device=token.device), token] = True
             done |= torch.isin(token, ends)
             if done.all():
                 break
@@ -108,6 +131,7 @@ class Decoding:
         length_penalty: float,
         no_repeat_ngram_size: int,
         compiled: bool = False,
+        repetition_penalty: float = 1.0,
     ) -> Tensor:
         pre.past.batch_repeat_interleave(k)  # a StaticKV's too: then reordered in place
         mask = pre.mask.repeat_interleave(k, dim=0)  # (B*K, S)
@@ -118,9 +142,10 @@ class Decoding:
             mask = torch.cat([mask[beams], mask.new_ones(len(tokens), 1)], dim=1)
             return self.lm_head(self._llm(self.embed(tokens)[:, None], mask, pre.past, compiled)[:, -1])
 
-        prompts = [row[: int(n)].tolist() for row, n in zip(input_ids, attention_mask.sum(1), strict=True)]
+        prompts = _rows(input_ids, attention_mask)
         first = self.lm_head(hidden).repeat_interleave(k, dim=0)
-        return beam_search(first, step, prompts, k, max_new_tokens, ends, length_penalty, no_repeat_ngram_size)
+        return beam_search(first, step, prompts, k, max_new_tokens, ends, length_penalty, no_repeat_ngram_size,
+                           repetition_penalty=repetition_penalty)  # fmt: skip
 
     def _ends(self, eos_token_id: int | list[int] | None, device: torch.device) -> Tensor:
         if eos_token_id is None:
