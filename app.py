@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 import cli
 import registry
 from chat import NO_REPEAT_NGRAM_SIZE, REPETITION_PENALTY, add_repetition_flags, check_repetition_flags
+from cli import UserError
 from config import FoveatedConfig
 from evals.answering import Answerer, Prepared
 from evals.attention_viz import beside, entropy, patch_maps
@@ -488,7 +489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_repetition_flags(p)
     args = p.parse_args(argv)
     if args.model is not None and not Path(args.model).is_dir():
-        p.error(f"no saved model at {args.model}")
+        raise UserError(f"no saved model at {args.model}: train one (python toyworld.py run) or pass another --model")
     check_repetition_flags(p, args)
     return args
 

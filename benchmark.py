@@ -201,8 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="default: lmms-eval 0.7.3's default prompts; llava_vid, legacy: Video-MME's model-specific 'The best "
         "answer is:' prompt, legacy with the letter reader lmms-eval used before 0.7.2",
     )
-    p.add_argument("--reads", help="comma-separated reads, e.g. the foveated model's coarse_only,autoregressive "
-                   "(default: every read it has)")
+    p.add_argument(
+        "--reads",
+        help="comma-separated reads, e.g. the foveated model's coarse_only,autoregressive (default: every read it has)",
+    )
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument(
         "--batch-size",

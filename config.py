@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -489,24 +490,81 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply one `a.b=c` override in place; the value is parsed as YAML (so 1e-5, true, [1,2] work)."""
+def apply_override(data: dict, assignment: str) -> list[str]:
+    """Apply one `a.b=c` override in place; the value is parsed as YAML (so 1e-5, true, [1,2] work). Returns the
+    key's parts. Errors name the override as given (`--set ...`): the command line, not the YAML, holds it."""
     if "=" not in assignment:
-        raise ConfigError(f"override '{assignment}' must look like key.sub=value")
+        raise ConfigError(f"--set {assignment}: must look like key.sub=value, e.g. train.max_steps=10")
     path, raw = assignment.split("=", 1)
-    *parents, leaf = path.strip().split(".")
+    parts = path.strip().split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {assignment}: the key must be names joined by dots, e.g. train.max_steps=10")
+    *parents, leaf = parts
     node = data
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{assignment}': '{p}' is not a section")
+            raise ConfigError(f"--set {assignment}: '{'.'.join(parents[: i + 1])}' is not a section")
     try:
         node[leaf] = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{assignment}': the value is not valid YAML ({e})") from None
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({e})") from None
+    return parts
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (itself, or the one of an Optional); None for a leaf."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _override_problem(parts: list[str], data: dict) -> str | None:
+    """What is wrong with the key an override sets, or with its value taken alone; None where nothing is.
+
+    The key is walked down the config's dataclasses (the model section as the kind `data` names); a key below a
+    list of sources is left to the whole config's check, which names it too.
+    """
+    cls: Any = Config
+    node: Any = data
+    for i, part in enumerate(parts):
+        note = ""
+        if cls is ModelConfig:
+            kind = node.get("kind", ModelConfig.kind) if isinstance(node, dict) else ModelConfig.kind
+            if kind not in ModelConfig.kinds:
+                return None  # the whole config's check names the kind
+            cls, note = ModelConfig.kinds[kind], f" (model.kind {kind})"
+        names = [f.name for f in dataclasses.fields(cls)]
+        where = ".".join(parts[: i + 1])
+        if part not in names:
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
+            section = ".".join(parts[:i] + [""])
+            hint = f"did you mean '{section}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(names))}"
+            return f"unknown config key '{where}'{note} ({hint})"
+        field_hint = typing.get_type_hints(cls)[part]
+        node = node.get(part) if isinstance(node, dict) else None
+        if i == len(parts) - 1:
+            try:
+                _coerce(node, field_hint, where)
+            except ConfigError as e:
+                return str(e)
+            return None
+        inner = _dataclass_in(field_hint)
+        if inner is None or inner is SourceConfig:
+            return None  # below a leaf or a list of sources: the whole config's check decides
+        cls = inner
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config of YAML file `path` (None: the defaults) with `overrides` (`--set a.b=c`) applied.
+
+    An error is blamed where the mistake is: on the `--set` override that set the key it names, else on the YAML
+    file, so that a typo on the command line is not looked for in a file that does not hold it.
+    """
     data: dict = {}
     if path is not None:
         try:
@@ -519,12 +577,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must hold a mapping at the top level")
-    for o in overrides:
-        apply_override(data, o)
+    applied = [(o, apply_override(data, o)) for o in overrides]
+    # checked once all are applied (a later one may set the model.kind an earlier one's key needs), deeper keys
+    # first: `model.lora.x=1` is the culprit, not an earlier `model.lora={r: 4}` whose section it put x in
+    for o, parts in sorted(applied, key=lambda applied: -len(applied[1])):
+        problem = _override_problem(parts, data)
+        if problem:
+            raise ConfigError(f"--set {o}: {problem}")
     try:
         return from_dict(Config, data)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        message = str(e)
+    keys = [(o, re.compile(rf"'{re.escape('.'.join(parts))}[.']")) for o, parts in reversed(applied)]
+    blamed = next((o for o, key in keys if key.search(message)), None)  # the key it names, or one below it
+    raise ConfigError(f"--set {blamed}: {message}" if blamed else f"{path or 'config'}: {message}")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

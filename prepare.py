@@ -3,8 +3,10 @@
     python prepare.py SOURCE --in PATH [--images DIR] --out DIR [--shard-size N] [--limit N] [--workers N]
                       [--frame-size S] [--max-frames N] [--fps F] [--drop-system]
 
-SOURCE is one of layouts.converters.NAMES; each reader's docstring gives the layout it expects. Rerunning the same
-command continues an interrupted conversion; OUT/report.json says what was written and what was left out.
+SOURCE is one of layouts.converters.NAMES; each reader's docstring gives the layout it expects, and an input not in
+it (no record read, a missing column) is one error quoting that layout. Rerunning the same command continues an
+interrupted conversion; rerunning with other options into the same OUT is refused, OUT left as it was, since either
+way of going on would spoil what is there. OUT/report.json says what was written and what was left out.
 """
 
 from __future__ import annotations

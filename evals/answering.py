@@ -112,9 +112,7 @@ class Answerer:
             start += len(a)
         return out
 
-    def generate(
-        self, state: Prepared, question: str, read: str, max_new_tokens: int = 64, **decoding: Any
-    ) -> str:
+    def generate(self, state: Prepared, question: str, read: str, max_new_tokens: int = 64, **decoding: Any) -> str:
         """A greedy reply in the named read; `decoding`: generate's options (the chat's rules against repeating;
         none in the benchmarks)."""
         if read not in self.reads:

@@ -16,6 +16,11 @@ last: the foveated model's autoregressive mode), `device`, `batch_size` (accepte
 the options of one question always run as one batch, a reply is generated one prompt at a time, as the
 model's generate continues one clip per row), `max_frames` / `image_frames` / `frame_size` (default the
 model's), `max_new_tokens` (when a task sets none; 16, benchmark.py's), `likelihood` (see `loglikelihood`).
+
+A local task runs the same way with `--include_path` (examples/lmms_eval_task is one). lmms-eval 0.7.3 exits 0
+when a task cannot load its data, having caught the error; `--verbosity DEBUG` makes it exit non-zero. The model
+cannot do it for the harness: the tasks load after the model is built and before it is asked anything
+(docs/evaluation.md, "A run that must fail when a task does").
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any
 
 from webdataset.tariterators import tarfile_samples
 
-from config import CaptionSource, ShardSource, SourceConfig, TextVQASource
+from config import CaptionSource, ConfigError, ShardSource, SourceConfig, TextVQASource
 from inputs.tokenization import CAPTION_PROMPT
 from layouts import textvqa
 from layouts.caption_sets import read_coco_captions, read_karpathy, training_samples
@@ -36,9 +36,9 @@ class ShardReader:
     shuffled_within = False  # samples come in shard order: the loader's shuffle buffer mixes them
 
     def __init__(self, source: ShardSource) -> None:
-        self.shards = expand_shards(source.path)
+        self.shards = expand_shards(source.path, must_exist=True)
         if not self.shards:
-            raise ValueError(f"the shards source {source.path!r} names no shard")
+            raise ConfigError(f"the shards source {source.path!r} names no shard: give a glob, brace list or path")
 
     def units(self, epoch: int = 0) -> list[Any]:
         return list(self.shards)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 from typing import Any
 
@@ -65,20 +66,40 @@ def stated_fps(raw: dict) -> float | None:
     return float(native) if isinstance(native, int | float) and not isinstance(native, bool) and native > 0 else None
 
 
-def expand_shards(spec: str | list[str] | None) -> list[str]:
+def _local(path: str) -> bool:
+    """A path on this machine, as opposed to a `pipe:` command or a URL (http, s3, …) that WebDataset opens."""
+    return not (path.startswith("pipe:") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path))
+
+
+def expand_shards(spec: str | list[str] | None, must_exist: bool = False) -> list[str]:
     """Brace lists and globs → shard paths, in a deterministic order every rank agrees on.
 
-    A glob that matches nothing is an error (a typo would otherwise train on nothing); other entries
-    (plain paths, `pipe:` or http URLs) are passed through for WebDataset to open.
+    A glob that matches nothing is an error (a typo would otherwise train on nothing). With `must_exist`, so is a
+    local path that does not exist, or names a folder, checked here before any work: a misspelt folder in the brace
+    form of the stage configs would otherwise surface as one warning per shard while the reader skips them all,
+    then as an error blaming empty shards. Training's reader asks for it; the benchmark's and the captions'
+    loaders check the paths themselves, to name their layout. `pipe:` commands and URLs (http, s3, …) are passed
+    through unchecked for WebDataset to open.
     """
     out: list[str] = []
     for pattern in [spec] if isinstance(spec, str) else spec or []:
-        for path in braceexpand.braceexpand(pattern):
-            if re.search(r"[*?\[]", path):
+        named = list(braceexpand.braceexpand(pattern))
+        missing: list[str] = []
+        for path in named:
+            if not _local(path):
+                out.append(path)
+            elif re.search(r"[*?\[]", path):
                 matches = sorted(glob.glob(path))
                 if not matches:
-                    raise FileNotFoundError(f"no shards match {path!r}")
+                    raise FileNotFoundError(f"no shards match {path!r}: fix the path, or write the shards first")
                 out.extend(matches)
+            elif must_exist and os.path.isdir(path):
+                raise IsADirectoryError(f"{path} is a folder, not a shard: name its shards, e.g. '{path}/*.tar'")
+            elif must_exist and not os.path.exists(path):
+                missing.append(path)
             else:
                 out.append(path)
+        if missing:
+            which = f" ({len(missing)} of the {len(named)} that {pattern!r} names)" if len(named) > 1 else ""
+            raise FileNotFoundError(f"no shard at {missing[0]}{which}: fix the path, or write the shards first")
     return out

@@ -24,8 +24,11 @@ Shard k holds the k-th `shard_size` good samples. It is written under a temporar
 complete; then OUT/report.json is replaced (atomically) by one that lists the finished shards (name,
 samples, sha256, records consumed), the per-reason counts and first examples, and the settings. A rerun
 with the same settings skips the records consumed and continues with the next shard, so a killed and
-resumed conversion writes the same bytes as an uninterrupted one. Workers only check and encode; results
-are taken in record order, so their number changes nothing in the output.
+resumed conversion writes the same bytes as an uninterrupted one. A rerun with other settings is refused
+(OtherOptions) and changes nothing in the folder. An input not in the source's layout (no record read from
+it, a missing column) is one error naming the file and the layout (LayoutError), not an empty conversion.
+Workers only check and encode; results are taken in record order, so their number changes nothing in the
+output.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +53,10 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from cli import UserError
 from inputs.frames import IMAGENET_MEAN, IMAGENET_STD, MediaError, load_image, load_video, read_image, sample_indices
 from inputs.tokenization import check_turns
-from layouts.converters import Record, chat, reader
+from layouts.converters import LayoutError, Record, chat, layout, reader
 from layouts.shards import VIDEO_EXTS
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,15 @@ CHECK_FRAMES, CHECK_SIZE = 8, 32  # a copied video is checked by decoding this m
 JPEG_QUALITY = 90
 EXAMPLES = 10  # left-out samples named per reason in the report
 LOG_EACH = 20  # left-out samples logged one by one per reason, then only counted
+# the settings as prepare.py's command line names them, for an error that says which to change
+FLAGS = {"source": "SOURCE", "in": "--in", "images": "--images", "shard_size": "--shard-size", "limit": "--limit",
+         "frame_size": "--frame-size", "max_frames": "--max-frames", "fps": "--fps",
+         "drop_system": "--drop-system"}  # fmt: skip
+
+
+class OtherOptions(UserError, ValueError):
+    """The output folder holds a conversion made with other options: continuing it would mix two outputs in one
+    folder, and starting afresh would delete the shards already written."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,7 @@ def _clean(value: Any, what: str) -> str:
 
 def _text(record: Record, opts: Options) -> dict[str, Any]:
     if record.problem:
-        raise Skip(record.problem, "as the source has it")
+        raise Skip(record.problem, record.detail or "as the source has it")
     text = dict(record.text)
     for k in TEXT_FIELDS:
         if k in text:
@@ -230,6 +243,14 @@ def _save(out: Path, report: dict) -> None:
     os.replace(tmp, out / REPORT)
 
 
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "given" if value else "not given"
+    return str(value)
+
+
 def _start(out: Path, settings: dict) -> dict:
     """The report to continue from: the one in `out` if its settings match, else a fresh one."""
     path = out / REPORT
@@ -237,8 +258,16 @@ def _start(out: Path, settings: dict) -> dict:
         return dict(settings=settings, complete=False, records=0, samples=0, skipped={}, examples={}, shards=[])
     report = json.loads(path.read_text())
     if report["settings"] != settings:
-        diff = {k: (report["settings"].get(k), v) for k, v in settings.items() if report["settings"].get(k) != v}
-        raise ValueError(f"{out} was written with other settings (before, now): {diff}; use another --out")
+        before = report["settings"]
+        diff = "; ".join(
+            f"{FLAGS.get(k, k)} {_shown(before.get(k))} there, {_shown(v)} now"
+            for k, v in settings.items()
+            if before.get(k) != v
+        )
+        raise OtherOptions(
+            f"{out} holds a conversion made with other options ({diff}): give another --out, or the same options "
+            "to continue it"
+        )
     for shard in report["shards"]:
         if not (out / shard["name"]).is_file():
             raise FileNotFoundError(f"{out / shard['name']} is listed in {path} but missing")
@@ -297,6 +326,24 @@ def convert(
         return report
     for stale in out.glob("*.tmp"):
         stale.unlink()
+    try:
+        done, shard = _write(module, source, src, media, out, opts, workers, report)
+    except LayoutError as e:  # the file is not the source's: say what the reader expects
+        raise LayoutError(f"{e}. prepare.py {source} reads {layout(module)}") from None
+    if shard is not None:
+        _close(out, report, shard, done)
+    report.update(records=done, complete=True)
+    _save(out, report)
+    n, left_out = len(report["shards"]), report["skipped"] or "none"
+    log.info("%s: %d samples in %d shards from %d records; left out: %s", out, report["samples"], n, done, left_out)
+    return report
+
+
+def _write(
+    module: Any, source: str, src: Path, media: Path | None, out: Path, opts: Options, workers: int, report: dict
+) -> tuple[int, _Shard | None]:
+    """The records after those `report` has consumed, into shards (each closed as it fills); returns the records
+    consumed in all and the last shard, still open when it is not full."""
     total = module.count(src) if hasattr(module, "count") else None
     if opts.limit is not None:
         total = opts.limit if total is None else min(total, opts.limit)
@@ -304,6 +351,10 @@ def convert(
     if done:
         log.info("%s: resuming after %d records and %d shards", out, done, len(report["shards"]))
     stream = islice(enumerate(module.records(src, Path(media) if media else None)), done, opts.limit)
+    first = next(stream, None)  # before the progress bar: a file of another layout fails without drawing one
+    if first is None and done == 0 and opts.limit != 0:  # such a file often parses to no record rather than failing
+        raise LayoutError(f"{src} holds no {source} record")
+    stream = chain([] if first is None else [first], stream)
     shard = None
     with tqdm(total=total, initial=done, unit="rec", desc=source, mininterval=1.0) as bar:
         for (i, record), (members, reason, detail) in _encoded(stream, source, opts, workers):
@@ -319,13 +370,7 @@ def convert(
                 _close(out, report, shard, done)
                 shard = None
                 bar.set_postfix(samples=report["samples"], left_out=sum(report["skipped"].values()))
-    if shard is not None:
-        _close(out, report, shard, done)
-    report.update(records=done, complete=True)
-    _save(out, report)
-    n, left_out = len(report["shards"]), report["skipped"] or "none"
-    log.info("%s: %d samples in %d shards from %d records; left out: %s", out, report["samples"], n, done, left_out)
-    return report
+    return done, shard
 
 
 def _close(out: Path, report: dict, shard: _Shard, done: int) -> None:

@@ -323,10 +323,31 @@ def test_expand_shards_and_errors(tmp_path, tokenizer):
     assert len(data.expand_shards([str(tmp_path / "train-*.tar"), "pipe:cat x.tar"])) == 4
     with pytest.raises(FileNotFoundError):
         data.expand_shards(str(tmp_path / "nope-*.tar"))
+    remote = ["pipe:cat nowhere.tar", "https://host/a-{0..1}.tar", "s3://bucket/b.tar"]
+    opened = ["pipe:cat nowhere.tar", "https://host/a-0.tar", "https://host/a-1.tar", "s3://bucket/b.tar"]
+    assert data.expand_shards(remote, must_exist=True) == opened  # WebDataset opens them: unchecked
     with pytest.raises(ValueError, match="val"):
         run(config(str(tmp_path / "train-*.tar")), tokenizer, split="val")
     val = run(config("", val=str(tmp_path / "train-*.tar"), shuffle_buffer=100), tokenizer, split="val")
     assert [k for b in val for k in b["keys"]] == ["s0000", "s0100", "s0200"]  # in order, unshuffled
+
+
+def test_a_shard_path_that_does_not_exist_is_one_error_before_any_reading(tmp_path, tokenizer, caplog):
+    """The brace form every stage config uses, one shard too many or a misspelt folder: one FileNotFoundError
+    naming the first missing path when the loader is made, not a warning per shard and an error blaming empty
+    shards once every one has been tried."""
+    shard_set(tmp_path, 3, 1)
+    spec = str(tmp_path / "train-{000..003}.tar")
+    with pytest.raises(FileNotFoundError, match=rf"^no shard at {tmp_path}/train-003.tar \(1 of the 4 that '"):
+        data.expand_shards(spec, must_exist=True)
+    with pytest.raises(FileNotFoundError, match=rf"^no shard at {tmp_path}/gone/x.tar: fix the path"):
+        data.expand_shards(str(tmp_path / "gone" / "x.tar"), must_exist=True)
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a shard: name its shards, e\.g\. '.*/\*\.tar'"):
+        data.expand_shards(str(tmp_path), must_exist=True)
+    assert data.expand_shards(spec) == [str(tmp_path / f"train-00{i}.tar") for i in range(4)]  # unasked: unchecked
+    with pytest.raises(FileNotFoundError, match="train-003.tar"):
+        run(config(spec), tokenizer)  # training's reader asks
+    assert not [r for r in caplog.records if "skipping" in r.getMessage()]
 
 
 def test_throughput_helper(tokenizer):

@@ -7,6 +7,7 @@ Each test states the faults it injects; the README's "what survives what" table 
 from __future__ import annotations
 
 import errno
+import json
 import math
 import multiprocessing
 import os
@@ -195,13 +196,13 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path, start_mod
 
 def poison(monkeypatch, steps: set[int], value: float = math.nan) -> None:
     """Multiply the loss of the given (1-based) steps by NaN or inf: every gradient goes non-finite too."""
-    real = train.Trainer.loss
+    real = train.Trainer.losses
 
-    def loss(self, model, batch):
+    def losses(self, model, batch):
         out = real(self, model, batch)
-        return out * value if self.state.step + 1 in steps else out
+        return {k: v * value for k, v in out.items()} if self.state.step + 1 in steps else out
 
-    monkeypatch.setattr(train.Trainer, "loss", loss)
+    monkeypatch.setattr(train.Trainer, "losses", losses)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
@@ -368,6 +369,15 @@ def bad_inputs(tmp_path_factory, start_model) -> dict[str, Path]:
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte, the size unchanged
     state.write_bytes(bytes(raw))
     write_shards(root, "training", 1, 2)  # not evaluation samples: no options, no answers
+    (root / "run.yaml").write_text(config_yaml(make_config(root, start_model, "fresh")))
+    absent = make_config(root, start_model, "absent", data={"train": str(root / "absent-{000..003}.tar")})
+    (root / "absent-shards.yaml").write_text(config_yaml(absent))
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(6)]  # fmt: skip
+    (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    prepare.main(["smoltalk", "--in", str(root / "chat.jsonl"), "--out", str(root / "prepared"), "--shard-size", "4"])
+    (root / "videos.json").write_text(json.dumps([{"videoid": 1, "name": "a clip"}]))  # WebVid's fields, not its CSV
+    (root / "header-only.csv").write_text("videoid,contentUrl,duration,page_dir,name\n")
     with wds.TarWriter(str(root / "eval-0.tar")) as sink:
         sink.write({"__key__": "q0", "json": {"question": "Colour?", "options": ["red", "blue"], "answer": "A"},
                     "000.jpg": jpeg((200, 0, 0))})  # fmt: skip
@@ -375,6 +385,8 @@ def bad_inputs(tmp_path_factory, start_model) -> dict[str, Path]:
 
 
 UNKNOWN_KEY = "unknown config key 'train.max_step'; did you mean 'max_steps'?"
+SET_TYPO = "--set train.max_step=3: unknown config key 'train.max_step' (did you mean 'train.max_steps'?)"
+WEBVID_LAYOUT = "prepare.py webvid reads `results_2M_train.csv` / `results_10M_train.csv` (and `_val`) with columns"
 CASES = {
     "yaml syntax": (["train.py", "--config", "{root}/syntax.yaml"], "is not valid YAML at line 2"),
     "unknown key": (["train.py", "--config", "{root}/unknown.yaml"], UNKNOWN_KEY),
@@ -385,7 +397,12 @@ CASES = {
     "truncated weights": (["chat.py", "Hi?", "--model", "{truncated}"], "model.safetensors is damaged or incomplete"),
     "undecodable video": (["chat.py", "Hi?", "--model", "{model}", "--media", "{root}/broken.mp4"],
                           "cannot decode video {root}/broken.mp4"),
-    "missing media": (["chat.py", "Hi?", "--model", "{model}", "--media", "{root}/gone.jpg"], "{root}/gone.jpg"),
+    "missing media": (["chat.py", "Hi?", "--model", "{model}", "--media", "{root}/gone.jpg"],
+                      "{root}/gone.jpg: no such file"),
+    "missing video": (["chat.py", "Hi?", "--model", "{model}", "--media", "{root}/gone.mp4"],
+                      "{root}/gone.mp4: no such file"),
+    "chat bad read": (["chat.py", "Hi?", "--model", "{model}", "--read", "autoregresive"],
+                      "reads in ['coarse_only', 'coarse_fine', 'autoregressive'], not 'autoregresive'"),
     "benchmark data missing": (["benchmark.py", "--model", "{model}", "--bench", "mvbench", "--data-root",
                                 "{root}/nodata"], "Expected layout"),
     "benchmark model missing": (["benchmark.py", "--model", "{root}/nowhere", "--bench", "shards", "--data-root",
@@ -395,8 +412,28 @@ CASES = {
                                    "sample needs 'options' (2 or more) or 'answers'"),
     "prepare source missing": (["prepare.py", "openvid", "--in", "{root}/none.csv", "--out", "{root}/prep"],
                                "{root}/none.csv: No such file or directory"),
-    "toy run bad key": (["toyworld.py", "run", "--set", "train.max_step=3"], UNKNOWN_KEY),
-    "compare bad key": (["compare.py", "--kinds", "mlp", "--set", "optim.lr=1"], "unknown config key 'optim.lr'"),
+    "unknown key in the yaml, set fine": (["train.py", "--config", "{root}/unknown.yaml", "--set", "train.seed=1"],
+                                          "{root}/unknown.yaml: " + UNKNOWN_KEY),
+    "set typo": (["train.py", "--config", "{root}/run.yaml", "--set", "train.max_step=3"], SET_TYPO),
+    "set without a value": (["train.py", "--config", "{root}/run.yaml", "--set", "train.max_steps"],
+                            "--set train.max_steps: must look like key.sub=value"),
+    "set bad value": (["train.py", "--config", "{root}/run.yaml", "--set", "train.max_steps=0"],
+                      "--set train.max_steps=0: 'train.max_steps' must be >= 1, got 0"),
+    "shards missing": (["train.py", "--config", "{root}/absent-shards.yaml"],
+                       "no shard at {root}/absent-000.tar (4 of the 4 that"),
+    "prepare other options": (["prepare.py", "smoltalk", "--in", "{root}/chat.jsonl", "--out", "{root}/prepared",
+                               "--shard-size", "2", "--drop-system"],
+                              "{root}/prepared holds a conversion made with other options (--shard-size 4 there, 2 "
+                              "now; --drop-system not given there, given now): give another --out, or the same "
+                              "options to continue it"),
+    "prepare wrong layout": (["prepare.py", "webvid", "--in", "{root}/videos.json", "--out", "{root}/webvid"],
+                             "{root}/videos.json is not a CSV with the columns videoid, name: its first line reads "
+                             "'[{{\"videoid\": 1, \"name\": \"a clip\"}}]'. " + WEBVID_LAYOUT),
+    "prepare no records": (["prepare.py", "webvid", "--in", "{root}/header-only.csv", "--out", "{root}/webvid-empty"],
+                           "{root}/header-only.csv holds no webvid record. " + WEBVID_LAYOUT),
+    "toy run bad key": (["toyworld.py", "run", "--set", "train.max_step=3"], SET_TYPO),
+    "compare bad key": (["compare.py", "--kinds", "mlp", "--set", "optim.lr=1"],
+                        "--set optim.lr=1: unknown config key 'optim.lr' (did you mean 'optim.lr_llm'?)"),
     "bench unknown kind": (["bench.py", "--kind", "nonsense", "--only", "inference"], "nonsense"),
     "app no model": (["app.py", "--model", "{root}/nowhere"], "{root}/nowhere"),
 }  # fmt: skip
@@ -424,11 +461,20 @@ def test_each_command_fails_with_one_line_naming_the_problem(bad_inputs, case, m
     assert wanted in last_line(err), last_line(err)
 
 
+ONE_LINE = {"set typo", "toy run bad key", "compare bad key", "shards missing", "prepare other options",
+            "prepare wrong layout", "prepare no records", "undecodable video", "missing video", "chat bad read",
+            "benchmark data missing", "prepare source missing", "yaml syntax", "app no model"}  # fmt: skip
+# (bench unknown kind is argparse's usage error: the usage, then its one line)
+
+
 def test_the_commands_fail_so_from_a_shell_too(bad_inputs):
-    """One case per command as a separate process, all at once (their imports overlap): the exit status and
-    stderr a shell sees."""
+    """One case per command as a separate process, all at once (their imports overlap), and the cases whose one
+    line was once a traceback, a flood of warnings or no error at all: the exit status and stderr a shell sees."""
     cases = ["yaml syntax", "undecodable video", "benchmark data missing", "prepare source missing",
-             "toy run bad key", "compare bad key", "bench unknown kind", "app no model"]  # fmt: skip
+             "toy run bad key", "compare bad key", "bench unknown kind", "app no model", "set typo",
+             "shards missing", "prepare other options", "prepare wrong layout", "prepare no records",
+             "missing video", "chat bad read"]  # fmt: skip
+    before = {p.name: p.read_bytes() for p in (bad_inputs["root"] / "prepared").iterdir()}
     procs = {}
     for case in cases:
         argv = [a.format(**bad_inputs) for a in CASES[case][0]]
@@ -438,7 +484,11 @@ def test_the_commands_fail_so_from_a_shell_too(bad_inputs):
     for case, proc in procs.items():
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 2 and "Traceback" not in err, (case, err[-2000:])
+        if case in ONE_LINE:  # nothing else on stderr (decoders of the other cases print their own complaints)
+            assert len(err.strip().splitlines()) == 1, (case, err[-2000:])
         assert CASES[case][1].format(**bad_inputs) in last_line(err), (case, last_line(err))
+    after = {p.name: p.read_bytes() for p in (bad_inputs["root"] / "prepared").iterdir()}
+    assert after == before  # the refused rerun lost nothing of the conversion there
 
 
 def test_debug_shows_the_traceback(bad_inputs, capsys):

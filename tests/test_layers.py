@@ -54,11 +54,11 @@ KNOW_EVERY_KIND = {"registry", "train", "benchmark", "chat", "app", "prepare", "
 
 
 def modules(root: Path = REPO) -> dict[str, Path]:
-    """Every project module by dotted name (tests excluded)."""
+    """Every project module by dotted name (tests, and the examples a user copies, excluded)."""
     found = {}
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if rel.parts[0] in ("tests", "runs", "data") or any(p.startswith(".") for p in rel.parts):
+        if rel.parts[0] in ("tests", "runs", "data", "examples") or any(p.startswith(".") for p in rel.parts):
             continue
         name = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
         found[name] = path

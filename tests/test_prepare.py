@@ -23,6 +23,7 @@ import prepare
 from inputs.frames import load_video
 from inputs.tokenization import IGNORE_INDEX, encode_sample
 from layouts import shardwriter
+from layouts.converters import LayoutError
 from layouts.shards import media_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -467,8 +468,12 @@ def test_killed_conversion_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     assert (part / "cauldron-000000.tar").stat().st_mtime_ns == first  # the finished shard was not rewritten
     assert report == json.loads((whole / "report.json").read_text()) | {"settings": report["settings"]}
     assert run("cauldron", src, part, "--shard-size", 1) == report  # complete: nothing to do
-    with pytest.raises(ValueError, match="other settings"):
+    kept = {p.name: p.read_bytes() for p in part.iterdir()}
+    with pytest.raises(shardwriter.OtherOptions, match=r"other options \(--shard-size 1 there, 2 now\)"):
         run("cauldron", src, part, "--shard-size", 2)
+    with pytest.raises(shardwriter.OtherOptions, match=r"\(--limit unset there, 2 now\): give another --out"):
+        run("cauldron", src, part, "--shard-size", 1, "--limit", 2)
+    assert {p.name: p.read_bytes() for p in part.iterdir()} == kept  # refused: nothing written or removed
 
 
 def test_sigkilled_process_resumes_to_the_same_bytes(tmp_path):
@@ -525,3 +530,59 @@ def test_limit_takes_the_first_records(tmp_path):
     report = run("llava", llava_fixture(tmp_path), tmp_path / "out", "--images", tmp_path / "train2017", "--limit", 3)
     assert report["records"] == 3 and report["skipped"] == {"missing_file": 1}
     assert sorted(by_id(tmp_path / "out")) == ["000000000001", "000000000002"]
+
+
+# ---------------------------------------------------------------- inputs in another layout, records the reader rejects
+
+
+def test_an_input_in_another_layout_is_one_error_naming_the_file_and_the_layout(tmp_path):
+    """A file of another source (or of none) reads as no record, or fails on its first line: one LayoutError that
+    names it and quotes the layout the reader knows, never an empty conversion that exits 0."""
+    one_line = write(tmp_path / "videos.json", json.dumps([{"videoid": 1, "name": "a clip"}]))
+    indented = write(tmp_path / "indented.json", json.dumps([{"videoid": 1, "name": "a clip"}], indent=1))
+    header = write(tmp_path / "header.csv", "videoid,contentUrl,duration,page_dir,name\n")
+    chats = write(tmp_path / "chat.jsonl", json.dumps({"messages": []}) + "\n")
+    webvid = "prepare.py webvid reads `results_2M_train.csv` / `results_10M_train.csv` (and `_val`) with columns"
+    cases = [
+        ("webvid", one_line, f"{one_line} is not a CSV with the columns videoid, name: its first line reads"),
+        ("webvid", indented, f"{indented} is not a CSV with the columns videoid, name: its first line reads '['"),
+        ("webvid", header, f"{header} holds no webvid record. {webvid}"),
+        ("openvid", header, f"{header} is not a CSV with the columns video, caption"),
+        ("llava", chats, f"{chats} does not hold a JSON list of conversations"),
+        ("llava", header, f"{header} is not a JSON file"),
+        ("vizwiz", chats, f"{chats} does not hold a JSON list of questions"),
+        ("textvqa", one_line, f"{one_line}: expected {{'data': [questions]}}"),
+        ("cauldron", chats, f"{chats} is not a parquet file"),
+        ("rlaifv", one_line, f"{one_line} is not a parquet file"),
+        ("smoltalk", header, f"{header}, line 1: not a JSON object"),
+    ]
+    for i, (source, src, wanted) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        with pytest.raises(LayoutError) as e:
+            run(source, src, out)
+        assert wanted in str(e.value) and f"prepare.py {source} reads " in str(e.value), (source, str(e.value))
+        assert not (out / "report.json").exists()  # nothing recorded: a rerun with the right file starts afresh
+    assert run("webvid", header, tmp_path / "none", "--limit", 0)["records"] == 0  # asked for no record: no error
+
+
+def test_rejected_records_are_reported_in_the_sources_own_keys(tmp_path):
+    """A LLaVA entry without `conversations` (or with an empty one, or an unknown speaker) and a SmolTalk row
+    without `messages` are counted as bad_conversation, their detail naming the source's key (not the shard
+    JSON's `turns`, which a user would not find in the file)."""
+    entries = [
+        {"id": "none", "image": "a.jpg"},
+        {"id": "empty", "conversations": []},
+        {"id": "bot", "conversations": [{"from": "bot", "value": "Hi."}]},
+        {"id": "ok", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+    ]
+    report = run("llava", write(tmp_path / "llava.json", json.dumps(entries)), tmp_path / "ll")
+    assert report["skipped"] == {"bad_conversation": 3} and report["samples"] == 1
+    details = {e["id"]: e["detail"] for e in report["examples"]["bad_conversation"]}
+    assert details["none"] == "no 'conversations' in the entry"
+    assert details["empty"].startswith("'conversations' must be a non-empty list of {from, value}, got []")
+    assert "'from' one of human, gpt, system" in details["bot"]
+    assert not any("turns" in d for d in details.values())
+    rows = [{"id": 1}, {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]}]
+    chats = write(tmp_path / "chat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    report = run("smoltalk", chats, tmp_path / "st")
+    assert report["examples"]["bad_conversation"] == [{"id": "chat.jsonl:0", "detail": "no 'messages' in the row"}]

@@ -30,7 +30,7 @@ def records(src: Path, media: Path | None) -> Iterator[Record]:
             turns += [("user", t.get("user")), ("assistant", t.get("assistant"))]
         text = {**chat(turns), "subset": subset}
         images = tuple(image_cell(c, media or path.parent) for c in row.get("images") or [])
-        problem = None if turns else "empty_text"
-        if not images:
-            problem = problem or "no_media"
-        yield Record(id=f"{subset}/{path.stem}:{i}", text=text, images=images, problem=problem)
+        problem, detail = (None, None) if turns else ("empty_text", "no exchange in 'texts'")
+        if not images and not problem:
+            problem, detail = "no_media", "no image in 'images'"
+        yield Record(id=f"{subset}/{path.stem}:{i}", text=text, images=images, problem=problem, detail=detail)

@@ -12,13 +12,12 @@ placeholder stood decides nothing.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from layouts.converters import Record, chat
+from layouts.converters import Record, chat, json_list
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 PLACEHOLDER = re.compile(r"\s*<image>\s*")
@@ -31,10 +30,20 @@ def strip_placeholder(text: str) -> str:
 
 @lru_cache(maxsize=1)  # count() and records() read the file once
 def _entries(src: Path) -> list[dict]:
-    entries = json.loads(src.read_text(encoding="utf-8"))
-    if not isinstance(entries, list):
-        raise ValueError(f"{src}: expected a JSON list of conversations")
-    return entries
+    return json_list(src, "conversations ({id, image, conversations})")
+
+
+def _problem(conv: object) -> str | None:
+    """What keeps `conversations` from being a conversation, said in LLaVA's own keys (the shard's `turns` are
+    the writer's word, which a user looking at the JSON would not find)."""
+    if conv is None:
+        return "no 'conversations' in the entry"
+    if not isinstance(conv, list) or not conv:
+        return f"'conversations' must be a non-empty list of {{from, value}}, got {conv!r}"[:200]
+    for c in conv:
+        if not isinstance(c, dict) or c.get("from") not in ROLES:
+            return f"'conversations' holds {c!r}: each needs 'from' one of {', '.join(ROLES)} and 'value'"[:200]
+    return None
 
 
 def count(src: Path) -> int:
@@ -44,9 +53,11 @@ def count(src: Path) -> int:
 def records(src: Path, media: Path | None) -> Iterator[Record]:
     root = media or src.parent
     for e in _entries(src):
-        conv = e.get("conversations") or []
-        roles = [ROLES.get(c.get("from")) for c in conv]
-        text = chat((r, strip_placeholder(c.get("value") or "")) for r, c in zip(roles, conv, strict=True))
-        problem = "bad_conversation" if None in roles else None
+        conv = e.get("conversations")
         images = (root / e["image"],) if e.get("image") else ()
-        yield Record(id=str(e.get("id")), text=text, images=images, problem=problem)
+        detail = _problem(conv)
+        if detail:
+            yield Record(id=str(e.get("id")), text={}, images=images, problem="bad_conversation", detail=detail)
+            continue
+        text = chat((ROLES[c["from"]], strip_placeholder(c.get("value") or "")) for c in conv)
+        yield Record(id=str(e.get("id")), text=text, images=images)

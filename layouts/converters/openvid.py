@@ -9,15 +9,13 @@ to the CSV's folder.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-from layouts.converters import Record
+from layouts.converters import Record, csv_rows
 
 
 def records(src: Path, media: Path | None) -> Iterator[Record]:
     root = media or src.parent
-    with open(src, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            yield Record(id=row["video"], text={"caption": row.get("caption")}, video=root / row["video"])
+    for row in csv_rows(src, ("video", "caption")):
+        yield Record(id=row["video"], text={"caption": row.get("caption")}, video=root / row["video"])

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from layouts.converters import Record, chat, files, parquet_count, parquet_rows
+from layouts.converters import LayoutError, Record, chat, files, parquet_count, parquet_rows
 
 SUFFIXES = (".parquet", ".jsonl")
 
@@ -28,7 +28,13 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
         return
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
-            yield i, json.loads(line)
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LayoutError(f"{path}, line {i + 1}: not a JSON object ({e})") from None
+            if not isinstance(row, dict):
+                raise LayoutError(f"{path}, line {i + 1}: not a JSON object, but {type(row).__name__}")
+            yield i, row
 
 
 def count(src: Path) -> int | None:
@@ -41,7 +47,11 @@ def records(src: Path, media: Path | None) -> Iterator[Record]:
     for path in files(src, SUFFIXES):
         name = path.relative_to(base).as_posix()
         for i, row in _rows(path):
-            messages = row.get("messages") or []
+            messages = row.get("messages")
+            if not messages or not all(isinstance(m, dict) for m in messages):
+                detail = "no 'messages' in the row" if messages is None else f"'messages' is {messages!r}"[:200]
+                yield Record(id=f"{name}:{i}", text={}, problem="bad_conversation", detail=detail)
+                continue
             text = chat((m.get("role"), m.get("content")) for m in messages)
             if row.get("source"):
                 text["subset"] = row["source"]

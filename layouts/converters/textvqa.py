@@ -8,20 +8,29 @@ Layout (read by layouts/textvqa.py, as training and evaluation read it): `TextVQ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from layouts import textvqa
-from layouts.converters import Record, most_frequent
+from layouts.converters import LayoutError, Record, most_frequent
+
+
+def _entries(src: Path) -> list[dict]:
+    try:
+        return textvqa.entries(src)
+    except (ValueError, UnicodeDecodeError) as e:  # not JSON, or not TextVQA's {"data": [...]}
+        reason = f"is not a JSON file ({e})" if isinstance(e, json.JSONDecodeError | UnicodeDecodeError) else ""
+        raise LayoutError(f"{src} {reason}" if reason else str(e)) from None
 
 
 def count(src: Path) -> int:
-    return len(textvqa.entries(src))
+    return len(_entries(src))
 
 
 def records(src: Path, media: Path | None) -> Iterator[Record]:
     root = media or src.parent / "train_images"
-    for q in textvqa.entries(src):
+    for q in _entries(src):
         answers = list(q.get("answers") or [])
         text = {"user": q.get("question"), "assistant": most_frequent(answers) if answers else None, "answers": answers}
         yield Record(

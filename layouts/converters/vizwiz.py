@@ -8,17 +8,16 @@ name). The test split has no answers: its entries are counted as `no_answers`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from layouts.converters import Record, most_frequent
+from layouts.converters import Record, json_list, most_frequent
 
 
 @lru_cache(maxsize=1)  # count() and records() read the file once
 def _entries(src: Path) -> list[dict]:
-    return json.loads(src.read_text(encoding="utf-8"))
+    return json_list(src, "questions ({image, question, answers})")
 
 
 def count(src: Path) -> int:

@@ -8,19 +8,17 @@ is found too.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-from layouts.converters import Record
+from layouts.converters import Record, csv_rows
 
 
 def records(src: Path, media: Path | None) -> Iterator[Record]:
     root = media or src.parent
-    with open(src, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            vid = row["videoid"]
-            video = root / row.get("page_dir", "") / f"{vid}.mp4"
-            if not video.exists() and (root / f"{vid}.mp4").exists():
-                video = root / f"{vid}.mp4"
-            yield Record(id=vid, text={"caption": row.get("name")}, video=video)
+    for row in csv_rows(src, ("videoid", "name")):
+        vid = row["videoid"]
+        video = root / (row.get("page_dir") or "") / f"{vid}.mp4"
+        if not video.exists() and (root / f"{vid}.mp4").exists():
+            video = root / f"{vid}.mp4"
+        yield Record(id=vid, text={"caption": row.get("name")}, video=video)
