@@ -9,9 +9,9 @@ the look was: log(P) nats is uniform, 0 is a single patch. Where a person asks a
 puts the frame untouched next to its maps, each drawn over the frame's grey: the blend would tint the very object
 asked about.
 
-    from evals.attention_viz import read_attention, save_attention
-    attention = read_attention(model, frames, input_ids, mode="autoregressive")  # (T, k, 1+P)
-    save_attention(frames, attention, "runs/toy/attention/clip0")  # clip0.png, clip0.gif, clip0.json
+    >>> from evals.attention_viz import read_attention, save_attention
+    >>> attention = read_attention(model, frames, input_ids, mode="autoregressive")  # (T, k, 1+P)
+    >>> save_attention(frames, attention, "runs/toy/attention/clip0")  # clip0.png, clip0.gif, clip0.json
 """
 
 from __future__ import annotations
