@@ -270,9 +270,10 @@ def group_of(scene: dict[str, Any]) -> str:
 
 def ball_patches(scene: dict[str, Any], t: int, patch: int) -> np.ndarray:
     """(P,) bool, row-major: which patches of frame t the ball's bounding square overlaps (in the cued and marked
-    tasks, the cue's, outline included, in frame 0 and the cued one's after)."""
+    tasks, the cue's, outline included, in frame 0 and the cued one's after; in the binding task, the named
+    object's in every frame)."""
     (x, y), r = scene["ball"]["path"][t], scene["ball"]["radius"]
-    if t == 0 and scene.get("task", "ball") != "ball":
+    if t == 0 and scene.get("task", "ball") in ("cued", "marked"):
         (x, y), r = scene["cue"]["xy"], scene["cue"]["radius"] + 2
     starts = np.arange(scene["size"] // patch) * patch
     cols, rows = (starts <= x + r) & (starts + patch > x - r), (starts <= y + r) & (starts + patch > y - r)

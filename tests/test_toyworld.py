@@ -336,9 +336,11 @@ def test_the_binding_task_needs_the_named_object_and_nothing_else_gives_the_answ
         options = toy.options_of(scene)
         assert lettered["assistant"] == f"{toy.LETTERS[options.index(answer)]}. {answer}"
         assert lettered["user"].startswith(meta["user"] + "\n")
-        for t in range(FRAMES):  # drawn in every frame, the first too
+        for t in range(FRAMES):  # drawn in every frame, the first too; the look share's target is the named one
             for o in objects:
                 assert np.abs(pixel(raw, t, o["path"][t]) - toy.COLOURS[o["colour"]]).max() < 40
+            x, y = named["path"][t]
+            assert toy.ball_patches(scene, t, 14).reshape(8, 8)[y // 14, x // 14]
         answers[answer] += 1
         asked[scene["ask"]] += 1
     assert set(asked) == {"colour", "shape"} and len(answers) >= 6  # both kinds of question, most answers seen
