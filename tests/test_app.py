@@ -26,6 +26,7 @@ from PIL import Image
 
 import app
 import cli
+from cli import UserError
 from encoder import FoveatedEncoder
 from evals.answering import Answerer
 from evals.attention_viz import entropy, patch_maps
@@ -294,9 +295,8 @@ def test_the_command_binds_this_machine_and_has_no_share_link(tmp_path, capsys):
     assert app.parse_args([]).host == "127.0.0.1"
     with pytest.raises(SystemExit):
         app.parse_args(["--share"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="no saved model"):  # one line, exit 2, through cli.run
         app.parse_args(["--model", str(tmp_path / "missing")])
-    assert "no saved model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         app.parse_args(["--repetition-penalty", "-1"])
     assert "--repetition-penalty must be positive" in capsys.readouterr().err
