@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.tiny import tiny_model
 from vlm import weights
 
 
@@ -29,6 +30,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory, tokenizer):
+    """A tiny foveated model saved as train.init_from reads it (a module that trains another kind overrides it)."""
+    path = tmp_path_factory.mktemp("start") / "model"
+    tiny_model(tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+class Crash(Exception):
+    """Stands in for a process dying between two steps."""
 
 
 def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:

@@ -41,7 +41,6 @@ import toyworld
 import train
 from cli import UserError
 from tests.test_train import REPO, SINGLE_THREAD, config_yaml, log_rows, losses, make_config, write_shards
-from tests.tiny import tiny_model
 from training import checkpoints as ckpt
 from vlm import saved
 
@@ -49,13 +48,6 @@ KILLS = 20  # kill -9 in a row, each followed by resume: auto
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def start_model(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("start") / "model"
-    tiny_model(tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def fp32(tmp: Path, start: Path, out: str, **train_opts) -> train.Config:

@@ -12,27 +12,16 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 import yaml
-from conftest import jpeg
+from conftest import Crash, jpeg
 
 import train
 from config import Config, from_dict
-from tests.tiny import IMAGE, tiny_model
+from tests.tiny import IMAGE
 from training.runlog import WANDB_RUN, RunLog
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 # columns whose values a resumed run repeats exactly (the timings of a redone step are its own)
 EXACT = ["step", "epoch", "loss", "lr_connector", "lr_vision", "lr_llm", "skipped", "nonfinite", "mix"]
-
-
-class Crash(Exception):
-    """Stands in for a process dying between two steps."""
-
-
-@pytest.fixture(scope="module")
-def start_model(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("start") / "model"
-    tiny_model(tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import jpeg
+from conftest import Crash, jpeg
 from safetensors.torch import load_file
 from transformers import Idefics3ForConditionalGeneration
 
@@ -116,10 +116,6 @@ def test_final_model_loads_with_connector_and_processor_and_answers(run, capsys,
     train.train(make_config(root, start_model, tmp_path / "again", epochs=1))
     out = capsys.readouterr().out  # a run ends with one validation question answered, as an example
     assert "question:" in out and "reply:" in out and "reference: red" in out
-
-
-class Crash(Exception):
-    """Stands in for a process dying between two steps."""
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(run, root, start_model, tmp_path, monkeypatch):

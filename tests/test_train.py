@@ -18,7 +18,7 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
-from conftest import jpeg
+from conftest import Crash, jpeg
 from safetensors.torch import load_file
 
 import train
@@ -44,17 +44,6 @@ SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class Crash(Exception):
-    """Stands in for a process dying between two steps."""
-
-
-@pytest.fixture(scope="module")
-def start_model(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("start") / "model"
-    tiny_model(tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def write_shards(root: Path, name: str, n_shards: int, per_shard: int, dpo: bool = False, corrupt: bool = False) -> str:
