@@ -57,6 +57,9 @@ class LoraConfig:
             raise ConfigError("'model.lora.targets' is empty: name at least one projection, e.g. [q_proj, v_proj]")
 
 
+FRAMES_AT = ("start", "user_turn", "after_question")  # where the frames go in the text (vlm/base.py's layout)
+
+
 @dataclass
 class ModelConfig:
     """What every kind has; a kind's own dataclass adds its options (see KINDS)."""
@@ -81,12 +84,14 @@ class ChatModelConfig(ModelConfig):
     """Kinds whose visual tokens go before the text of a chat LLM (or inside its first user turn)."""
 
     llm: str = LLM_HUB_ID  # hub id, local dir, or "packaged"
-    frames_at: str = "start"  # start: before all text (published) | user_turn: inside the first user turn
+    # start: before all text (published) | user_turn: inside the first user turn, before its words |
+    # after_question: after the first user turn's words, so a read can depend on what is asked
+    frames_at: str = "start"
     lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("model.frames_at", self.frames_at, ("start", "user_turn"))
+        _choice("model.frames_at", self.frames_at, FRAMES_AT)
 
 
 @dataclass

@@ -3,11 +3,14 @@
 The connector whose reads depend on the LLM. Its three modes (config.MODES) are its ways to read:
 - coarse_only: every frame read with the learned static query, no feedback;
 - coarse_fine (parallel, for training): pass 1 reads every frame coarsely, the LLM maps frame t's hidden state
-  to frame t+1's query; pass 2 reads with those queries (config.fine_passes > 1: each further pass reads with
-  the queries written from the previous fine read; as many passes as frames is the autoregressive read). The
-  patch cache is shared by every pass;
-- autoregressive (true inference): frame t is read with the query from the fine tokens of frames < t, the LLM
-  advancing one frame at a time on its KV cache; then the text.
+  to frame t+1's query (and, with frames_at after_question, its hidden state at the question's last word to
+  frame 0's: otherwise frame 0 is read with the learned q_init); pass 2 reads with those queries
+  (config.fine_passes > 1: each further pass reads with the queries written from the previous fine read; as
+  many passes as frames is the autoregressive read). The patch cache is shared by every pass;
+- autoregressive (true inference): frame t is read with the query from the fine tokens of frames < t (frame 0's
+  from the question, or q_init), the LLM advancing one frame at a time on its KV cache; then the text.
+Only a read written from the question can depend on what is asked: with frames_at start or user_turn, coarse_fine
+and autoregressive are as question-blind as coarse_only.
 Everything else (layout, loss, generation, scoring, groups) is the base VLM's (vlm/base.py).
 """
 
@@ -27,6 +30,7 @@ from inputs.frames import FrameSpec
 from vlm import weights
 from vlm.base import VLM
 from vlm.kvcache import StaticKV
+from vlm.layout import Layout, Lead, clip_rows
 from vlm.loss import labelled_nll, through_labels
 from vlm.outputs import Output, Prefix, Visual
 
@@ -143,31 +147,39 @@ class FoveatedVLM(VLM):
         """hidden (B, D_llm) at a frame's last token -> the k queries for the next frame (B, 1, k, Dq)."""
         return self.llm_to_query(hidden).view(hidden.shape[0], 1, *self.q_init.shape)
 
-    def visual_tokens(self, visual: Visual, mode: str = "coarse_fine") -> tuple[Tensor, Tensor]:
+    def _first_queries(self, lead: Lead, b: int) -> Tensor:
+        """Frame 0's fine queries (B, 1, k, Dq): written from the question's last word when the lead holds it,
+        else the learned q_init."""
+        if lead.guided:
+            return self._next_queries(lead.hidden[:, -1])
+        return self.q_init.expand(b, 1, *self.q_init.shape)
+
+    def visual_tokens(
+        self, visual: Visual, lead: Lead | None = None, mode: str = "coarse_fine"
+    ) -> tuple[Tensor, Tensor]:
         """Parallel modes: tokens (B, T*k, D_llm) and attention (B, T, k, 1+P) of the final read."""
         cache, frame_mask = visual.features, visual.frame_mask
         b, t = frame_mask.shape
+        lead = lead or Lead.empty(b, self.llm.config.hidden_size, frame_mask.device)
         coarse, attn = self._read(cache, self.q_static.expand(b, t, *self.q_static.shape), frame_mask)
         if mode == "coarse_only" or t == 0:
             return coarse, attn
         # pass 1: under causal attention the text after the frames cannot influence the visual positions,
-        # so the LLM over [head, coarse tokens] alone gives each frame's query for the next frame
-        hidden = visual.pass1 if isinstance(visual, Glanced) else self._frame_hidden(coarse, frame_mask)
-        tokens = coarse
+        # so the LLM over [lead, coarse tokens] alone gives each frame's query for the next frame
+        hidden = visual.pass1 if isinstance(visual, Glanced) else self._frame_hidden(coarse, frame_mask, lead)
+        tokens, first = coarse, self._first_queries(lead, b)
         for p in range(self.config.fine_passes):
             if p:  # a further pass: the queries written from the previous fine read, as at inference
-                hidden = self._frame_hidden(tokens, frame_mask)
+                hidden = self._frame_hidden(tokens, frame_mask, lead)
             last = hidden.view(b, t, self.config.glimpses, -1)[:, :-1, -1]  # (B, T-1, D)
             q_next = self.llm_to_query(last).view(b, t - 1, *self.q_init.shape)
-            queries = torch.cat([self.q_init.expand(b, 1, *self.q_init.shape), q_next], dim=1)  # (B, T, k, Dq)
-            tokens, attn = self._read(cache, queries, frame_mask)
+            tokens, attn = self._read(cache, torch.cat([first, q_next], dim=1), frame_mask)  # queries (B, T, k, Dq)
         return tokens, attn
 
-    def _frame_hidden(self, tokens: Tensor, frame_mask: Tensor) -> Tensor:
-        """tokens (B, T*k, D_llm) -> the LLM's hidden states over [head, tokens] at the frame slots (B, T*k, D)."""
-        b, h = frame_mask.shape[0], len(self.head_ids)
-        mask = torch.cat([frame_mask.new_ones(b, h, dtype=torch.long), self.slot_mask(frame_mask)], dim=1)
-        return self._llm(tokens, mask, self.open_head(b, None)[1])
+    def _frame_hidden(self, tokens: Tensor, frame_mask: Tensor, lead: Lead) -> Tensor:
+        """tokens (B, T*k, D_llm) -> the LLM's hidden states over [lead, tokens] at the frame slots (B, T*k, D)."""
+        mask = torch.cat([lead.mask.long(), self.slot_mask(frame_mask)], dim=1)
+        return self._llm(tokens, mask, lead.open())
 
     # ---- sequence ----------------------------------------------------------------------
 
@@ -179,48 +191,50 @@ class FoveatedVLM(VLM):
         kv_cache: bool = False,
         rows: Tensor | None = None,
         room: int | None = None,
+        split: Tensor | None = None,
         **read: Any,
     ) -> Prefix:
         """The base's layout; autoregressive mode runs its own frame-by-frame loop first (with `room`, every step
-        writes into one static cache sized for head + T*k frame slots + text + room)."""
+        writes into one static cache sized for lead + T*k frame slots + text + room)."""
         read = read or self.train_read
         if read.get("mode") != "autoregressive":
-            return super().prefix(visual, input_ids, attention_mask, kv_cache, rows, room, **read)
+            return super().prefix(visual, input_ids, attention_mask, kv_cache, rows, room, split, **read)
         self.check_read(read)
-        h = self.head_length(input_ids, attention_mask)
-        text, text_mask = self.embed(input_ids)[:, h:], attention_mask[:, h:].long()
+        text = self.layout(input_ids, attention_mask, split)
         framed, last = visual.frame_mask.any(1), self.last_slot(visual.frame_mask)
-        if rows is not None:
+        lead = text
+        if rows is not None:  # the loop runs once per clip, on the lead of its first row
             framed, last = framed[rows], last[rows]
-        length = h + visual.frame_mask.shape[1] * self.tokens_per_frame + text.shape[1]
+            lead = text.select(clip_rows(rows, len(visual.frame_mask), text.lead_ids))
+        length = text.lead_ids.shape[1] + visual.frame_mask.shape[1] * self.tokens_per_frame + text.rest_ids.shape[1]
         past = self.new_cache(kv_cache, room, length)
-        return self._autoregressive(visual, rows, text, text_mask, past, framed, last)
+        return self._autoregressive(visual, rows, lead, text, past, framed, last)
 
     def _autoregressive(
         self,
         visual: Visual,
         rows: Tensor | None,
-        text: Tensor,
-        text_mask: Tensor,
+        lead_layout: Layout,
+        text_layout: Layout,
         past: DynamicCache | StaticKV | None,
         framed: Tensor,
         last_slot: Tensor,
     ) -> Prefix:
-        """After the head, frame t is read with the query from the fine tokens of frames < t, one LLM step per
-        frame (over the B clips); then the `text` (R, L', D) of every row.
+        """After the lead (`lead_layout`'s, one row per clip), frame t is read with the query from the fine tokens
+        of frames < t (frame 0's from the lead: `_first_queries`), one LLM step per frame (over the B clips); then
+        the text after the frames of every row (`text_layout`'s).
 
         With `past` the LLM advances on its KV cache; without, every step reruns the whole
         sequence so far (the reference the cache must match).
         """
         cache, frame_mask = visual.features, visual.frame_mask
         b, t = frame_mask.shape
-        k, head = self.config.glimpses, self.head(b)
-        h = head.shape[1]
+        k = self.config.glimpses
         counts = frame_mask.sum(0).tolist()  # real frames at each step, contiguous in the cache
-        mask = frame_mask.new_ones(b, h, dtype=torch.long)
-        seq = head  # (B, S, D), only needed without cache
-        head_hidden = self.open_head(b, past)[0] if past is not None else head[:, :0]
-        queries = self.q_init.expand(b, 1, *self.q_init.shape)
+        lead = self.lead(lead_layout, past)  # (B rows)
+        mask = lead.mask.long()
+        seq = self.embed(lead_layout.lead_ids)  # (B, S, D), only needed without cache
+        queries = self._first_queries(lead, b)
         start, attns, steps = 0, [], []
         for step in range(t):
             step_cache = cache.narrow(start, counts[step])
@@ -235,9 +249,11 @@ class FoveatedVLM(VLM):
                 hidden = self._llm(seq, mask)[:, -k:]
             steps.append(hidden)  # (B, k, D)
             queries = self._next_queries(hidden[:, -1])
-        slots = torch.cat(steps, dim=1) if steps else head.new_zeros(b, 1, head.shape[-1])  # (B, T*k, D)
+        text, text_mask = self.embed(text_layout.rest_ids), text_layout.rest_mask
+        slots = torch.cat(steps, dim=1) if steps else seq.new_zeros(b, 1, seq.shape[-1])  # (B, T*k, D)
+        lead_hidden = lead.hidden
         if rows is not None:
-            slots, mask, seq, head_hidden = slots[rows], mask[rows], seq[rows], head_hidden[rows]
+            slots, mask, seq, lead_hidden = slots[rows], mask[rows], seq[rows], lead_hidden[rows]
             if past is not None:
                 past.batch_select_indices(rows)
         last_visual = slots[torch.arange(len(slots), device=slots.device), last_slot.clamp(min=0)]
@@ -245,10 +261,11 @@ class FoveatedVLM(VLM):
         if past is not None:
             hidden = self._llm(text, mask, past)
         else:
-            full = self._llm(torch.cat([seq, text], dim=1), mask)
-            head_hidden, hidden = full[:, :h], full[:, seq.shape[1] :]
+            everything = self._llm(torch.cat([seq, text], dim=1), mask)
+            lead_hidden, hidden = everything[:, : lead_hidden.shape[1]], everything[:, seq.shape[1] :]
         attention = torch.cat(attns, dim=1) if attns else None
-        return Prefix(torch.cat([head_hidden, hidden], dim=1), mask, past, attention, last_visual, framed, h)
+        text_hidden = text_layout.text(lead_hidden, hidden)
+        return Prefix(text_hidden, mask, past, attention, last_visual, framed, text_layout.cut)
 
     def forward(
         self,
@@ -273,14 +290,15 @@ class FoveatedVLM(VLM):
         them cannot change, give the fine queries), so the auxiliary loss costs no extra LLM pass."""
         read = read or self.train_read
         if labels is not None and not logits:
-            input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, len(self.head_ids))
+            keep = self.lead_columns(input_ids, attention_mask)
+            input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, keep)
         if visual is None:
             visual = self.prepare(frames, frame_mask)
         weight = self.config.coarse_weight
         aux = bool(weight and labels is not None and rows is None and read["mode"] != "coarse_only")
         coarse_loss = None
         if aux and read["mode"] == "coarse_fine":
-            pre = self.prefix(visual, input_ids, attention_mask, False, None, mode="coarse_only")
+            pre = self.prefix(visual, input_ids, attention_mask, False, None, None, None, mode="coarse_only")
             nll, count = labelled_nll(self.lm_head, pre.hidden, labels, pre.last_visual, pre.framed, pre.cut)
             coarse_loss = nll.sum() / count.sum().clamp(min=1)
             visual = Glanced(visual.frame_mask, visual.features, pre.frame_hidden)

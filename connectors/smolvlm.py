@@ -90,10 +90,11 @@ class SmolVLM(VLM):
         kv_cache: bool = False,
         rows: Tensor | None = None,
         room: int | None = None,
+        split: Tensor | None = None,
         **read: Any,
     ) -> Prefix:
         """Idefics3 over its own layout: the image features take the places of the `<image>` tokens (`room`: a
-        static cache, as the base's)."""
+        static cache, as the base's; `split` is not read: the `<image>` tokens stand where its processor put them)."""
         self.check_read(read)
         pixels, pixel_mask = visual.features if visual.features is not None else (None, None)
         if pixels is not None and rows is not None:

@@ -20,6 +20,7 @@ from connectors.towers import VisionTower, tower_config, tower_from_config
 from inputs.frames import FrameSpec
 from vlm import weights
 from vlm.base import VLM
+from vlm.layout import Lead
 from vlm.outputs import Visual
 
 
@@ -54,9 +55,10 @@ class TowerVLM(VLM):
             return Visual(frame_mask, (frames.new_zeros(0, p, d), frames.new_zeros(0, d)))
         return Visual(frame_mask, self.tower(real))
 
-    def visual_tokens(self, visual: Visual) -> tuple[Tensor, Tensor | None]:
-        """-> tokens (B, T*S, D) and, for a connector that pools with spatial maps (TokenLearner), where each of
-        its pooled tokens looked: (B, T, maps, 1+P) in attention_viz's layout (a zero for the CLS position)."""
+    def visual_tokens(self, visual: Visual, lead: Lead | None = None) -> tuple[Tensor, Tensor | None]:
+        """-> tokens (B, T*S, D) (question-blind: the `lead` is not read) and, for a connector that pools with
+        spatial maps (TokenLearner), where each of its pooled tokens looked: (B, T, maps, 1+P) in attention_viz's
+        layout (a zero for the CLS position)."""
         patches, pooled = visual.features
         b, t = visual.frame_mask.shape
         s, d = self.tokens_per_frame, self.llm.config.hidden_size

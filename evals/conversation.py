@@ -10,6 +10,11 @@ generation prompt of "Assistant:") is taken back out of the cache and fed, as th
 the next turn. So what the model has read is
 always exactly the template's rendering of the conversation, and a question about the same clip never
 re-encodes it. A new clip is a new Conversation.
+
+With the frames after the question (`model.frames_at: after_question`), every question gets a read of its own:
+the LLM runs anew over the conversation so far with the frames after the latest question's words, read from the
+clip's encoding (computed once) with queries written after that question, and `looks` keeps where each question
+looked.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ class Conversation:
         self.asked: list[int] = []  # the tokens read when the latest reply began
         self.past: Any = None  # the KV cache, after the first turn
         self.mask: Tensor | None = None  # (1, S) over the cache
-        self.attention: Tensor | None = None  # the read's attention (T, maps, positions), when the kind has one
+        self.attention: Tensor | None = None  # the latest read's attention (T, maps, positions), when the kind has one
+        self.looks: list[tuple[str, Tensor | None]] = []  # each question and the attention of the read it got
+        self.rereads = getattr(answerer.model, "question_end", None) is not None  # frames after each question
 
     def _feed(self, text: str) -> Tensor:
         """Run the tokens of `text` through the model on the cache; the hidden state after the last one (1, D)."""
@@ -48,12 +55,15 @@ class Conversation:
         ids = processor.turn_ids(text, self.state.pictures, first)
         self.ids += ids
         tensor = torch.tensor([ids], device=device)
-        if first:  # the prefix: frames (or the prompt's image tokens) and the first user turn
-            pre = model.prefix(self.state.visual, tensor, torch.ones_like(tensor), True, None,
+        split = None
+        if self.rereads:  # the whole conversation again, the frames after its latest question (the last end of turn)
+            tensor = torch.tensor([self.ids], device=device)
+            split = torch.tensor([len(self.ids) - 1 - self.ids[::-1].index(model.question_end)], device=device)
+        if first or self.rereads:  # the prefix: frames (or the prompt's image tokens) and the user turn
+            pre = model.prefix(self.state.visual, tensor, torch.ones_like(tensor), True, None, split=split,
                                **self.answerer.reads[self.read])  # fmt: skip
             self.past, self.mask = pre.past, pre.mask
-            if pre.attention is not None:
-                self.attention = pre.attention[0].cpu()
+            self.attention = None if pre.attention is None else pre.attention[0].cpu()
             return pre.hidden[:, -1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(1, len(ids))], dim=1)
         return model._llm(model.embed(tensor), self.mask, self.past)[:, -1]
@@ -73,6 +83,7 @@ class Conversation:
             raise ValueError("the chat template rendered the earlier turns differently: cannot continue the cache")
         hidden = self._feed(rendered[len(self.fed) :])
         self.fed, self.asked = rendered, list(self.ids)
+        self.looks.append((question, self.attention))
         ends, tokenizer, new = set(processor.end_ids), processor.tokenizer, []
         for _ in range(max_new_tokens):
             logits = model.lm_head(hidden)  # (1, V)

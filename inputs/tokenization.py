@@ -53,6 +53,17 @@ def user_turn_head(tokenizer: Any) -> list[int]:
     return head
 
 
+def user_turn_end(tokenizer: Any) -> int:
+    """The token that ends a user turn's content in the chat template (SmolLM2's `<|im_end|>`): where
+    `model.frames_at: after_question` puts the frames, right after the question's words."""
+    marker = "FVLM_USER_CONTENT"
+    rendered = _render(tokenizer, marker)
+    after = _ids(tokenizer, rendered[rendered.index(marker) + len(marker) :])
+    if not after or after[0] not in tokenizer.all_special_ids:
+        raise ValueError("the chat template does not close a user turn with a special token: cannot find the question")
+    return after[0]
+
+
 def _answer(tokenizer: Any, user: str, assistant: str) -> tuple[list[int], list[int], list[int]]:
     """(prompt, answer, end-of-turn suffix) token lists of one exchange."""
     prompt, full = _render(tokenizer, user), _render(tokenizer, user, assistant)

@@ -104,3 +104,44 @@ def test_the_rules_against_repeating_see_the_whole_conversation(tokenizer):
                                             **rules, **answerer.reads[conv.read])  # fmt: skip
         assert processor.tokenizer.decode(fresh[0], skip_special_tokens=True) == said
     assert [list(plain.ask(q, 12))[-1] for q in QUESTIONS] != replies
+
+
+@pytest.mark.parametrize("read", ["coarse_fine", "autoregressive"])
+def test_with_the_frames_after_the_question_each_question_gets_its_own_look(tokenizer, monkeypatch, read):
+    """frames_at after_question: DINOv2 runs once per clip; every question is read anew, with queries written after
+    it, the frames placed after that question's words in the conversation so far."""
+    calls = []
+    real = FoveatedEncoder.encode_patches
+    monkeypatch.setattr(FoveatedEncoder, "encode_patches", lambda self, x: calls.append(len(x)) or real(self, x))
+    model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="after_question")
+    answerer = Answerer(model)
+    state = answerer.prepare(Media("video", [mp4(6, 32)]))
+    conv = Conversation(answerer, state, read=read)
+    replies = [list(conv.ask(q, max_new_tokens=4))[-1] for q in QUESTIONS]
+    assert calls == [int(state.visual.frame_mask.sum())]  # one DINOv2 pass, two questions
+    assert [q for q, _ in conv.looks] == QUESTIONS
+    first, second = (look for _, look in conv.looks)
+    assert not torch.allclose(first, second, atol=1e-4)  # the second question looked elsewhere
+    end = model.question_end
+    ids = torch.tensor([conv.asked])  # everything read before the second reply
+    ends = [i for i, t in enumerate(conv.asked) if t == end]
+    with torch.inference_mode():
+
+        def look(split: int) -> torch.Tensor:
+            pre = model.prefix(state.visual, ids, torch.ones_like(ids), True, None, split=torch.tensor([split]),
+                               mode=read)  # fmt: skip
+            return pre.attention[0]
+
+        assert torch.allclose(second, look(ends[-1]), atol=1e-6)  # after the latest question
+        assert not torch.allclose(second, look(ends[1]), atol=1e-4)  # not where the first question's frames stood
+        pre = model.prefix(state.visual, ids, torch.ones_like(ids), True, None, split=torch.tensor([ends[-1]]),
+                           mode=read)  # fmt: skip
+        said, hidden, mask = [], pre.hidden[:, -1], pre.mask  # greedy on that fresh read: the second reply
+        for _ in range(4):
+            token = int(model.lm_head(hidden).argmax(-1))
+            if token in answerer.processor.end_ids:
+                break
+            said.append(token)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            hidden = model._llm(model.embed(torch.tensor([[token]])), mask, pre.past)[:, -1]
+    assert replies[1] == tokenizer.decode(said, skip_special_tokens=True)

@@ -29,6 +29,7 @@ PLACES: dict[str, str] = {
     "vlm.casts": "leaves",
     "vlm.beam": "leaves",
     "vlm.kvcache": "leaves",
+    "vlm.layout": "leaves",
     "evals.metrics": "leaves",
     "evals.caption_metrics": "leaves",
     "evals.timing": "leaves",

@@ -75,8 +75,8 @@ def test_coarse_fine_start_reads_as_the_glance():
     model = tiny_model(fine_start="coarse")
     fr, fm, _, _ = batch([3, 2], [4, 4])
     visual = model.prepare(fr, fm)
-    coarse, a_coarse = model.visual_tokens(visual, "coarse_only")
-    fine, a_fine = model.visual_tokens(visual, "coarse_fine")
+    coarse, a_coarse = model.visual_tokens(visual, mode="coarse_only")
+    fine, a_fine = model.visual_tokens(visual, mode="coarse_fine")
     torch.testing.assert_close(fine, coarse, rtol=0, atol=1e-6)
     torch.testing.assert_close(a_fine, a_coarse, rtol=0, atol=1e-6)
 
@@ -337,7 +337,8 @@ def test_loss_predicts_each_token_from_the_slot_before_it(tokenizer, frames_at, 
     out = model(fr, fm, ids, am, labels=labels, mode=mode)
     h = len(model.head_ids)
     for i, (t, n) in enumerate(zip(fm.sum(1).tolist(), am.sum(1).tolist(), strict=True)):
-        vis, _ = model.visual_tokens(model.prepare(fr[i : i + 1, :t], fm[i : i + 1, :t]), mode=mode)
+        lead = model.lead(model.layout(ids[i : i + 1, :n], am[i : i + 1, :n]))  # the head: pass 1 reads after it
+        vis, _ = model.visual_tokens(model.prepare(fr[i : i + 1, :t], fm[i : i + 1, :t]), lead, mode=mode)
         embeds = model.llm.get_input_embeddings()(ids[i : i + 1, :n])
         seq = torch.cat([embeds[:, :h], vis, embeds[:, h:]], dim=1)
         full = torch.cat([labels[i : i + 1, :h], torch.full((1, vis.shape[1]), -100), labels[i : i + 1, h:n]], dim=1)

@@ -3,20 +3,21 @@
 Every kind of model (model.py's foveated one, towers.py + a connector, SmolVLM) is a `VLM`; the runs (training,
 evaluation, chat, the demo, the speed benchmark) use nothing else. The base owns, once for every kind:
 
-- the sequence layout [head] [frame tokens: T_max x S slots] [rest of the text, right-padded]. The head is
-  empty with `frames_at: start` (frames before all text, the published layout); with `frames_at: user_turn`
-  it is the chat template's opening up to the first user turn's content, which every text row must start
-  with (a pretrained chat LLM reads what stands inside a user turn, but all but ignores what precedes its
-  template). Padded frames and padded text are masked out, and positions are the running count of real
-  tokens, so a sample padded inside a batch sees exactly the keys and positions it would see alone; a
-  text-only sample (T = 0) is valid;
+- the sequence layout [lead] [frame tokens: T_max x S slots] [rest of the text, right-padded] (vlm/layout.py):
+  the lead is empty with `frames_at: start` (the published layout), the chat template's opening with `user_turn`
+  (the same head in every row: a pretrained chat LLM reads what stands inside a user turn, but all but ignores
+  what precedes its template), and that opening with the first user turn's words with `after_question`, so that a
+  read can be written from the question (the foveated model's). Padded frames and padded text are masked out,
+  and positions are the running count of real tokens, so a sample padded inside a batch sees exactly the keys
+  and positions it would see alone; a text-only sample (T = 0) is valid;
 - `prefix` (the LLM state after frames + text, with its KV cache), the loss, parameter groups by submodule
   name, activation checkpointing and the per-batch counts the log needs; generation and option scoring
   continue from the prefix (decoding.py, part of the base).
 
 A kind implements `prepare` (frames -> a `Visual` state: what its reads need, computed once per clip) and
-`visual_tokens` (state -> tokens). A kind with several ways to read (the foveated model's modes) names them
-in `reads`; they reach `visual_tokens` as keyword options, and a kind with one way to read takes none.
+`visual_tokens` (state and the LLM's state over the lead -> tokens). A kind with several ways to read (the
+foveated model's modes) names them in `reads`; they reach `visual_tokens` as keyword options, and a kind with one
+way to read takes none.
 The model files do no I/O: loading and saving live in saved.py, building from backbones in registry.py.
 """
 
@@ -30,11 +31,12 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from inputs.frames import FrameSpec
-from inputs.tokenization import user_turn_head
+from inputs.tokenization import user_turn_end, user_turn_head
 from vlm import saved
 from vlm.casts import stamp
 from vlm.decoding import Decoding
-from vlm.kvcache import StaticKV, StepCache, kv_layer
+from vlm.kvcache import StaticKV, StepCache
+from vlm.layout import Layout, Lead, clip_rows, head_first, question_first, question_splits
 from vlm.lora import add_lora, is_lora_param, merge_lora
 from vlm.loss import labelled_nll, through_labels
 from vlm.outputs import Output, Prefix, Visual
@@ -63,10 +65,12 @@ class VLM(Decoding, nn.Module):
         if lora is not None:
             add_lora(self.llm, lora)
         frames_at = getattr(config, "frames_at", "start")
-        if frames_at == "user_turn" and tokenizer is None:
-            raise ValueError("model.frames_at 'user_turn' needs the tokenizer, whose chat template places the frames")
-        head = user_turn_head(tokenizer) if frames_at == "user_turn" else []
+        if frames_at != "start" and tokenizer is None:
+            raise ValueError(f"model.frames_at {frames_at!r} needs the tokenizer: its chat template places the frames")
+        head = user_turn_head(tokenizer) if frames_at != "start" else []
         self.register_buffer("head_ids", torch.tensor(head, dtype=torch.long), persistent=False)  # (H,)
+        # after_question: the frames go before the end of the first user turn, whose token this is
+        self.question_end = user_turn_end(tokenizer) if frames_at == "after_question" else None
 
     # ---- what a kind provides ----------------------------------------------------------------
 
@@ -88,8 +92,10 @@ class VLM(Decoding, nn.Module):
         """frames (B, T, 3, H, W) normalised, frame_mask (B, T) -> what every read of these clips needs."""
         raise NotImplementedError
 
-    def visual_tokens(self, visual: Visual, **read: Any) -> tuple[Tensor, Tensor | None]:
-        """-> tokens (B, T*S, D_llm) (zeros in padded slots) and the read's attention, if the kind has one."""
+    def visual_tokens(self, visual: Visual, lead: Lead | None = None, **read: Any) -> tuple[Tensor, Tensor | None]:
+        """-> tokens (B, T*S, D_llm) (zeros in padded slots) and the read's attention, if the kind has one. `lead` is
+        the LLM's state over each clip's text before the frames (its question, with frames_at after_question);
+        None: nothing before them."""
         raise NotImplementedError
 
     def backbone_configs(self) -> dict[str, dict]:
@@ -179,30 +185,40 @@ class VLM(Decoding, nn.Module):
         s = self.tokens_per_frame
         return torch.where(last_frame >= 0, last_frame * s + s - 1, -1)
 
-    def head(self, b: int) -> Tensor:
-        """(b, H, D) embeddings of the text that goes before the frames (empty with frames_at start)."""
-        return self.embed(self.head_ids)[None].expand(b, -1, -1)
+    def layout(self, input_ids: Tensor, attention_mask: Tensor, split: Tensor | None = None) -> Layout:
+        """Where the frames go in each text row (vlm/layout.py). `split` (R,): the column each row's frames go
+        before, for a conversation whose latest question is not its first (default: the end of the first user
+        turn's words with frames_at after_question, the head's end otherwise)."""
+        h = self.head_length(input_ids, attention_mask)
+        if self.question_end is None:
+            return head_first(input_ids, attention_mask, h)
+        if split is None:
+            split = question_splits(input_ids, attention_mask, h, self.question_end)
+        return question_first(input_ids, attention_mask, split)
 
-    def open_head(
-        self, rows: int, past: DynamicCache | StaticKV | None
-    ) -> tuple[Tensor, DynamicCache | StaticKV | None]:
-        """Run the LLM over the head for `rows` rows: its final hidden states (rows, H, D) and the cache that now
-        holds its keys and values, for the rest of the sequence to continue from (`past`, filled in place, or a
-        new DynamicCache when `past` is None and the head is not empty; None for an empty head and no `past`).
+    def lead(self, layout: Layout, past: DynamicCache | StaticKV | None = None) -> Lead:
+        """The LLM over each row's lead; `past`, when given, then holds its keys and values for the rest of the
+        sequence to continue from (a StaticKV is written in place; fill a DynamicCache with `Lead.open`).
 
-        Every row opens with the same head (with frames_at user_turn, half of a short sample's tokens, and the
-        whole of a foveated pass over [head, frames] but its T slots), so it runs for one row and its keys and
-        values are expanded to all rows (`_head_state`). A StaticKV (inference) is preallocated per row, so there
-        the head is written for every row."""
-        h = len(self.head_ids)
-        if not h:
-            return self.head_ids.new_zeros(rows, 0, self.llm.config.hidden_size).float(), past
-        if isinstance(past, StaticKV):
-            return self._llm(self.head(rows), self.head_ids.new_ones(rows, h), past), past
-        hidden, kv = self._head_state()
-        past = DynamicCache() if past is None else past
-        past.layers = [kv_layer(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
-        return hidden.expand(rows, -1, -1), past
+        A shared head (frames_at user_turn: half of a short sample's tokens, and the whole of a foveated pass over
+        [head, frames] but its T slots) runs for one row and its keys and values are expanded to all rows
+        (`_head_state`)."""
+        rows, p = layout.lead_ids.shape
+        if not p:
+            return Lead.empty(rows, self.llm.config.hidden_size, layout.lead_ids.device)
+        if layout.shared:
+            hidden, kv = self._head_state()
+            kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
+            lead = Lead(hidden.expand(rows, -1, -1), layout.lead_mask, kv, False)
+        else:
+            one = DynamicCache()
+            hidden = self._llm(self.embed(layout.lead_ids), layout.lead_mask, one)
+            lead = Lead(hidden, layout.lead_mask, [(layer.keys, layer.values) for layer in one.layers], True)
+        if isinstance(past, StaticKV):  # preallocated per row: the lead is written into it for every row
+            self._llm(self.embed(layout.lead_ids), layout.lead_mask, past)
+        elif past is not None:
+            lead.open(past)
+        return lead
 
     def _head_state(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """The LLM over the head for one row: hidden states (1, H, D) and each layer's keys and values.
@@ -226,21 +242,23 @@ class VLM(Decoding, nn.Module):
                 return cached[1]
         one = DynamicCache()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):  # kept tensors must be usable in training
-            hidden = self._llm(self.head(1), self.head_ids.new_ones(1, len(self.head_ids)), one)  # (1, H, D)
+            head = self.head_ids[None]
+            hidden = self._llm(self.embed(head), torch.ones_like(head), one)  # (1, H, D)
         state = hidden, [(layer.keys, layer.values) for layer in one.layers]
         if key is not None:
             self._head_cache = key, state
         return state
 
     def head_length(self, input_ids: Tensor, attention_mask: Tensor) -> int:
-        """H, the number of leading text tokens that go before the frames: every row must start with them."""
+        """H, the number of leading text tokens of the chat template's opening: every row must start with them."""
         h = len(self.head_ids)
         if h and not (
             input_ids.shape[1] >= h and (input_ids[:, :h] == self.head_ids).all() and attention_mask[:, :h].all()
         ):
             raise ValueError(
-                "model.frames_at is 'user_turn': every text must open with the chat template's first user turn "
-                f"({self.tokenizer.decode(self.head_ids)!r}); tokenise it with tokenization.py's chat functions"
+                f"model.frames_at is {self.config.frames_at!r}: every text must open with the chat template's "
+                f"first user turn ({self.tokenizer.decode(self.head_ids)!r}); tokenise it with tokenization.py's "
+                "chat functions"
             )
         return h
 
@@ -267,29 +285,42 @@ class VLM(Decoding, nn.Module):
         kv_cache: bool = False,
         rows: Tensor | None = None,
         room: int | None = None,
+        split: Tensor | None = None,
         **read: Any,
     ) -> Prefix:
-        """Run the LLM over [head, frame tokens, text]; `kv_cache` keeps its state for continuing (with `room`, in
-        a static cache with that many slots to spare: see `new_cache`).
+        """Run the LLM over [lead, frame tokens, rest of the text]; `kv_cache` keeps its state for continuing (with
+        `room`, in a static cache with that many slots to spare: see `new_cache`). `split`: see `layout`.
 
         `rows` (R,) names the clip of each text row (default: row i reads clip i): several texts about one
-        clip (DPO's chosen and rejected answers) share its encoding and its read, which the text cannot change.
+        clip (DPO's chosen and rejected answers) share its encoding and its read, which the text cannot change
+        (with frames_at after_question they share the question the read is written from).
         """
         self.check_read(read)
         frame_mask = visual.frame_mask
-        h = self.head_length(input_ids, attention_mask)
-        embeds = self.embed(input_ids[:, h:])  # (R, L - H, D): the text after the head
-        vis, attn = self.visual_tokens(visual, **read)
+        layout = self.layout(input_ids, attention_mask, split)
         slots, framed, last = self.slot_mask(frame_mask), frame_mask.any(1), self.last_slot(frame_mask)
         if rows is not None:
-            vis, slots, framed, last = vis[rows], slots[rows], framed[rows], last[rows]
-        mask = torch.cat([attention_mask[:, :h].long(), slots, attention_mask[:, h:].long()], dim=1)
+            slots, framed, last = slots[rows], framed[rows], last[rows]
+        mask = torch.cat([layout.lead_mask, slots, layout.rest_mask], dim=1)
         past = self.new_cache(kv_cache, room, mask.shape[1])
-        head_hidden, run = self.open_head(len(input_ids), past)  # (R, H, D)
-        hidden = self._llm(torch.cat([vis, embeds], dim=1), mask, run)  # (R, T*S + L - H, D)
+        lead = self.lead(layout, past)  # (R rows)
+        first = clip_rows(rows, len(frame_mask), layout.lead_ids)  # the reads run once per clip
+        vis, attn = self.visual_tokens(visual, lead if first is None else lead.select(first), **read)
+        if rows is not None:
+            vis = vis[rows]
+        run = past if past is not None else lead.open()
+        hidden = self._llm(torch.cat([vis, self.embed(layout.rest_ids)], dim=1), mask, run)  # (R, T*S + L', D)
         last_visual = hidden[torch.arange(len(hidden), device=hidden.device), last.clamp(min=0)]
-        text_hidden = torch.cat([head_hidden.to(hidden.dtype), hidden[:, vis.shape[1] :]], dim=1)
-        return Prefix(text_hidden, mask, past, attn, last_visual, framed, h, hidden[:, : vis.shape[1]])
+        text_hidden = layout.text(lead.hidden, hidden[:, vis.shape[1] :])
+        return Prefix(text_hidden, mask, past, attn, last_visual, framed, layout.cut, hidden[:, : vis.shape[1]])
+
+    def lead_columns(self, input_ids: Tensor, attention_mask: Tensor) -> int:
+        """How many leading text columns must stay when a loss cuts the columns after the last label
+        (`through_labels`): the head, and with frames_at after_question each row's end of the question."""
+        h = len(self.head_ids)
+        if self.question_end is None or not len(input_ids):
+            return h
+        return int(question_splits(input_ids, attention_mask, h, self.question_end).max()) + 1
 
     def uses_cache(self, **read: Any) -> bool:
         """Whether a read itself runs the LLM on a KV cache (then training keeps one too)."""
@@ -314,7 +345,8 @@ class VLM(Decoding, nn.Module):
         columns through the last labelled one: `through_labels`)."""
         read = read or self.train_read
         if labels is not None and not logits:
-            input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, len(self.head_ids))
+            keep = self.lead_columns(input_ids, attention_mask)
+            input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, keep)
         if visual is None:
             visual = self.prepare(frames, frame_mask)
         pre = self.prefix(visual, input_ids, attention_mask, self.uses_cache(**read), rows, **read)

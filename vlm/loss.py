@@ -41,28 +41,38 @@ def head_nll(head: Any, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]
 
 
 def labelled_nll(
-    head: Any, hidden: Tensor, labels: Tensor, bridge: Tensor | None = None, framed: Tensor | None = None, cut: int = 0
+    head: Any,
+    hidden: Tensor,
+    labels: Tensor,
+    bridge: Tensor | None = None,
+    framed: Tensor | None = None,
+    cut: Tensor | int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Per-row summed NLL of the labelled tokens and their count, (R,), (R,), from final hidden states (R, L, D)
     through `head` (the LM head), computed only where a label asks: in stage 2 a handful of answer tokens, not
     the whole vocabulary at every position.
 
     Each token is predicted from the position just before it in the sequence the LLM read, [text[:cut], frame
-    slots, text[cut:]]: in a row with frames (`framed`), text[cut] is predicted by the last frame slot (`bridge`
-    (R, D), its hidden state) rather than by text[cut-1]; the slots themselves predict nothing."""
+    slots, text[cut:]] (`cut` one column for all rows, or (R,) each row's): in a row with frames (`framed`),
+    text[cut] is predicted by the last frame slot (`bridge` (R, D), its hidden state) rather than by text[cut-1];
+    the slots themselves predict nothing."""
+    r, length = labels.shape
     target = labels[:, 1:]  # position j predicts token j+1
-    if bridge is not None and 1 <= cut < labels.shape[1]:
-        target = target.clone()
-        target[framed, cut - 1] = IGNORE_INDEX
+    if bridge is None:
+        return head_nll(head, hidden[:, :-1], target)
+    cut = torch.as_tensor(cut, device=labels.device).expand(r)
+    inside = framed & (cut < length)
+    if length > 1:  # text[cut] is not predicted by text[cut - 1] where frames stand between them
+        col = (cut - 1).clamp(0, length - 2)[:, None]
+        moved = inside & (cut >= 1)
+        target = target.scatter(1, col, torch.where(moved[:, None], IGNORE_INDEX, target.gather(1, col)))
     nll, count = head_nll(head, hidden[:, :-1], target)
-    if bridge is not None and cut < labels.shape[1]:
-        first = labels[:, cut]
-        ok = framed & (first != IGNORE_INDEX)
-        if ok.any():
-            extra = F.cross_entropy(head(bridge[ok]).float(), first[ok], reduction="none")
-            nll = nll.index_add(0, ok.nonzero()[:, 0], extra)
-        count = count + ok
-    return nll, count
+    first = labels.gather(1, cut.clamp(max=length - 1)[:, None])[:, 0] if length else cut
+    ok = inside & (first != IGNORE_INDEX)
+    if ok.any():
+        extra = F.cross_entropy(head(bridge[ok]).float(), first[ok], reduction="none")
+        nll = nll.index_add(0, ok.nonzero()[:, 0], extra)
+    return nll, count + ok
 
 
 def through_labels(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, head: int) -> tuple[Tensor, ...]:

@@ -40,5 +40,5 @@ class Prefix:
     attention: Tensor | None
     last_visual: Tensor  # (R, D) hidden state at each row's last real frame slot (meaningless for rows without)
     framed: Tensor  # (R,) bool: the row's clip has at least one frame slot before text[cut]
-    cut: int  # text position right after the frames: tokens before it are the head
+    cut: Tensor | int  # (R,) each row's text column right after the frames: the tokens before it are its lead
     frame_hidden: Tensor | None = None  # (R, T*S, D) hidden states at the frame slots (parallel reads only)
