@@ -1,6 +1,7 @@
-"""The state-dict adapter of the published fVLM-135M checkpoint (hub `sanps/fVLM-135M`) and of the public fVLM code's
-training checkpoints: they read into our foveated model (`FoveatedVLM.from_pretrained`, `registry.load`), so that
-its published numbers can be reproduced with this project's harness. `matches` recognises one, `read` converts it.
+"""The state-dict adapter of the published fVLM checkpoints (hub `sanps/fVLM-135M` and `sanps/fVLM-1.7B`) and of the
+public fVLM code's training checkpoints: they read into our foveated model (`FoveatedVLM.from_pretrained`,
+`registry.load`), so that their published numbers can be reproduced with this project's harness. `matches` recognises
+one, `read` converts it.
 
 The public code's model is the same architecture under other names, so converting is renaming, checked strictly:
 every published tensor must land on one of our parameters and every parameter must get one, or loading stops and
@@ -20,9 +21,14 @@ Its tensor names: `encoder.dino.*` (transformers 4.x Dinov2 names: `attention.at
 `llm_to_query.*`, `q_static` / `q_init` (1, query_dim), `llm.*` (the LlamaForCausalLM); a torch.compile'd module
 adds `_orig_mod.` to its names, DistributedDataParallel a leading `module.`.
 
-The backbones' shapes come from the directories the run names when they exist (the public code builds its backbones
-from those names too), else from the known shapes of facebook/dinov2-small and SmolLM2-135M-Instruct, which it names
-(`.../dinov2-small`, `.../SmolLM2-135M-Instruct`) and which an uploaded state dict without a config implies.
+The two published sizes share this layout and differ only in the LLM (SmolLM2-135M-Instruct: width 576, 30 layers,
+3 KV heads for 9 query heads; SmolLM2-1.7B-Instruct: width 2048, 24 layers, 32 heads with no grouping, rope theta
+130000; both tie the embeddings), hence in the shapes of `llm.*`, `dino_to_llm` and `llm_to_query`; both read through
+DINOv2-small with a 384-wide query at visual scale 0.14. The backbones' configs come from the directories the run
+names when they exist (the public code builds its backbones from those names too), else from the known configs of the
+names it gives (`.../dinov2-small`, `.../SmolLM2-1.7B-Instruct`); an uploaded state dict without a config names
+none, so its tensors' shapes pick the known backbone they fit (`by_shapes`): the 135M and the 1.7B tell themselves
+apart, and a checkpoint of any other size is refused with its shapes named, not read into a wrong skeleton.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Config, Dinov2Model
 
 from cli import UserError
 from config import DINO_HUB_ID, LLM_HUB_ID, FoveatedConfig
@@ -51,6 +57,11 @@ from vlm import weights
 from vlm.saved import Saved
 
 HUB_ID = "sanps/fVLM-135M"
+# the published models, hub repo -> the backbones they hold (KNOWN_BACKBONES' names); the first is read by default
+RELEASES = {
+    HUB_ID: ("dinov2-small", "SmolLM2-135M-Instruct"),
+    "sanps/fVLM-1.7B": ("dinov2-small", "SmolLM2-1.7B-Instruct"),
+}
 # where the weights are, in order of preference: the hub's file, then the training run's checkpoints
 WEIGHT_FILES = ("model.safetensors", "best.pt", "latest.pt", "model.pt", "pytorch_model.bin")
 _STEP_FILE = re.compile(r"step_(\d+)\.pt")
@@ -59,7 +70,7 @@ _MARKERS = ("encoder.query_input_proj.weight", "q_static")  # names only the pub
 _PICKLED_MARKERS = (b"query_input_proj", b"q_static")  # the same, as a pickle spells them
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
-# how the published model was trained and fed (the public code's final stage-3 run)
+# how the published models were trained and fed (the public code's final stage-3 runs; the same for both sizes)
 PUBLISHED = {"visual_scale": 0.14, "deep_query": True}  # query_dim: q_static's width (384), glimpses 1
 PUBLISHED_FRAMES = FrameSpec(size=224, max_frames=64, image_frames=8, fps=1.0)  # ImageNet mean / std
 
@@ -84,8 +95,35 @@ KNOWN_BACKBONES: dict[str, dict[str, Any]] = {
         "eos_token_id": 2,
         "pad_token_id": 2,
     },
+    "SmolLM2-1.7B-Instruct": {
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 130000.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    },
 }
-_HUB_NAMES = {"dinov2-small": DINO_HUB_ID, "SmolLM2-135M-Instruct": LLM_HUB_ID}
+LLM_1_7B_HUB_ID = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+_HUB_NAMES = {
+    "dinov2-small": DINO_HUB_ID,
+    "SmolLM2-135M-Instruct": LLM_HUB_ID,
+    "SmolLM2-1.7B-Instruct": LLM_1_7B_HUB_ID,
+}
+# SmolLM2's sizes share one tokenizer (vocabulary, special tokens, chat template): offline, the packaged 135M one
+_SAME_TOKENIZER = {LLM_1_7B_HUB_ID: LLM_HUB_ID}
+_ROLES = {"dino": ("encoder.dino.", "DINOv2"), "llm": ("llm.", "LLM")}  # a backbone's tensors (our names), in words
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")  # a block's index: Llama's `model.layers.N.`, Dinov2's `encoder.layer.N.`
 
 # (published prefix, ours), first match wins; the Dinov2 part is renamed to transformers 5.x names after
 _PREFIXES = (
@@ -266,13 +304,12 @@ def _backbone(options: dict[str, Any], what: str) -> tuple[str | None, dict[str,
     return name, config
 
 
-def _backbone_config(name: str | None, known: str, what: str) -> dict[str, Any]:
+def _backbone_config(name: str, what: str) -> dict[str, Any]:
     """A backbone's transformers config: the directory the run names, else the known shapes, else the hub."""
-    if name and os.path.isdir(name):
+    if os.path.isdir(name):
         return AutoConfig.from_pretrained(name).to_dict()
-    base = Path(name).name if name else known
-    if base in KNOWN_BACKBONES:
-        return dict(KNOWN_BACKBONES[base])
+    if Path(name).name in KNOWN_BACKBONES:
+        return dict(KNOWN_BACKBONES[Path(name).name])
     try:
         return AutoConfig.from_pretrained(name, local_files_only=not weights._hub_reachable()).to_dict()
     except (OSError, ValueError) as e:
@@ -280,13 +317,62 @@ def _backbone_config(name: str | None, known: str, what: str) -> dict[str, Any]:
                          f"{sorted(KNOWN_BACKBONES)}, and its config cannot be fetched: {e}") from e  # fmt: skip
 
 
+def _layers(names: Any) -> int:
+    return 1 + max((int(m[1]) for n in names if (m := _LAYER.search(n))), default=-1)
+
+
+def misfit(config: dict[str, Any], role: str, state: dict[str, torch.Tensor]) -> str | None:
+    """Why the backbone `config` describes cannot hold the published tensors of `role` ("dino" or "llm"); None if it
+    can: as many layers, and the same shape for every tensor both have. Only shapes are read (meta tensors do); a
+    tensor the backbone lacks is left to `_check`, which names it, so a renamed tensor reads as renamed, not as
+    another size."""
+    prefix = _ROLES[role][0]
+    with torch.device("meta"):  # the skeleton's shapes without its memory (1.7B parameters are 7 GB in fp32)
+        if role == "dino":
+            skeleton: nn.Module = Dinov2Model(Dinov2Config.from_dict(config))
+        else:
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    expected = {prefix + k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    given = {ours: tuple(t.shape) for n, t in state.items() if (ours := our_name(n) or "").startswith(prefix)}
+    if _layers(given) != _layers(expected):
+        return f"{_layers(given)} layers where it has {_layers(expected)}"
+    for name, shape in given.items():
+        if name in expected and shape != expected[name]:
+            return f"{name} {shape} where it has {expected[name]}"
+    return None
+
+
+def by_shapes(file: Path, state: dict[str, torch.Tensor], role: str) -> str:
+    """The known backbone of the published models that the checkpoint's `role` tensors fit ("dino" or "llm"), for a
+    checkpoint whose config names none (the hub's files): else an error naming how each one differs."""
+    names = dict.fromkeys(backbones[role == "llm"] for backbones in RELEASES.values())
+    why = {name: misfit(KNOWN_BACKBONES[name], role, state) for name in names}
+    fits = [name for name, reason in why.items() if reason is None]
+    if not fits:
+        differ = "; ".join(f"against {name}, {reason}" for name, reason in why.items())
+        raise UserError(
+            f"{file} holds the public fVLM code's tensors, but its {_ROLES[role][1]} is in neither published layout "
+            f"({', '.join(RELEASES)}): {differ}; a config.json beside it naming its `{role}` (a directory or hub "
+            "id, as the public code's run config does) reads another size"
+        )
+    return fits[0]
+
+
 def _tokenizer(folder: Path, llm: str | None) -> Any:
-    """The checkpoint's own tokenizer when it ships one, else the LLM's (offline: the packaged SmolLM2)."""
+    """The checkpoint's own tokenizer when it ships one, else the LLM's (offline: the packaged SmolLM2 one, which
+    every SmolLM2 size shares)."""
     if any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return AutoTokenizer.from_pretrained(folder)
     if llm and any((Path(llm) / f).is_file() for f in _TOKENIZER_FILES):
         return AutoTokenizer.from_pretrained(llm)
-    return weights.load_tokenizer(_HUB_NAMES.get(Path(llm).name, llm) if llm else LLM_HUB_ID)
+    name = _HUB_NAMES.get(Path(llm).name, llm) if llm else LLM_HUB_ID
+    try:
+        return weights.load_tokenizer(name)
+    except OSError:
+        if name not in _SAME_TOKENIZER:
+            raise
+        log.info("fvlm: %s's tokenizer is not at hand; using %s's, the same tokenizer", name, _SAME_TOKENIZER[name])
+        return weights.load_tokenizer(_SAME_TOKENIZER[name])
 
 
 def _check(file: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -350,10 +436,13 @@ def read(source: str | Path = HUB_ID) -> Saved:
         raise UserError(f"{file} reads with the shallow query (deep_query: false), which our encoder does not "
                          "reproduce as the public code ran it; only the published deep query converts")  # fmt: skip
     (dino, dino_config), (llm, llm_config) = _backbone(model_opts, "dino"), _backbone(model_opts, "llm")
-    backbones = {
-        "dino": dino_config or _backbone_config(dino, "dinov2-small", "DINOv2"),
-        "llm": llm_config or _backbone_config(llm, "SmolLM2-135M-Instruct", "LLM"),
-    }
+    if dino_config is None:  # no name either (the hub's files, no config): the tensors' shapes say which size
+        dino = dino or by_shapes(file, state, "dino")
+        dino_config = _backbone_config(dino, "DINOv2")
+    if llm_config is None:
+        llm = llm or by_shapes(file, state, "llm")
+        llm_config = _backbone_config(llm, "LLM")
+    backbones = {"dino": dino_config, "llm": llm_config}
     if backbones["dino"]["model_type"] == "dinov2":  # facebook/dinov2-* keep the (unused) masked-pretraining token
         backbones["dino"]["use_mask_token"] = "encoder.dino.embeddings.mask_token" in state
     config = FoveatedConfig(

@@ -1,4 +1,4 @@
-"""The published fVLM checkpoint loads into our FoveatedVLM (release.py), on synthetic checkpoints.
+"""The published fVLM checkpoints (135M and 1.7B) load into our FoveatedVLM (release.py), on synthetic checkpoints.
 
 A synthetic checkpoint is written in the layout the public fVLM code saves (its module tree and so its tensor names,
 with transformers 4.x Dinov2 names; the hub's `model.safetensors`, or a training run's `step_*.pt` / `best.pt` dict
@@ -9,12 +9,17 @@ through each layer on the cached keys/values, the coarse pass over the visual to
 a removed or renamed tensor stops loading with its name, a pickle holding anything but tensors is refused unrun, a
 hub id resolves through the hub cache, our own directories load as before, and a full-size state dict without
 configs, around the packaged DINOv2-small and SmolLM2-135M-Instruct, is rebuilt with their shapes and computes the
-public code's logits. Not verified: the real hub repo's files (no network here: its file list and any config it
-ships are as read from the public code and its model card), and the published numbers.
+public code's logits. The 1.7B's layout (the same names; SmolLM2-1.7B's shapes: a wider LLM without grouped KV
+heads, another rope theta) is recognised by its shapes beside the 135M's, on tiny backbones of each structure, and
+loads tensor for tensor with the logits of a model built directly from the same weights; a checkpoint of neither size
+is refused with its shapes named, and the configs/stage*_1.7B.yaml recipes hold the published figures. Not
+verified: the real hub repos' files (no network here: their file lists and any config they ship are as read from
+the public code and the model cards), and the published numbers.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -24,14 +29,18 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
 import registry
 import release
 from cli import UserError
+from config import FoveatedConfig, load_config
 from inputs.tokenization import prompt_ids
 from model import MODES, FoveatedVLM
 from tests.tiny import IMAGE, frames, randomize, tiny_dino, tiny_llm
 from vlm import weights
+
+REPO = Path(__file__).resolve().parent.parent
 
 QUERY_DIM = 16
 TO_4X = {new: old for old, new in weights._DINO_RENAMES.items()}  # our Dinov2 names -> the public code's
@@ -80,7 +89,7 @@ def published_state(pub: Published) -> dict[str, torch.Tensor]:
     return published_names(pub.state_dict())
 
 
-def write_hub_copy(pub: Published, folder: Path, fmt: str = "safetensors") -> Path:
+def write_hub_copy(pub: Published, folder: Path, fmt: str = "safetensors", title: str = "fVLM-135M") -> Path:
     """A local copy of the hub repo: the weights as model.safetensors (tied embeddings stored once, as
     safetensors must), the model card and the code beside them, no config and no tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,7 +100,7 @@ def write_hub_copy(pub: Published, folder: Path, fmt: str = "safetensors") -> Pa
         safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     else:  # the model card loads this file with torch.load: a torch pickle under the same name loads too
         torch.save(published_state(pub), folder / "model.safetensors")
-    (folder / "README.md").write_text("# fVLM-135M\n")
+    (folder / "README.md").write_text(f"# {title}\n")
     (folder / "model_code").mkdir(exist_ok=True)
     (folder / "model_code" / "__init__.py").write_text('"""Foveated VLM model components."""\n')
     return folder
@@ -440,3 +449,171 @@ def test_full_size_without_configs_reads_as_the_published_backbones(tmp_path, to
             out = model(clip, torch.ones(1, 2, dtype=torch.bool), ids, torch.ones_like(ids), mode=mode).logits
             ref = ref_logits(pub, clip[0], ids, mode, 0.14)
             assert (out - ref).abs().max() <= 1e-3 * ref.abs().max(), mode
+
+
+# ---- the published 1.7B ------------------------------------------------------------------------------------
+
+
+def tiny_llm_1_7b(seed: int = 2, vocab: int = 64) -> LlamaForCausalLM:
+    """SmolLM2-1.7B-Instruct's structure in miniature, beside tiny_llm's 135M-like one: wider (48, not 32), a KV head
+    per query head (no grouping), rope theta 130000, a 4x MLP, one more layer, embeddings tied."""
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=192,
+        max_position_embeddings=256,
+        rope_parameters={"rope_theta": 130000.0, "rope_type": "default"},
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return randomize(LlamaForCausalLM(cfg), seed).eval()
+
+
+@pytest.fixture
+def known_sizes(monkeypatch):
+    """Both published sizes' known backbones replaced by tiny ones of their structure; the 1.7B-like checkpoint."""
+    pub = Published(llm=tiny_llm_1_7b())  # randomized, with the tiny DINO and the 16-wide query
+    monkeypatch.setitem(release.KNOWN_BACKBONES, "dinov2-small", pub.encoder.dino.config.to_dict())
+    monkeypatch.setitem(release.KNOWN_BACKBONES, "SmolLM2-135M-Instruct", tiny_llm().config.to_dict())
+    monkeypatch.setitem(release.KNOWN_BACKBONES, "SmolLM2-1.7B-Instruct", pub.llm.config.to_dict())
+    return pub
+
+
+def built_directly(pub: Published, tokenizer, frames_spec) -> FoveatedVLM:
+    """Our FoveatedVLM around (copies of) the published backbones, its own parts copied by hand: no release.py."""
+    config = FoveatedConfig(dino="tiny", llm="tiny", query_dim=QUERY_DIM, visual_scale=0.14)
+    model = FoveatedVLM(config, copy.deepcopy(pub.encoder.dino), copy.deepcopy(pub.llm), tokenizer, frames_spec)
+    with torch.no_grad():
+        for ours, theirs in ((model.encoder.query_in, pub.encoder.query_input_proj),
+                             (model.encoder.query_out, pub.encoder.output_proj),
+                             (model.dino_to_llm, pub.dino_to_llm), (model.llm_to_query, pub.llm_to_query)):  # fmt: skip
+            for name, p in ours.named_parameters():
+                p.copy_(getattr(theirs, name))
+        model.q_static.copy_(pub.q_static)
+        model.q_init.copy_(pub.q_init)
+    return model.eval()
+
+
+def test_1_7b_hub_copy_loads_tensor_for_tensor_with_the_logits_of_the_same_weights(known_sizes, tmp_path, tokenizer):
+    pub = known_sizes
+    folder = write_hub_copy(pub, tmp_path / "fVLM-1.7B", title="fVLM-1.7B")
+    assert release.matches(folder)
+    model = FoveatedVLM.from_pretrained(folder)  # no config in the folder: the shapes say which size it is
+    assert (model.config.llm, model.config.dino) == ("HuggingFaceTB/SmolLM2-1.7B-Instruct", weights.DINO_HUB_ID)
+    llm = model.llm.config
+    assert (llm.hidden_size, llm.num_hidden_layers, llm.num_attention_heads, llm.num_key_value_heads) == (48, 3, 4, 4)
+    assert llm.rope_parameters["rope_theta"] == 130000.0
+    assert model.llm.lm_head.weight is model.llm.get_input_embeddings().weight  # tied, as SmolLM2-1.7B's are
+    assert tuple(model.dino_to_llm.weight.shape) == (48, 32) and tuple(model.llm_to_query.weight.shape) == (16, 48)
+    ours, theirs = model.state_dict(), published_state(pub)
+    assert len(ours) == len(theirs)
+    for name, tensor in theirs.items():  # every published tensor, by value, where the renaming puts it
+        assert torch.equal(ours[release.our_name(name)], tensor), name
+    assert "<|im_start|>" in model.tokenizer.chat_template  # offline: SmolLM2's shared tokenizer, the packaged one
+    direct = built_directly(pub, model.tokenizer, model.frames)
+    clip = frames(1, 3)
+    ids = torch.tensor([prompt_ids(tokenizer, "What?")]) % 64
+    mask, text_mask = torch.ones(1, 3, dtype=torch.bool), torch.ones_like(ids)
+    with torch.no_grad():
+        for mode in MODES:
+            out = model(clip, mask, ids, text_mask, mode=mode).logits
+            assert torch.equal(out, direct(clip, mask, ids, text_mask, mode=mode).logits), mode
+            assert (out - ref_logits(pub, clip[0], ids, mode, 0.14)).abs().max() <= 1e-5, mode
+
+
+def test_1_7b_hub_id_and_training_checkpoint(known_sizes, tmp_path, monkeypatch):
+    """`sanps/fVLM-1.7B` resolves through the hub cache like the 135M; a training checkpoint whose run config names
+    the 1.7B backbones by the public code's paths (absent here) reads with their known configs."""
+    pub = known_sizes
+    folder = write_hub_copy(pub, tmp_path / "snapshot", title="fVLM-1.7B")
+
+    def snapshot_download(repo_id: str, **kwargs) -> str:
+        if repo_id != "sanps/fVLM-1.7B":
+            raise huggingface_hub.errors.LocalEntryNotFoundError(repo_id)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = FoveatedVLM.from_pretrained("sanps/fVLM-1.7B")
+    assert model.llm.config.hidden_size == 48 and isinstance(registry.load("sanps/fVLM-1.7B"), FoveatedVLM)
+    run = tmp_path / "stage3"
+    run.mkdir()
+    config = {"model": {"llm": "/workspace/models/SmolLM2-1.7B-Instruct", "dino": "/workspace/models/dinov2-small",
+                        "deep_query": True, "query_dim": QUERY_DIM, "visual_scale": 0.14, "lambda_coarse": 0.0},
+              "data": {"max_frames": 64, "frame_size": 224, "replicate_image_frames": 8}}  # fmt: skip
+    torch.save({"model_state_dict": published_state(pub), "step": 2594, "config": config}, run / "step_0002594.pt")
+    model = registry.load(run)
+    assert model.config.llm == "HuggingFaceTB/SmolLM2-1.7B-Instruct" and model.llm.config.num_key_value_heads == 4
+    assert torch.equal(model.llm_to_query.weight, pub.llm_to_query.weight)
+
+
+def test_a_checkpoint_of_neither_size_is_refused_with_its_shapes(known_sizes, tmp_path, tokenizer):
+    """The public code's tensors around an LLM of a third size (its scaling runs had a 360M): without a config
+    naming the LLM, one clear error; with one beside the weights, it loads."""
+    other = LlamaConfig(vocab_size=64, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=80, tie_word_embeddings=True)  # fmt: skip
+    pub = Published(llm=LlamaForCausalLM(other))
+    folder = write_hub_copy(pub, tmp_path / "fVLM-360M", title="fVLM-360M")
+    assert release.matches(folder)  # the public code's layout, of an unknown size
+    with pytest.raises(UserError) as e:
+        FoveatedVLM.from_pretrained(folder)
+    message = str(e.value)
+    assert "its LLM is in neither published layout (sanps/fVLM-135M, sanps/fVLM-1.7B)" in message
+    assert "against SmolLM2-135M-Instruct, llm.model.embed_tokens.weight (64, 40) where it has (64, 32)" in message
+    assert "against SmolLM2-1.7B-Instruct, 2 layers where it has 3" in message
+    assert "config.json beside it naming its `llm`" in message and "\n" not in message
+    with pytest.raises(UserError, match="neither published layout"):
+        registry.load(folder)
+    pub.llm.save_pretrained(tmp_path / "SmolLM2-360M-like")
+    tokenizer.save_pretrained(tmp_path / "SmolLM2-360M-like")
+    (folder / "config.json").write_text(f'{{"llm": "{tmp_path / "SmolLM2-360M-like"}"}}')
+    model = FoveatedVLM.from_pretrained(folder)
+    assert model.llm.config.hidden_size == 40 and torch.equal(model.dino_to_llm.bias, pub.dino_to_llm.bias)
+
+
+def test_the_real_sizes_tell_themselves_apart():
+    """At full size (meta tensors: shapes without memory), each published layout picks its own backbones, and the
+    known configs are those models: SmolLM2-135M's 134,515,008 and SmolLM2-1.7B's 1,711,376,384 parameters."""
+    counts = {}
+    for hub_id, (dino_name, llm_name) in release.RELEASES.items():
+        with torch.device("meta"):
+            dino = Dinov2Model(Dinov2Config.from_dict(release.KNOWN_BACKBONES[dino_name]))
+            llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**release.KNOWN_BACKBONES[llm_name]))
+            pub = Published(dino=dino, llm=llm)
+        state = published_state(pub)
+        assert release.by_shapes(Path(hub_id), state, "llm") == llm_name, hub_id
+        assert release.by_shapes(Path(hub_id), state, "dino") == "dinov2-small"
+        counts[llm_name] = sum(p.numel() for p in llm.parameters())
+        assert tuple(state["dino_to_llm.weight"].shape) == (llm.config.hidden_size, 384)
+    assert counts == {"SmolLM2-135M-Instruct": 134_515_008, "SmolLM2-1.7B-Instruct": 1_711_376_384}
+
+
+def test_1_7b_configs_follow_the_published_recipe():
+    """configs/stage{1,2,3}_1.7B.yaml: the public code's 1.7B runs (rates scaled ~0.28x from the 135M's, batch 32 /
+    32 / 8 x 4, 256 frames per batch in stage 1, warmup 10 % in DPO), with gradient checkpointing on, compile off."""
+    stages = [load_config(REPO / "configs" / f"stage{s}_1.7B.yaml") for s in (1, 2, 3)]
+    for stage, cfg in enumerate(stages, 1):
+        assert cfg.data.stage == stage and cfg.model.kind == "foveated"
+        assert (cfg.model.llm, cfg.model.dino) == ("HuggingFaceTB/SmolLM2-1.7B-Instruct", "facebook/dinov2-small")
+        assert (cfg.model.query_dim, cfg.model.visual_scale, cfg.model.deep_query) == (384, 0.14, True)
+        assert cfg.train.gradient_checkpointing and not cfg.train.compile and cfg.train.bf16 is True
+        assert (cfg.data.max_frames, cfg.data.frame_size, cfg.optim.weight_decay, cfg.optim.grad_clip) == (
+            64, 224, 0.01, 1.0)  # fmt: skip
+    s1, s2, s3 = stages
+    o = s1.optim
+    assert (o.schedule, o.lr_connector, o.lr_vision, o.lr_llm, o.target_lr, o.warmup) == (
+        "converging", 3e-4, 3e-6, 3e-6, 1e-5, 0.03)  # fmt: skip
+    assert (s1.data.batch_size, s1.data.frame_budget, s1.train.accumulate) == (32, 256, 1)
+    assert [s.weight for s in s1.data.train] == [0.86, 0.14]
+    o = s2.optim
+    assert (o.schedule, o.lr_connector, o.lr_vision, o.lr_llm, o.warmup) == ("cosine", 1e-5, 1e-5, 1e-5, 0.03)
+    assert (s2.data.batch_size, s2.train.accumulate, s2.data.replicate_image_frames) == (32, 1, 8)
+    assert s2.train.init_from == "runs/stage1_1.7B/final"
+    o = s3.optim
+    assert (o.schedule, o.lr_connector, o.lr_vision, o.lr_llm, o.warmup) == ("cosine", 5e-7, 5e-7, 5e-7, 0.1)
+    assert (s3.data.batch_size, s3.train.accumulate, s3.train.dpo_beta) == (8, 4, 0.1)
+    assert s3.train.init_from == "runs/stage2_1.7B/final"
