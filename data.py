@@ -16,6 +16,8 @@ needs one number per rank (the batches consumed this epoch). Everything before d
 names and JSON, so batch boundaries do not depend on whether a sample decodes: a sample that fails (corrupt
 media, malformed JSON) is dropped from its batch and counted, a batch that loses every sample still takes its
 place in the sequence (as an empty marker), and a resumed loader skips whole batches without decoding them.
+A shard streamed from a command (`pipe:`, http, s3: readers.py) whose command fails stops the epoch with one
+error rather than a skip: a download that fails in one worker might not in another, or on resume.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from collate import group_batches
 from config import DataConfig, ShardSource
 from inputs.frames import MediaError
-from layouts.readers import open_reader
+from layouts.readers import UnreadableShard, open_reader
 from layouts.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ class SourceDataset(IterableDataset):
     sample's source index), `index` (the batch's place in the epoch) and `skipped` (per-reason counts of samples
     and shards lost since the previous batch: bad_json, bad_media, bad_shard); a batch whose every sample
     failed, and the read errors after the last batch, come as a marker with no `keys` but its `skipped` counts.
+    A shard that cannot be read (UnreadableShard) ends the worker's stream with `{"error": message}`, which
+    make_loader raises in the main process: one line, not a worker's traceback.
     """
 
     def __init__(
@@ -188,11 +192,16 @@ class SourceDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         read: Counter = Counter()  # read errors (bad shards): every worker sees them; the next batch's owner reports
         index = -1
-        for index, group in enumerate(self.groups(read)):
-            counts, mine = Counter(read), index >= self.skip_batches and (index - self.skip_batches) % workers == worker
-            read.clear()
-            if mine:
-                yield self._batch(group, counts, index)
+        try:
+            for index, group in enumerate(self.groups(read)):
+                counts = Counter(read)
+                mine = index >= self.skip_batches and (index - self.skip_batches) % workers == worker
+                read.clear()
+                if mine:
+                    yield self._batch(group, counts, index)
+        except UnreadableShard as e:
+            yield {"error": str(e)}
+            return
         end = index + 1  # lost after the last batch: one marker, from the worker whose turn comes next
         if read and end >= self.skip_batches and (end - self.skip_batches) % workers == worker:
             yield {"keys": [], "sources": [], "index": end, "skipped": dict(read)}
@@ -212,8 +221,21 @@ def make_loader(
     resume). The DataLoader asks workers 0..W-1 in turn, and batch skip + j belongs to worker j mod W."""
     dataset = SourceDataset(cfg, processor, split, rank, world_size, epoch, skip_batches)
     if cfg.num_workers == 0:
-        return iter(dataset)
-    return iter(DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available()))
+        return _raising(iter(dataset))
+    workers = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+    return _raising(iter(workers))
+
+
+def _raising(batches: Iterator[dict]) -> Iterator[dict]:
+    """The batches, until a worker's error marker, raised here as the error it stands for."""
+    for batch in batches:
+        if "error" in batch:
+            break
+        yield batch
+    else:
+        return
+    del batches  # the workers stop now, not whenever the error's traceback is collected (seconds, then)
+    raise UnreadableShard(batch["error"])
 
 
 def epoch_batches(cfg: DataConfig, processor: Any, world_size: int = 1) -> int:
