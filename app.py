@@ -37,7 +37,7 @@ from typing import Any
 import av
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 import cli
 import registry
@@ -175,6 +175,21 @@ class Look:
             return [f"the image (the last of its {self.copies} copies' looks) · {nats(self.entropy[0])}"]
         return [f"frame {t + 1} · {nats(row)}" for t, row in enumerate(self.entropy)]
 
+    def strip(self, title: str) -> Image.Image:
+        """The look as one picture for the chat, beside the reply it belongs to: `title`, then the pictures side by
+        side, each over its caption (its frame's entropy)."""
+        pad, line = 6, 18
+        width = sum(p.shape[1] for p in self.pictures) + pad * (len(self.pictures) + 1)
+        height = max(p.shape[0] for p in self.pictures) + 2 * line + 3 * pad
+        sheet = Image.new("RGB", (width, height), "white")
+        draw, x = ImageDraw.Draw(sheet), pad
+        draw.text((pad, pad), title, fill="black")
+        for picture, caption in zip(self.pictures, self.captions(), strict=True):
+            sheet.paste(Image.fromarray(picture), (x, line + 2 * pad))
+            draw.text((x, line + 2 * pad + picture.shape[0] + pad // 2), caption, fill="black")
+            x += picture.shape[1] + pad
+        return sheet
+
 
 def shown(picture: Any, spec: FrameSpec) -> np.ndarray:
     """A decoded frame as it is shown: DISPLAY_PX high in its own aspect ratio, so a 16:9 clip is not squashed
@@ -220,6 +235,8 @@ def look_note(answerer: Answerer, session: Session) -> str:
             return f"This model kind (`{kind}`) does not report where it looks."
         return "Ask a question: the pictures of where the model looked appear with the reply."
     who = "the query" if kind == "foveated" else "each pooled token"
+    if conv.rereads and conv.looks:  # the frames follow each question: every question has a look of its own
+        who = f"{who} looked for «{conv.looks[-1][0]}», and"
     mean = [sum(row) / len(row) for row in session.look.entropy]
     copies = session.look.copies
     what = f" (the image, read as {copies} copies: the last copy's look)" if copies else ""
@@ -238,7 +255,7 @@ class Session:
     prepared: Prepared | None = None  # the upload, encoded once
     upload: str | None = None  # its name
     conversation: Conversation | None = None
-    look: Look | None = None  # drawn once per conversation, when its read has happened
+    look: Look | None = None  # drawn once per read: per conversation, or per question where each is read anew
 
     @property
     def still(self) -> bool:
@@ -274,10 +291,15 @@ def respond(
     max_new_tokens: int = MAX_NEW_TOKENS,
     repetition_penalty: float = REPETITION_PENALTY,
     no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+    shelf: Path | None = None,
 ) -> Iterator[Session]:
     """One message from the chat box (`{"text", "files"}`): an upload starts a new conversation, a question is
     answered in the current one; the session after every step, the reply growing by a token each time. Replies
-    follow chat.py's rules against repeating unless told otherwise (1.0 and 0: plain greedy)."""
+    follow chat.py's rules against repeating unless told otherwise (1.0 and 0: plain greedy).
+
+    Where every question is read anew (frames_at after_question), its look is drawn for it and, once the reply is
+    written, put in the chat after the reply as a picture (a PNG in `shelf`, the page's own folder; default: the
+    system's temporary folder), so that each answer keeps where its question looked."""
     text = (message.get("text") or "").strip()
     files = list(message.get("files") or [])
     if files:
@@ -313,15 +335,25 @@ def respond(
     session.chat.append({"role": "user", "content": text})
     session.chat.append({"role": "assistant", "content": "…"})
     reply = session.chat[-1]
+    conversation = session.conversation
+    if conversation.rereads:
+        session.look = None  # this question gets a read of its own
     try:
-        for so_far in session.conversation.ask(text, max_new_tokens, repetition_penalty, no_repeat_ngram_size):
+        for so_far in conversation.ask(text, max_new_tokens, repetition_penalty, no_repeat_ngram_size):
             reply["content"] = so_far or "(the model ended its turn without a word)"
             if session.look is None:
-                session.look = look_of(session.conversation, session.still)
+                session.look = look_of(conversation, session.still)
             yield session
     except Exception:  # noqa: BLE001
         log.exception("generation failed")
         reply["content"] = "Something went wrong while answering; the upload and the app are still here."
+        yield session
+        return
+    if conversation.rereads and session.look is not None:
+        shelf = shelf or Path(tempfile.gettempdir())
+        path = shelf / f"look-{id(conversation)}-{len(conversation.looks)}.png"
+        session.look.strip(f"Where «{text}» looked ({conversation.read})").save(path)
+        session.chat.append({"role": "assistant", "content": {"path": str(path)}})
         yield session
 
 
@@ -406,8 +438,11 @@ def build_app(
     max_new_tokens: int = MAX_NEW_TOKENS,
     repetition_penalty: float = REPETITION_PENALTY,
     no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+    shelf: Path | None = None,
 ):
-    """The Gradio page: chat on the left, where the model looked on the right; one Session per browser tab."""
+    """The Gradio page: chat on the left, where the model looked on the right; one Session per browser tab.
+    `shelf`: the folder the page may serve pictures from (each question's look, where every question is read
+    anew)."""
     import gradio as gr
 
     reads = list(answerer.reads)
@@ -425,7 +460,7 @@ def build_app(
         locked = gr.MultimodalTextbox(value=None, interactive=False)
         looked: Any = object()  # the first step always draws (a new upload clears the last pictures)
         rules = (repetition_penalty, no_repeat_ngram_size)
-        for step in respond(answerer, session, message or {}, read, max_new_tokens, *rules):
+        for step in respond(answerer, session, message or {}, read, max_new_tokens, *rules, shelf):
             session, drawn, looked = step, step.look is not looked, step.look
             yield locked, *outputs(session, drawn)
         yield gr.MultimodalTextbox(value=None, interactive=True), *outputs(session)
@@ -535,7 +570,8 @@ def serve(answerer: Answerer, note: str, folder: Path, args: argparse.Namespace)
     """Serve the page until interrupted (Ctrl-C or SIGTERM), then close the server."""
     spec = answerer.frames  # the examples as this model reads a clip: for the toy model, its held-out clips exactly
     examples = write_examples(folder, frames=spec.max_frames, size=spec.size)
-    demo = build_app(answerer, note, examples, args.max_new_tokens, args.repetition_penalty, args.no_repeat_ngram_size)
+    demo = build_app(answerer, note, examples, args.max_new_tokens, args.repetition_penalty, args.no_repeat_ngram_size,
+                     folder)  # fmt: skip
     import gradio as gr
 
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # the default's web fonts: none needed

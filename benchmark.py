@@ -32,6 +32,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -52,33 +53,46 @@ MAX_NEW_TOKENS = 16  # lmms-eval's setting for these benchmarks
 def answer_questions(
     answerer: Answerer, bench: Benchmark, questions: list[Question], protocol: str, reads: list[str]
 ) -> list[dict]:
-    """Questions in every read (the foveated model's reads), each question's media decoded and encoded once: the
-    JSONL records (score 1/0, or VQA accuracy). Multiple-choice questions under the likelihood protocol are
-    encoded and scored as one batch (per question what it would get alone, up to float rounding); replies are
-    generated one question at a time."""
-    records, ready = [], []
+    """Questions in every read (the foveated model's reads), each clip decoded and encoded once however many of the
+    questions are about it, each question read on its own (with the frames after the question, the foveated
+    model's reads are written from it): the JSONL records (score 1/0, or VQA accuracy). Multiple-choice questions
+    under the likelihood protocol are encoded and scored as one batch (per question what it would get alone, up
+    to float rounding); replies are generated one question at a time."""
+    records, ready, clips, decoded = [], [], {}, []  # clips: media -> its index in `decoded`, or its MediaError
     for q in questions:
         record: dict = {"id": q.id, "groups": q.groups, "answer": q.answer, "options": len(q.options), "reads": {}}
         records.append(record)
-        try:
-            ready.append((q, record, q.media.pictures(answerer.frames)))
-        except MediaError as e:  # counted as wrong in every read, and reported
-            record["error"] = str(e)
+        key = (q.media.kind, tuple(q.media.items), q.media.start, q.media.end, q.media.fps)
+        if key not in clips:
+            try:
+                decoded.append(q.media.pictures(answerer.frames))
+                clips[key] = len(decoded) - 1
+            except MediaError as e:
+                clips[key] = e
+        if isinstance(clips[key], MediaError):  # counted as wrong in every read, and reported
+            record["error"] = str(clips[key])
             record["reads"] = {m: {"pred": "", "score": 0.0} for m in reads}
+        else:
+            ready.append((q, record, clips[key]))
     scored = [r for r in ready if r[0].options and protocol == "likelihood"]
     if scored:
-        batch = answerer.prepare_batch([pictures for _, _, pictures in scored])
+        used = sorted({c for _, _, c in scored})  # the clips these questions are about, encoded once each
+        batch = answerer.prepare_batch([decoded[c] for c in used])
+        which = [used.index(c) for _, _, c in scored]
         prompts, answers = [q.prompt for q, _, _ in scored], [option_answers(q) for q, _, _ in scored]
         for read in reads:
-            scores = answerer.score_batch(batch, prompts, answers, read)
+            scores = answerer.score_batch(batch, prompts, answers, read, which)
             for (q, record, _), losses in zip(scored, scores, strict=True):
                 pred = LETTERS[min(range(len(losses)), key=losses.__getitem__)]
                 losses = [round(v, 5) for v in losses]
                 record["reads"][read] = {"pred": pred, "losses": losses, "score": float(pred == q.answer)}
-    for q, record, pictures in ready:
+    states: dict[int, Any] = {}
+    for q, record, clip in ready:
         if q.options and protocol == "likelihood":
             continue
-        state = answerer.prepare_pictures(pictures)
+        if clip not in states:
+            states[clip] = answerer.prepare_pictures(decoded[clip])
+        state = states[clip]
         for read in reads:
             reply = answerer.generate(state, q.prompt, read, MAX_NEW_TOKENS)
             record["reads"][read] = {"reply": reply, **reply_score(bench, q, reply)}

@@ -30,6 +30,14 @@ class PatchCache:
     values: list[Tensor]  # per layer (N, heads, 1+P, head_dim)
     features: Tensor | None  # (N, 1+P, D) final layer-normed hidden states (the shallow read's; None for the deep)
 
+    def select(self, index: Tensor) -> PatchCache:
+        """Frames `index` (N',), copied."""
+        return PatchCache(
+            [k[index] for k in self.keys],
+            [v[index] for v in self.values],
+            None if self.features is None else self.features[index],
+        )
+
     def narrow(self, start: int, length: int) -> PatchCache:
         """Frames start..start+length as views (no copy)."""
         return PatchCache(

@@ -32,7 +32,7 @@ from vlm.base import VLM
 from vlm.kvcache import StaticKV
 from vlm.layout import Layout, Lead, clip_rows
 from vlm.loss import labelled_nll, through_labels
-from vlm.outputs import Output, Prefix, Visual
+from vlm.outputs import Output, Prefix, Visual, frames_of
 
 
 @dataclass
@@ -128,6 +128,9 @@ class FoveatedVLM(VLM):
         each step's frames as a contiguous slice of the cache.
         """
         return Visual(frame_mask, self.encoder.encode_patches(frames.transpose(0, 1)[frame_mask.T]))
+
+    def visual_rows(self, visual: Visual, rows: Tensor) -> Visual:
+        return Visual(visual.frame_mask[rows], visual.features.select(frames_of(visual.frame_mask, rows, True)))
 
     def _read(self, cache: PatchCache, queries: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         """queries (B, T, k, Dq) over the cached frames -> tokens (B, T*k, D_llm), attention (B, T, k, 1+P)."""

@@ -64,8 +64,9 @@ def looks(
     indices = [int(q.id.removeprefix("eval")) for q in chosen]
     scenes = [sample(seed, "eval", i, frames.size, model.frames.max_frames, task)["scene"] for i in indices]
     uniform = [np.mean([ball_patches(s, t, patch).mean() for t in range(s["frames"])]) for s in scenes]
-    # under causal attention the prompt after the frames cannot move a query, so one prompt serves every clip
-    ids = torch.tensor(processor_for(model).prompt(chosen[0].prompt))
+    # each clip after its own question: where the frames follow it, it decides where a question-guided read goes
+    processor = processor_for(model)
+    ids = [torch.tensor(processor.prompt(q.prompt)) for q in chosen]
     for label, read in reads.items():
         attentions = read_attentions(model, clips, ids, read)  # the clips as one batch
         for q, clip, attention in list(zip(chosen, clips, attentions, strict=True))[:pictures]:

@@ -82,6 +82,11 @@ class SmolVLM(VLM):
         real = pixel_values.flatten(2).ne(0).any(-1)  # (B, N)
         return Visual(real, (pixel_values, pixel_attention_mask))
 
+    def visual_rows(self, visual: Visual, rows: Tensor) -> Visual:
+        features = None if visual.features is None else tuple(x[rows] for x in visual.features)
+        mask = visual.frame_mask.new_zeros(len(rows), 0) if visual.features is None else visual.frame_mask[rows]
+        return Visual(mask, features)
+
     def prefix(
         self,
         visual: Visual,

@@ -21,7 +21,7 @@ from inputs.frames import FrameSpec
 from vlm import weights
 from vlm.base import VLM
 from vlm.layout import Lead
-from vlm.outputs import Visual
+from vlm.outputs import Visual, frames_of
 
 
 class TowerVLM(VLM):
@@ -54,6 +54,11 @@ class TowerVLM(VLM):
             p, d = self.tower.grid(frames.shape[-1]) ** 2, self.tower.dim
             return Visual(frame_mask, (frames.new_zeros(0, p, d), frames.new_zeros(0, d)))
         return Visual(frame_mask, self.tower(real))
+
+    def visual_rows(self, visual: Visual, rows: Tensor) -> Visual:
+        patches, pooled = visual.features
+        index = frames_of(visual.frame_mask, rows)
+        return Visual(visual.frame_mask[rows], (patches[index], pooled[index]))
 
     def visual_tokens(self, visual: Visual, lead: Lead | None = None) -> tuple[Tensor, Tensor | None]:
         """-> tokens (B, T*S, D) (question-blind: the `lead` is not read) and, for a connector that pools with

@@ -96,15 +96,25 @@ class Answerer:
         return self.score_batch(PreparedBatch([state.pictures], state.visual), [question], [answers], read)[0]
 
     def score_batch(
-        self, batch: PreparedBatch, questions: list[str], answers: list[list[str]], read: str
+        self,
+        batch: PreparedBatch,
+        questions: list[str],
+        answers: list[list[str]],
+        read: str,
+        clips: list[int] | None = None,
     ) -> list[list[float]]:
         """Each question's answers scored in one batched pass of every question and answer: per question, what
-        `score` gives it alone (up to float rounding)."""
-        prompts = [self.processor.prompt(q, p) for q, p in zip(questions, batch.pictures, strict=True)]
+        `score` gives it alone (up to float rounding). `clips`: the batch's clip each question is about (default:
+        question i, clip i), so that questions about one clip share its encoding and each gets its own read."""
+        visual, pictures = batch.visual, batch.pictures
+        if clips is not None:
+            visual = self.model.visual_rows(visual, torch.tensor(clips, device=self.device))
+            pictures = [pictures[c] for c in clips]
+        prompts = [self.processor.prompt(q, p) for q, p in zip(questions, pictures, strict=True)]
         pairs = [self.processor.answers(q, a) for q, a in zip(questions, answers, strict=True)]
         continuations, labels = [c for c, _ in pairs], [y for _, y in pairs]
         with self.casts, self.autocast:
-            nll = self.model.options_nll(batch.visual, prompts, continuations, labels, **self.reads[read])
+            nll = self.model.options_nll(visual, prompts, continuations, labels, **self.reads[read])
         nll = nll.float().tolist()
         out, start = [], 0
         for a in answers:

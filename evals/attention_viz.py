@@ -152,24 +152,29 @@ def read_attention(model, frames: Tensor, input_ids: Tensor, read: str = "autore
     """The attention of `model` over one clip (T, 3, H, W) in the named read (a foveated mode) -> (T, k, 1+P),
     or None for a kind whose read has none.
 
-    `input_ids` (L,) is the prompt; under causal attention it cannot change where the queries look,
-    but the autoregressive loop runs the whole sequence.
+    `input_ids` (L,) is the prompt: where the frames come before it, it cannot change where the queries look
+    (causal attention), but the autoregressive loop runs the whole sequence; with the frames after the question
+    (frames_at after_question) it decides where the question-guided reads look.
     """
     return read_attentions(model, [frames], input_ids, read)[0]
 
 
 @torch.no_grad()
-def read_attentions(model, clips: list[Tensor], input_ids: Tensor, read: str = "autoregressive") -> list[Tensor | None]:
-    """`read_attention` of several clips (T_i, 3, H, W) after the same prompt, read as one padded batch: each clip's
-    (T_i, k, 1+P), what it gives alone."""
+def read_attentions(
+    model, clips: list[Tensor], input_ids: Tensor | list[Tensor], read: str = "autoregressive"
+) -> list[Tensor | None]:
+    """`read_attention` of several clips (T_i, 3, H, W) after the same prompt (L,) or each after its own (a list),
+    read as one padded batch: each clip's (T_i, k, 1+P), what it gives alone."""
     device = next(model.parameters()).device
     frames = pad_sequence([c.to(device) for c in clips], batch_first=True)  # (B, T, 3, H, W)
     lengths = torch.tensor([len(c) for c in clips], device=device)
     frame_mask = torch.arange(frames.shape[1], device=device) < lengths[:, None]  # (B, T)
-    ids = input_ids.to(device).expand(len(clips), -1)  # (B, L)
+    prompts = [input_ids] * len(clips) if isinstance(input_ids, Tensor) else list(input_ids)
+    ids = pad_sequence([p.to(device) for p in prompts], batch_first=True)  # (B, L), right-padded
+    mask = pad_sequence([torch.ones_like(p, device=device) for p in prompts], batch_first=True)
     visual = model.prepare(frames, frame_mask)
     read_kw = model.reads[read]  # on a KV cache where the read advances on one: the loop's steps not rerun
-    attention = model.prefix(visual, ids, torch.ones_like(ids), model.uses_cache(**read_kw), **read_kw).attention
+    attention = model.prefix(visual, ids, mask, model.uses_cache(**read_kw), **read_kw).attention
     if attention is None:
         return [None] * len(clips)
     return [a[:n].cpu() for a, n in zip(attention, lengths.tolist(), strict=True)]

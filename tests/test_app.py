@@ -193,6 +193,26 @@ def test_the_attention_pictures_are_one_per_frame_with_an_entropy_each(answerer,
     assert "read **autoregressive**" in note and f"{look.entropy[0][0]:.2f}" in note
 
 
+def test_with_the_frames_after_the_question_each_reply_keeps_its_own_look(tokenizer, media, tmp_path):
+    """frames_at after_question: every question is read anew; its look is drawn for it, shown in the panel and put
+    in the chat after its reply, so two questions about one clip show two looks."""
+    answerer = Answerer(tiny_model(glimpses=1, tokenizer=tokenizer, frames_at="after_question"))
+    message = {"text": "What colour is the triangle?", "files": [str(media["clip.mp4"])]}
+    *_, first = app.respond(answerer, app.Session(), message, READ, 3, shelf=tmp_path)
+    first_look = first.look
+    *_, second = app.respond(answerer, first, {"text": "And the circle?"}, READ, 3, shelf=tmp_path)
+    assert second.conversation is first.conversation and second.look is not first_look
+    assert "looked for «And the circle?»" in app.look_note(answerer, second)
+    said = [m["content"] for m in second.chat if m["role"] == "assistant"]
+    pictures = [c["path"] for c in said if isinstance(c, dict)]
+    assert len(pictures) == 2 and all(Path(p).parent == tmp_path for p in pictures)
+    assert second.chat[-1]["content"]["path"] == pictures[1]  # right after the second reply
+    one, two = (np.asarray(Image.open(p)) for p in pictures)
+    assert one.shape == two.shape and not np.array_equal(one, two)  # two reads, two looks
+    (_, a), (_, b) = second.conversation.looks
+    assert not np.allclose(a.numpy(), b.numpy(), atol=1e-4)
+
+
 def test_other_kinds_show_their_maps_or_say_they_have_none(tokenizer, media):
     tokenlearner = Answerer(tiny_connector_model("tokenlearner_qformer", tokenizer))
     message = {"text": "?", "files": [str(media["red.jpg"])]}

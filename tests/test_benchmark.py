@@ -468,3 +468,44 @@ def test_evaluate_in_batches_gives_the_records_of_one_at_a_time(fvlm, tmp_path):
         for m in MODES:
             assert a["reads"][m]["pred"] == b["reads"][m]["pred"]
             assert a["reads"][m].get("losses", []) == pytest.approx(b["reads"][m].get("losses", []), abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["foveated_after_question", "mlp", "smolvlm"])
+def test_questions_about_one_clip_share_its_encoding_and_each_gets_its_own_read(tokenizer, tmp_path, kind, monkeypatch):
+    """Four questions about two videos (and one unreadable): each video is decoded and encoded once, each question
+    read on its own; every record is what the question gets asked alone."""
+    from layouts.eval_sets import Benchmark, Question
+
+    if kind == "foveated_after_question":
+        model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="after_question")
+    elif kind == "mlp":
+        model = tiny_connector_model("mlp", tokenizer, frames_at="after_question")
+    else:
+        model = tiny_smolvlm(tokenizer)
+    answerer = Answerer(model)
+    (tmp_path / "a.mp4").write_bytes(mp4(6, 32))
+    (tmp_path / "b.mp4").write_bytes(mp4(9, 32, fps=6))
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 9)
+    clips = ["a", "b", "a", "bad", "a"]
+    questions = [
+        Question(f"q{i}", f"Question {i}: which colour {'is it' * (i + 1)}?", Media("video", [tmp_path / f"{c}.mp4"]),
+                 ["red", "green", "blue"], "B")
+        for i, c in enumerate(clips)
+    ]  # fmt: skip
+    bench = Benchmark("toy", questions, lambda reply, n: "")
+    decoded, prepared = [], []
+    pictures, prepare = Media.pictures, answerer.prepare_batch
+    monkeypatch.setattr(
+        Media, "pictures", lambda self, spec: decoded.append(self.items[0].name) or pictures(self, spec)
+    )
+    monkeypatch.setattr(answerer, "prepare_batch", lambda p: prepared.append(len(p)) or prepare(p))
+    reads = list(answerer.reads)
+    together = benchmark.answer_questions(answerer, bench, questions, "likelihood", reads)
+    assert sorted(decoded) == ["a.mp4", "b.mp4", "bad.mp4"] and prepared == [2]
+    assert "error" in together[3] and all("error" not in r for i, r in enumerate(together) if i != 3)
+    for q, record in zip(questions, together, strict=True):
+        alone = benchmark.answer_questions(answerer, bench, [q], "likelihood", reads)[0]
+        for read in reads:
+            assert record["reads"][read]["pred"] == alone["reads"][read]["pred"]
+            if "losses" in alone["reads"][read]:
+                assert np.allclose(record["reads"][read]["losses"], alone["reads"][read]["losses"], atol=1e-4)

@@ -98,6 +98,11 @@ class VLM(Decoding, nn.Module):
         None: nothing before them."""
         raise NotImplementedError
 
+    def visual_rows(self, visual: Visual, rows: Tensor) -> Visual:
+        """The encoding of clips `rows` (R,) of a batch, row r a copy of clip rows[r]'s: questions about one clip
+        (a benchmark's several questions about a video) read one encoding of it, each with its own read."""
+        raise NotImplementedError
+
     def backbone_configs(self) -> dict[str, dict]:
         """The transformers configs of the backbones, by name: enough to rebuild the shapes offline."""
         raise NotImplementedError

@@ -20,6 +20,15 @@ class Visual:
     features: Any  # the kind's own (a patch cache, tower outputs, pixel inputs)
 
 
+def frames_of(frame_mask: Tensor, rows: Tensor, time_major: bool = False) -> Tensor:
+    """Where the real frames of clips `rows` (R,) lie among a batch's real frames kept flat (batch-major, or
+    time-major: all clips' frame 0, then frame 1, ...), in the order a batch of those clips keeps them: (N_rows,)."""
+    order = frame_mask.T if time_major else frame_mask
+    index = (order.flatten().long().cumsum(0) - 1).view(order.shape)
+    chosen = frame_mask[rows]
+    return index[:, rows][chosen.T] if time_major else index[rows][chosen]
+
+
 @dataclass
 class Output:
     logits: Tensor | None  # (R, L, vocab) at the text positions (None when not asked for)
