@@ -424,7 +424,7 @@ CASES = {
     "prepare no records": (["prepare.py", "webvid", "--in", "{root}/header-only.csv", "--out", "{root}/webvid-empty"],
                            "{root}/header-only.csv holds no webvid record. " + WEBVID_LAYOUT),
     "toy run bad key": (["toyworld.py", "run", "--set", "train.max_step=3"], SET_TYPO),
-    "compare bad key": (["compare.py", "--kinds", "mlp", "--set", "optim.lr=1"],
+    "compare bad key": (["compare.py", "--rows", "mlp", "--set", "optim.lr=1"],
                         "--set optim.lr=1: unknown config key 'optim.lr' (did you mean 'optim.lr_llm'?)"),
     "bench unknown kind": (["bench.py", "--kind", "nonsense", "--only", "inference"], "nonsense"),
     "app no model": (["app.py", "--model", "{root}/nowhere"], "{root}/nowhere"),

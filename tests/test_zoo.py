@@ -260,7 +260,7 @@ def test_compare_trains_and_tabulates_every_kind_it_is_given(tmp_path, tokenizer
     toy.generate(tmp_path / "toy", train=8, eval=2, size=112, frames=4)
     overrides = [f"data.train={tmp_path / 'toy' / 'qa' / '*.tar'}", f"data.val={tmp_path / 'toy' / 'val' / '*.tar'}",
                  "train.max_steps=1", "data.batch_size=2", "data.num_workers=0"]  # fmt: skip
-    args = ["--kinds", "cls_gate,foveated", "--out", str(tmp_path / "cmp"), "--eval", str(tmp_path / "toy" / "eval")]
+    args = ["--rows", "cls_gate,foveated", "--out", str(tmp_path / "cmp"), "--eval", str(tmp_path / "toy" / "eval")]
     scored, evaluate = [], benchmark.evaluate
 
     def spy(answerer, bench, protocol, modes, out, batch_size=1):
@@ -273,10 +273,16 @@ def test_compare_trains_and_tabulates_every_kind_it_is_given(tmp_path, tokenizer
     assert all(r["precision"] == "fp32" for r in result["rows"])
     for setting in (True, False):  # the reader follows the run's precision, whatever this CPU has
         cfg = compare.run_config(compare.kind_config("cls_gate"), "cls_gate", tmp_path / "p", [f"train.bf16={setting}"])
+        assert cfg.model.kind == "cls_gate"
         assert compare.answerer_for(tiny_connector_model("cls_gate", tokenizer), cfg).bf16 is setting
-    rows = {r["kind"]: r for r in result["rows"]}
+    rows = {r["row"]: r for r in result["rows"]}
     assert rows["cls_gate"]["tokens_per_frame"] == 1 and list(rows["cls_gate"]["accuracy"]) == ["default"]
     assert list(rows["foveated"]["accuracy"]) == ["coarse_only", "coarse_fine", "autoregressive"]
     assert all(r["trainable_params"] > 0 and r["prefill_ms_8_frames"] > 0 for r in rows.values())
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert saved["rows"] == result["rows"] and "| cls_gate | 1 |" in (tmp_path / "cmp" / "compare.md").read_text()
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert (
+        saved["rows"] == result["rows"]
+        and f"| cls_gate | {compare.WHERE[rows['cls_gate']['frames_at']]} | 1 |" in table
+    )
+    assert rows["cls_gate"]["look_share"] is None
