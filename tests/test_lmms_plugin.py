@@ -137,6 +137,14 @@ def model_dir(tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def after_question_dir(tokenizer, tmp_path_factory):
+    """A model whose frames follow the question, so its reads depend on each request's context."""
+    path = tmp_path_factory.mktemp("fvlm_after_question")
+    tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="after_question").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def questions(tmp_path_factory):
     """The questions as evaluation shards (benchmark.py) and as a local lmms-eval task folder."""
     root = tmp_path_factory.mktemp("questions")
@@ -185,7 +193,9 @@ def test_registered_as_fvlm(lmms):
     assert found[0].load() is lmms_plugin.manifest
 
 
-def test_harness_matches_benchmark(lmms, model_dir, questions, offline, tmp_path, monkeypatch):
+@pytest.mark.parametrize("saved", ["model_dir", "after_question_dir"])
+def test_harness_matches_benchmark(lmms, saved, questions, offline, tmp_path, monkeypatch, request):
+    model_dir = request.getfixturevalue(saved)
     prepared = []
     original = FoveatedVLM.prepare
     monkeypatch.setattr(FoveatedVLM, "prepare", lambda self, *a, **k: prepared.append(1) or original(self, *a, **k))

@@ -166,6 +166,30 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, mon
         assert (fed.size, fed.max_frames, fed.image_frames) == (IMAGE, 4, 8)
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_run_is_repeatable_and_resumes_exactly_in_either_precision(tmp_path, start_model, monkeypatch, bf16):
+    """Set both ways whatever this CPU has (bf16 autocast is emulated where it has no bf16 units): two runs of one
+    config log the same losses and end in the same weights, and so does one cut at step 3 and resumed."""
+    opts = {"bf16": bf16, "max_steps": 5}
+    runs = []
+    for name in ("one", "two"):
+        cfg = make_config(tmp_path, start_model, name, train=opts, optim={"lr_vision": 0.0})
+        train.train(cfg)
+        runs.append(cfg)
+    cut = make_config(tmp_path, start_model, "cut", train=opts, optim={"lr_vision": 0.0})
+    with monkeypatch.context() as m:
+        crash_after(m, 3)
+        with pytest.raises(Crash):
+            train.train(cut)
+    train.train(cut)
+    whole = losses(runs[0].train.out_dir)
+    assert len({r[1] for r in whole}) == 5 and losses(runs[1].train.out_dir) == whole == losses(cut.train.out_dir)
+    a = load_file(str(Path(runs[0].train.out_dir) / "final" / saved.WEIGHTS))
+    for other in (runs[1], cut):
+        b = load_file(str(Path(other.train.out_dir) / "final" / saved.WEIGHTS))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gradient_checkpointing_changes_no_number(tmp_path, start_model):
     runs = []
     for name, flag in (("plain", False), ("checkpointed", True)):
