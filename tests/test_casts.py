@@ -79,14 +79,19 @@ def test_evaluation_casts_every_weight_and_scores_as_autocast_does(tokenizer):
 
 def test_bf16_auto_follows_the_hardware_and_other_words_are_refused(monkeypatch):
     """train.bf16 auto is bf16 only where the device does it in hardware (emulated on an AVX2 CPU, a step is many
-    times slower than in fp32), or where FVLM_CPU_BF16 says the CPU has it or not."""
+    times slower than in fp32) and not on AMX tiles, or where FVLM_CPU_BF16 says the CPU has it or not."""
     cpu = torch.device("cpu")
     monkeypatch.delenv(CPU_BF16, raising=False)
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert use_bf16("auto", cpu) == native and use_bf16(True, cpu) and not use_bf16(False, cpu)
+    avx512, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
+    assert use_bf16("auto", cpu) == (avx512 and not amx) and use_bf16(True, cpu) and not use_bf16(False, cpu)
     for forced in (True, False):
         monkeypatch.setenv(CPU_BF16, str(int(forced)))
         assert use_bf16("auto", cpu) == forced and use_bf16(True, cpu) and not use_bf16(False, cpu)
+    monkeypatch.delenv(CPU_BF16)
+    for avx512, amx, auto in ((True, True, False), (True, False, True), (False, False, False), (False, True, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda a=avx512: a)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a)
+        assert use_bf16("auto", cpu) == auto, (avx512, amx)  # AMX CPUs train in fp32 (vlm/casts.py says why)
     assert load_config(None, []).train.bf16 == "auto" and load_config(None, ["train.bf16=false"]).train.bf16 is False
     with pytest.raises(ConfigError, match="'train.bf16' must be one of \\('auto',\\), got 'maybe'"):
         load_config(None, ["train.bf16=maybe"])
