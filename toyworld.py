@@ -75,6 +75,26 @@ def looks(
     return {"uniform": float(np.mean(uniform)), **{k: float(np.mean(v)) for k, v in shares.items()}}
 
 
+def asked_twice(answerer: Answerer, questions: list, out: Path, seed: int, pictures: int, read: str) -> list[Path]:
+    """The binding task's picture of what a look is worth: each of the first `pictures` held-out clips read after
+    two questions that name two different objects (layouts/toy.py `other_questions`), the `read`'s attention
+    strips one under another, each labelled with its question: `out/attention/<id>_two_questions.png`."""
+    model, frames = answerer.model, answerer.frames
+    processor, patch, drawn = processor_for(model), model.encoder.dino.config.patch_size, []
+    for q in questions[:pictures]:
+        scene = sample(seed, "eval", int(q.id.removeprefix("eval")), frames.size, model.frames.max_frames, "binding")
+        asked, clip = toy.other_questions(scene["scene"]), q.media.frames(frames)
+        ids = [torch.tensor(processor.prompt(text)) for text in asked]
+        with answerer.casts, answerer.autocast:
+            attentions = read_attentions(model, [clip, clip], ids, read)
+        strips = {}
+        for i, (text, attention) in enumerate(zip(asked, attentions, strict=True)):
+            save_attention(clip, attention, out / "attention" / f"{q.id}_asked{i}", patch=patch)
+            strips[text] = out / "attention" / f"{q.id}_asked{i}.png"
+        drawn.append(stack_strips(strips, out / "attention" / f"{q.id}_two_questions", label_width=260))
+    return drawn
+
+
 def evaluate(answerer: Answerer, bench: Any, reads: list[str], out: Path) -> dict:
     """Held-out accuracy per read (in bf16 autocast when the model trained in it: about half the time)."""
     shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier model must not be reused
@@ -158,6 +178,8 @@ def run(
     for q in bench.questions[:pictures]:  # each clip's reads one under another: <id>.png
         labels = ("loop", "static", "glance") if glance else ("loop", "static")
         stack_strips({label: out / "attention" / f"{q.id}_{label}.png" for label in labels}, out / "attention" / q.id)
+    if task == "binding":  # one clip, two questions: where each sent the loop's queries
+        asked_twice(foveated, bench.questions, out, cfg.train.seed, pictures, "autoregressive")
     lap("looks")
     summary = {
         "questions": len(bench.questions),

@@ -259,6 +259,16 @@ def question_of(scene: dict[str, Any]) -> str:
     return f"What shape is the {named['colour']} one?"
 
 
+def other_questions(scene: dict[str, Any]) -> list[str]:
+    """Two questions about a binding clip that name two different objects, each by a different attribute (the
+    clip's own question first): a read written from the question should go to a different object for each."""
+    named = scene["ball"]
+    other = next(o for o in scene["objects"] if o is not named and o["colour"] != named["colour"])
+    if scene["ask"] == "colour":
+        return [question_of(scene), f"What shape is the {other['colour']} one?"]
+    return [question_of(scene), f"What colour is the {other['shape']}?"]
+
+
 def group_of(scene: dict[str, Any]) -> str:
     """Whether the ball keeps near the middle of the frame (mean distance under a quarter of its width); in the
     binding task, which attribute the question asks."""
