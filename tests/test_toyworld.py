@@ -333,6 +333,10 @@ def test_the_binding_task_needs_the_named_object_and_nothing_else_gives_the_answ
         else:
             assert meta["user"] == f"What shape is the {named['colour']} one?"
             assert meta["assistant"] == f"It is a {answer}."
+        own, other = toy.other_questions(scene)  # the picture's second question: another object, the other way
+        named_by = {f"the {o['shape']}?": o for o in objects} | {f"the {o['colour']} one?": o for o in objects}
+        (second,) = [o for end, o in named_by.items() if other.endswith(end)]
+        assert own == meta["user"] and second is not named and ("colour" in own) != ("colour" in other)
         options = toy.options_of(scene)
         assert lettered["assistant"] == f"{toy.LETTERS[options.index(answer)]}. {answer}"
         assert lettered["user"].startswith(meta["user"] + "\n")
