@@ -335,9 +335,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # linear, cosine: the end rate as a fraction of each group's peak
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    # adamw (torch's; fused on CUDA) | adamw8bit (bitsandbytes' AdamW8bit: 8-bit moments, CUDA only)
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         _choice("optim.schedule", self.schedule, SCHEDULES)
+        _choice("optim.optimizer", self.optimizer, ("adamw", "adamw8bit"))
         if min(self.lr_connector, self.lr_vision, self.lr_llm, self.lr_query or 0.0) < 0:
             raise ConfigError("'optim.lr_*' must be >= 0 (0 freezes the group)")
         if not 0.0 <= self.warmup < 1.0:

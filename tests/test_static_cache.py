@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from config import MODES
 from tests.tiny import frames, tiny_connector_model, tiny_model
-from vlm.kvcache import StaticKV
+from vlm.kvcache import MIN_SLOTS, StaticKV, slots_for
 
 TOL = 1e-5
 
@@ -99,6 +100,31 @@ def test_foveated_frames_in_the_user_turn(tokenizer, mode):
     assert_static_equals_dynamic(model, fr, fm, ids, am, mode=mode)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "foveated"])
+def test_bf16_autocast_same_tokens_and_logits_within_a_bf16_step(kind):
+    """Under bf16 autocast (how a GPU reads) a layer's keys come in fp32 or bf16 by the dtype of the LLM's input (the
+    rotary embedding follows it) while its values stay bf16: the static cache holds each in its own dtype and gives
+    the dynamic cache's greedy tokens in every read; the logits differ by at most 0.125 (four bf16 steps at their
+    size, |logit| < 8), as bf16 attention sums over more (masked) slots. Beam search, whose summed scores meet in
+    near-ties a bf16 step can tip, is compared exactly in fp32 (the tests above)."""
+    model = tiny_connector_model("mlp") if kind == "mlp" else tiny_model(glimpses=2)
+    fr, fm, ids, am = batch([3, 1, 0], [4, 7, 2])
+    forced = torch.randint(3, 64, (3, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        visual = model.prepare(fr, fm)
+        for read in model.reads.values():
+            dyn = model.prefix(visual, ids, am, True, None, **read)
+            logits = model.lm_head(teacher_forced(model, dyn, forced)).float()
+            sta = model.prefix(visual, ids, am, True, None, 5, **read)
+            assert sta.past.layers[0].keys.dtype == torch.float32 or read.get("mode") == "autoregressive"
+            assert sta.past.layers[0].values.dtype == torch.bfloat16
+            assert diff(model.lm_head(teacher_forced(model, sta, forced)).float(), logits) <= 0.125
+            assert logits.abs().max() < 8
+            kw = dict(max_new_tokens=5, eos_token_id=63, **read)
+            dynamic = model.generate(visual, ids, am, **kw)
+            assert torch.equal(model.generate(visual, ids, am, cache="static", **kw), dynamic), read
+
+
 def test_unwritten_slots_are_masked_not_skipped():
     """The buffer is allocated once for prefix + room, the prefix written at its start; `pad` gives every call the
     full-length mask with the unwritten tail masked, and refuses a mask longer than the buffer."""
@@ -107,7 +133,7 @@ def test_unwritten_slots_are_masked_not_skipped():
     with torch.no_grad():
         pre = model.prefix(model.prepare(fr, fm), ids, am, True, None, 4)
     layer = pre.past.layers[0]
-    assert layer.keys.shape[2] == pre.mask.shape[1] + 4 == pre.past.length
+    assert layer.keys.shape[2] == pre.past.length == slots_for(pre.mask.shape[1] + 4) == MIN_SLOTS
     assert int(layer.cumulative_length) == pre.mask.shape[1]
     padded = pre.past.pad(pre.mask)
     assert padded.shape == (1, pre.past.length) and not padded[:, pre.mask.shape[1] :].any()
@@ -145,11 +171,102 @@ def test_smolvlm(tokenizer):
 
 def test_compiled_decode_step():
     """torch.compile'd decode steps on the static cache (inductor here, CUDA graphs on a GPU) give the eager tokens;
-    compiling takes 10-70 s on this CPU, once per batch size."""
+    compiling takes 10-70 s on this CPU, once per batch size and cache bucket: a second call with other prompt
+    lengths in the same bucket runs on the same kept cache and compiles nothing."""
     model = tiny_connector_model("mlp")
-    fr, fm, ids, am = batch([3, 1, 0], [4, 7, 2])
+    kw = dict(max_new_tokens=6, eos_token_id=63)  # greedy: beam search compiles once more (batch B*K)
+    graphs = None
+    for ts, ls in (([3, 1, 0], [4, 7, 2]), ([1, 2, 2], [9, 3, 5])):
+        fr, fm, ids, am = batch(ts, ls, seed=len(ls) + ls[0])
+        with torch.no_grad():
+            visual = model.prepare(fr, fm)
+            compiled = model.generate(visual, ids, am, cache="static", compile=True, **kw)
+            assert torch.equal(compiled, model.generate(visual, ids, am, **kw))
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+
+
+def kept_caches(model):
+    """Every StaticKV the model's decoder is handed, with its layers' buffer addresses as written, per call."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        past = kwargs.get("past_key_values")
+        if isinstance(past, StaticKV):
+            seen.append(past)
+
+    handle = model.decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    return seen, handle
+
+
+def addresses(cache: StaticKV) -> list[int]:
+    return [t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values, layer.cumulative_length)]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "foveated"])
+def test_a_second_generate_reuses_the_first_static_cache(kind):
+    """Calls with the same batch shape and length bucket run on one cache object with the same buffers (reset, not
+    reallocated) and give the dynamic cache's tokens each time; another batch shape gets buffers of its own, and
+    the first shape's come back after it; beams (B*K rows) keep theirs too; a longer call takes another bucket."""
+    model = tiny_connector_model("mlp") if kind == "mlp" else tiny_model(glimpses=2)
+    read = {} if kind == "mlp" else {"mode": "autoregressive"}
+    seen, handle = kept_caches(model)
+    calls = {}  # name -> (cache object, buffer addresses after the call)
+    try:
+        for name, ts, ls, kw in (
+            ("first", [3, 1, 0], [4, 7, 2], {}),
+            ("second", [1, 3, 2], [6, 2, 5], {}),  # other clips and prompt lengths, the same bucket
+            ("pair", [2, 1], [3, 5], {}),  # another batch shape
+            ("third", [2, 2, 1], [5, 5, 3], {}),  # the first shape again
+            ("beams", [3, 1, 0], [4, 7, 2], {"num_beams": 3}),
+            ("beams again", [1, 1, 2], [2, 3, 4], {"num_beams": 3}),
+            ("long", [3, 1, 0], [4, 7, 2], {"max_new_tokens": MIN_SLOTS}),  # past the first bucket
+        ):
+            fr, fm, ids, am = batch(ts, ls, seed=len(calls))
+            kw = {"max_new_tokens": 5, "eos_token_id": 63, **kw, **read}
+            with torch.no_grad():
+                visual = model.prepare(fr, fm)
+                start = len(seen)
+                static = model.generate(visual, ids, am, cache="static", **kw)
+                assert torch.equal(static, model.generate(visual, ids, am, **kw)), name
+            assert len({id(c) for c in seen[start:]}) == 1  # one cache for the whole call
+            calls[name] = seen[start], addresses(seen[start])
+    finally:
+        handle.remove()
+    first, second = calls["first"], calls["second"]
+    assert second[0] is first[0] and second[1] == first[1]
+    assert calls["pair"][0] is first[0] and not set(calls["pair"][1]) & set(first[1])
+    assert calls["third"][0] is first[0] and calls["third"][1] == first[1]
+    assert calls["beams again"][1] == calls["beams"][1] and not set(calls["beams"][1]) & set(first[1])
+    assert calls["long"][0] is not first[0] and calls["long"][0].length == 2 * MIN_SLOTS == 2 * first[0].length
+
+
+def test_kept_cache_made_under_inference_mode_serves_no_grad_and_is_emptied():
+    """A cache first filled under torch.inference_mode (bench.py) is written again under no_grad (generate's own),
+    and a claim hands it back empty: every buffer zero, nothing written."""
+    model = tiny_connector_model("mlp")
+    fr, fm, ids, am = batch([3, 1], [4, 6])
+    kw = dict(max_new_tokens=4, eos_token_id=63)
+    with torch.inference_mode():
+        visual = model.prepare(fr, fm)
+        first = model.generate(visual, ids, am, cache="static", **kw)
     with torch.no_grad():
         visual = model.prepare(fr, fm)
-        kw = dict(max_new_tokens=6, eos_token_id=63)  # greedy: beam search compiles once more (batch B*K)
-        compiled = model.generate(visual, ids, am, cache="static", compile=True, **kw)
-        assert torch.equal(compiled, model.generate(visual, ids, am, **kw))
+        assert torch.equal(model.generate(visual, ids, am, cache="static", **kw), first)
+        assert torch.equal(model.generate(visual, ids, am, **kw), first)
+    cache = StaticKV.claim(model.decoder(), 10)
+    assert not any(layer.is_initialized for layer in cache.layers)
+    for layer in cache.layers:
+        for keys, values, written in layer.kept.values():
+            assert not keys.is_inference() and int(written) > 0 and keys.any() and values.any()
+    with torch.no_grad():
+        pre = model.prefix(visual, ids, am, True, None, 4)
+    assert pre.past is cache
+    for layer in cache.layers:
+        n = int(layer.cumulative_length)
+        assert n == pre.mask.shape[1] and not layer.keys[:, :, n:].any() and not layer.values[:, :, n:].any()
+
+
+def test_slots_bucket_lengths():
+    assert [slots_for(n) for n in (1, 63, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]

@@ -268,14 +268,15 @@ class VLM(Decoding, nn.Module):
         return h
 
     def new_cache(self, kv_cache: bool, room: int | None, length: int) -> DynamicCache | StaticKV | None:
-        """A prefix's KV cache: none, a growing DynamicCache, or (with `room`) a StaticKV preallocated for the
-        prefix's `length` slots and `room` more. The static one is for inference: training replays the dynamic
-        one through StepCache."""
+        """A prefix's KV cache: none, a growing DynamicCache, or (with `room`) the model's kept static cache
+        (`StaticKV.claim`: at least the prefix's `length` slots and `room` more, emptied, reused across calls, so
+        a compiled decode step is captured once). The static one is for inference: training replays the dynamic one
+        through StepCache."""
         if room is None:
             return DynamicCache() if kv_cache else None
         if torch.is_grad_enabled():
             raise RuntimeError("the static KV cache is for inference (torch.no_grad); training keeps the dynamic one")
-        return StaticKV(self.decoder().config, length + room)
+        return StaticKV.claim(self.decoder(), length + room)
 
     def check_read(self, read: dict[str, Any]) -> None:
         if read not in self.reads.values():

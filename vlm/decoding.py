@@ -5,7 +5,8 @@ with a prefix once the frames and the prompt have been read. It uses only the ba
 (the LLM state after [frames, text], with its KV cache), `_llm` (one LLM call on that cache), `embed` and
 `lm_head`. Greedy and beam-search generation (beam.py, with transformers' repetition penalty and n-gram blocking,
 both off unless asked for) run on a growing KV cache or, for inference, on a
-preallocated static one (kvcache.StaticKV: fixed shapes at every decode step, optionally torch.compile'd);
+preallocated static one (kvcache.StaticKV: fixed shapes at every decode step, optionally torch.compile'd; kept by
+the model across calls, so a compiled step is compiled and graphed once);
 option scoring runs every question's prefix once, with the tokens all its options begin with, and the rest of
 all its continuations as one batch on their caches.
 """
@@ -73,9 +74,11 @@ class Decoding:
         end id; greedy, or beam search with `num_beams` > 1 (beam.py: the beams share each prompt's prefix, its
         KV cache repeated). Finished rows are filled with the first end id.
 
-        `cache` "static" preallocates the KV cache for prefix + max_new_tokens (the same tokens as "dynamic"), so
-        every decode step has fixed shapes; `compile` then runs that step through torch.compile (CUDA graphs on
-        a GPU; the first call compiles).
+        `cache` "static" writes into a preallocated KV cache of at least prefix + max_new_tokens slots (the same
+        tokens as "dynamic"), so every decode step has fixed shapes; `compile` then runs that step through
+        torch.compile (CUDA graphs on a GPU). The static cache is the model's kept one for the length's bucket
+        (kvcache.StaticKV.claim), emptied, not reallocated: later calls with the same batch shape and bucket reuse
+        its buffers, so the first call compiles (and records the graph) and the later ones replay it.
 
         `repetition_penalty` (CTRL's rule: > 1 makes every token of the prompt or the reply so far less likely)
         and `no_repeat_ngram_size` (no n-gram of that many tokens, prompt included, twice) act on the scores as

@@ -17,11 +17,19 @@ transformers' causal mask (queries offset by the slots written, `cumulative_leng
 and `pad` zero-extends the mask to N columns as well, which keeps the step's mask one fixed shape (left
 shorter, transformers pads it the same way, but it grows by a column each token). Masked keys weigh exactly
 0; what differs from the dynamic cache is only the order of the sums over the longer rows (~1e-6 in fp32).
+
+A compiled decode step is specialised to its cache's shapes, and a CUDA graph to its buffers' addresses, so a new
+cache per `generate` call would be compiled or recorded again each call. `StaticKV.claim` hands out one kept cache
+per model (its decoder) and length bucket (`slots_for`: the next power of two), reset rather than reallocated;
+each layer keeps its buffers for every batch shape it has held (`KeptLayer`), so a batch of 3 and its beams (3·K
+rows) each find their own again at every call. A cache claimed again is the previous one, emptied: a static prefix
+is good until the next static prefix of the same model (generate uses its one within the call).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 
 def kv_layer(keys: Tensor, values: Tensor) -> DynamicLayer:
@@ -83,12 +91,83 @@ def _compiled() -> Callable[..., Tensor]:
     return torch.compile(_decode, mode="reduce-overhead", dynamic=False)
 
 
+MIN_SLOTS = 64  # the smallest kept cache
+
+
+def slots_for(length: int) -> int:
+    """The slots of the kept cache that holds `length` tokens: the next power of two, at least MIN_SLOTS. Prompts
+    of nearby lengths share one cache and so one compiled decode step, for at most twice the (masked) slots."""
+    return max(MIN_SLOTS, 1 << max(length - 1, 0).bit_length())
+
+
+class KeptLayer(StaticLayer):
+    """A StaticLayer that keeps the buffers of every batch shape (and dtypes, device) it has held: taking a shape up
+    again zeroes its old buffers in place, so their addresses, which a CUDA graph holds, stay the same.
+
+    Under autocast the keys and values of one layer can differ in dtype (the keys come out of the rotary embedding
+    in the dtype of the LLM's input, fp32 text embeddings or bf16 visual tokens; the values stay the projection's
+    bf16), and so can two calls' keys: the values get a buffer of their own dtype, and each write is cast to its
+    buffer's (attention casts them to bf16 all the same)."""
+
+    def __init__(self, max_cache_len: int) -> None:
+        super().__init__(max_cache_len)
+        # (batch, heads, key dim, value dim, key dtype, value dtype, device) -> keys, values, slots written
+        self.kept: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        b, heads, dk, dv = *key_states.shape[:2], key_states.shape[-1], value_states.shape[-1]
+        shape = (b, heads, dk, dv, key_states.dtype, value_states.dtype, key_states.device)
+        if shape not in self.kept:
+            # normal tensors even under inference_mode: a later call without it (no_grad) writes them in place
+            with torch.inference_mode(False):
+                self.cumulative_length = torch.zeros((), dtype=torch.long)  # each shape its own counter
+                super().lazy_initialization(key_states, value_states)  # allocates and marks the static addresses
+                if self.values.dtype != value_states.dtype:  # allocated in the keys' dtype
+                    self.values = torch.zeros_like(self.values, dtype=value_states.dtype)
+                    torch._dynamo.mark_static_address(self.values)
+            self.kept[shape] = self.keys, self.values, self.cumulative_length
+            return
+        self.keys, self.values, self.cumulative_length = self.kept[shape]
+        for t in self.kept[shape]:
+            t.zero_()
+        self.dtype, self.device, self.batch_size, self.num_heads = key_states.dtype, key_states.device, b, heads
+        self.k_head_dim, self.v_head_dim = dk, dv
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.is_initialized:
+            key_states, value_states = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
+# decoder -> its kept static caches by slots; weak, so a model's caches go with it (and a deepcopy has none)
+_KEPT: weakref.WeakKeyDictionary[nn.Module, dict[int, StaticKV]] = weakref.WeakKeyDictionary()
+
+
 class StaticKV(StaticCache):
     """A preallocated KV cache of `length` slots for inference (see the module docstring)."""
 
     def __init__(self, config: Any, length: int) -> None:
         super().__init__(config=config, max_cache_len=length)
+        if any(type(layer) is not StaticLayer for layer in self.layers):  # sliding windows would not see all slots
+            raise ValueError("the static KV cache needs an LLM whose every layer attends to all of the past")
+        with torch.inference_mode(False):  # the slot counters are written in place, in or out of inference_mode
+            self.layers = [KeptLayer(length) for _ in self.layers]
         self.length = length
+
+    @classmethod
+    def claim(cls, decoder: nn.Module, length: int) -> StaticKV:
+        """`decoder`'s kept cache for `length` tokens (`slots_for(length)` slots), emptied: made on the first
+        claim, the same object (and, for the same batch shape, the same buffers) at every later one. The cache
+        of a previous claim of that bucket is this one: one generation at a time per model."""
+        caches = _KEPT.setdefault(decoder, {})
+        slots = slots_for(length)
+        cache = caches.get(slots)
+        if cache is None:
+            cache = caches[slots] = cls(decoder.config, slots)
+        for layer in cache.layers:
+            layer.is_initialized = False  # the next write takes up (and zeroes) the kept buffers of its shape
+        return cache
 
     def pad(self, mask: Tensor) -> Tensor:
         """mask (B, S) over the slots written before and by this call -> (B, N), the unwritten slots masked out."""
@@ -107,13 +186,16 @@ class StaticKV(StaticCache):
         return call(decoder, embeds, self.pad(mask), position_ids.contiguous(), self)
 
     def _rebatch(self, pick: Callable[[Tensor], Tensor]) -> None:
-        """Replace each layer's buffers by `pick`(buffer) along the batch (once, before decoding starts)."""
+        """Move each layer to the kept buffers of the batch `pick`(buffer) makes, holding what it picks (once,
+        before decoding starts)."""
         for layer in self.layers:
             if layer.is_initialized:
-                layer.keys, layer.values = pick(layer.keys), pick(layer.values)
-                layer.batch_size = layer.keys.shape[0]
-                torch._dynamo.mark_static_address(layer.keys)
-                torch._dynamo.mark_static_address(layer.values)
+                keys, values, written = pick(layer.keys), pick(layer.values), layer.cumulative_length.clone()
+                layer.is_initialized = False
+                layer.lazy_initialization(keys, values)
+                layer.keys.copy_(keys)
+                layer.values.copy_(values)
+                layer.cumulative_length.copy_(written)
 
     def batch_select_indices(self, indices: Tensor) -> None:
         self._rebatch(lambda x: x[indices])
