@@ -46,14 +46,15 @@ from vlm.casts import use_bf16
 
 REPO = Path(__file__).resolve().parent
 KINDS = ("foveated", "pixel_shuffle", "mlp", "cls_gate", "tokenlearner_qformer")
-# name: (kind, overrides of its model section). The foveated rows: the config's own layout (configs/toy.yaml: the
-# frames after the question, the reads written from it), the same model with the frames before the question
-# (every read blind to it), and the glance (the static query alone, trained so). pixel_shuffle at 112 px: scale 4
-# gives 4 tokens a frame (SmolVLM-256M's compression), scale 2 gives 16; mlp keeps every patch (64).
+# name: (kind, overrides of its model section). The foveated rows: the frames after the question (its reads
+# written from it), the same model with the frames before the question (every read blind to it), and the glance
+# (the static query alone, trained so, the frames after the question as the first row's). The other kinds keep
+# the base config's layout. pixel_shuffle at 112 px: scale 4 gives 4 tokens a frame (SmolVLM-256M's
+# compression), scale 2 gives 16; mlp keeps every patch (64).
 ROWS = {
-    "foveated": ("foveated", []),
+    "foveated": ("foveated", ["model.frames_at=after_question"]),
     "foveated_frames_first": ("foveated", ["model.frames_at=user_turn"]),
-    "glance": ("foveated", ["model.mode=coarse_only"]),
+    "glance": ("foveated", ["model.frames_at=after_question", "model.mode=coarse_only"]),
     "cls_gate": ("cls_gate", []),
     "tokenlearner_qformer": ("tokenlearner_qformer", []),
     "pixel_shuffle": ("pixel_shuffle", []),
