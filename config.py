@@ -357,6 +357,10 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per optimizer step (per process)
     bf16: bool | str = "auto"  # bf16 autocast (weights and optimizer stay fp32); auto: where the hardware does bf16
     compile: bool = False  # torch.compile the model
+    # how several processes hold the model: ddp (a whole copy each, gradients all-reduced) | fsdp (FSDP2: each
+    # process keeps a 1/N shard of the weights, gradients and AdamW moments, gathering a layer only to run it);
+    # one process runs unwrapped either way
+    parallel: str = "ddp"
     gradient_checkpointing: bool = False
     dpo_beta: float = 0.1  # stage 3
     max_nonfinite: int = 5  # steps in a row whose loss or gradient is NaN/inf (each skipped) before the run stops
@@ -376,6 +380,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.best_metric", self.best_metric, ("val_loss", "loss"))
         _choice("train.wandb", self.wandb, ("disabled", "offline", "online"))
+        _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         if isinstance(self.bf16, str):
             _choice("train.bf16", self.bf16, ("auto",))
         for key in ("max_steps", "accumulate", "save_every", "keep_last", "max_nonfinite"):

@@ -4,8 +4,10 @@
 (pixel_shuffle, mlp, cls_gate, tokenlearner_qformer), or SmolVLM, all on the same data sources (data.py)
 through each model's processor (processors.py). Stages 1-2 minimise next-token cross-entropy over the labelled
 tokens (data.stage decides which tokens are labelled), stage 3 the DPO loss against a frozen copy of the
-starting model. Several processes: `torchrun --nproc_per_node N train.py ...` (DDP; NCCL on GPU, gloo on
-CPU; each rank reads its own slice of the data). The loop knows only the base model interface (vlm/base.py).
+starting model. Several processes: `torchrun --nproc_per_node N train.py ...` (NCCL on GPU, gloo on CPU; each
+rank reads its own slice of the data), on several machines with torchrun's --nnodes and a c10d rendezvous; each
+process holds a whole copy of the model (train.parallel: ddp) or a shard of it (fsdp: training/processes.py).
+The loop knows only the base model interface (vlm/base.py).
 
 A run is a pure function of its config: `train.resume: auto` continues from the newest checkpoint in
 out_dir with the same weights, optimizer moments, RNG states and position in the data stream, so the
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import itertools
 import math
 import os
 import random
@@ -48,13 +49,14 @@ from inputs.processors import processor_for
 from layouts.readers import open_reader
 from layouts.shards import exchange, meta_of
 from training import checkpoints as ckpt
+from training import processes
 from training.optim import build_optimizer
 from training.processes import Dist, init_dist, lost_peers
 from training.runlog import RunLog
 from training.schedule import Schedule
 from vlm import saved
 from vlm.base import VLM
-from vlm.casts import ConstantCasts, use_bf16
+from vlm.casts import ConstantCasts, bf16_native, use_bf16
 from vlm.loss import batch_losses
 
 
@@ -228,32 +230,43 @@ class Trainer:
         set_seed(tc.seed)
         self.raw, self.reference = build_models(cfg, resume)
         self.processor = processor_for(self.raw, cfg.data.stage, cfg.data.max_text_len)
+        self.sharded = tc.parallel == "fsdp" and d.world_size > 1
+        # FSDP: the whole model on process 0's CPU, refreshed from the shards at each save, to write it and to
+        # answer the example at the end (processes.gather_state)
+        self.whole = copy.deepcopy(self.raw) if self.sharded and d.rank == 0 else None
         self.raw.to(d.device)
         if self.reference is not None:
             self.reference.to(d.device)
         if tc.gradient_checkpointing:
             self.raw.checkpoint_activations()
-        self.optimizer = build_optimizer(self.raw, cfg.optim, d.device.type == "cuda", self.raw.group_of)
+        # bf16 autocast (fp32 weights and optimizer); auto: on a GPU, or a CPU with avx512_bf16 and no AMX (casts.py)
+        self.bf16 = use_bf16(tc.bf16, d.device)
+        if tc.bf16 == "auto" and not self.bf16 and d.rank == 0:
+            why = "has AMX tiles, where bf16 trained worse (vlm/casts.py)" if bf16_native(d.device) else (
+                "has no bf16 arithmetic (emulated, it is far slower)")  # fmt: skip
+            print(f"train.bf16 auto: fp32: this {d.device.type} {why}")
+        if self.sharded:  # before the optimizer, which must hold the shards
+            processes.shard(self.raw, self.bf16, d.device)
+        self.optimizer = build_optimizer(self.raw, cfg.optim, group_of=self.raw.group_of)  # fused where all on CUDA
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.state = ckpt.TrainState(world_size=d.world_size)
         if resume is not None:
-            self.state = ckpt.load_training(resume, self.optimizer, d.rank, d.world_size)
+            load = partial(processes.load_optimizer, self.raw, self.optimizer) if self.sharded else None
+            self.state = ckpt.load_training(resume, self.optimizer, d.rank, d.world_size, load)
         # every unused parameter (a text-only batch leaves the whole visual side idle) must be found
         self.ddp = (
             DistributedDataParallel(self.raw, find_unused_parameters=True, broadcast_buffers=False)
-            if d.world_size > 1
+            if d.world_size > 1 and not self.sharded
             else None
         )
         self.model = self.ddp or self.raw
         if tc.compile:
             self.model = torch.compile(self.model)
-        # bf16 autocast (fp32 weights and optimizer); auto: on a GPU, or a CPU with bf16 units (avx512_bf16, AMX)
-        self.bf16 = use_bf16(tc.bf16, d.device)
-        if tc.bf16 == "auto" and not self.bf16 and d.rank == 0:
-            print(f"train.bf16 auto: fp32: this {d.device.type} has no bf16 arithmetic (emulated, it is far slower)")
         self.autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=self.bf16)
-        # the frozen weights cast to bf16 once, not at every call (casts.py), for each step's forward and backward
-        self.casts = ConstantCasts([self.raw, self.reference], self.bf16)
+        # the frozen weights cast to bf16 once, not at every call (casts.py), for each step's forward and backward;
+        # FSDP gathers the policy's weights in bf16 itself, once per use
+        self.casts = ConstantCasts([None if self.sharded else self.raw, self.reference], self.bf16)
+        self.last: dict[str, Tensor] | None = None  # this process's last training micro-batch (FSDP validation)
         self.max_steps = tc.max_steps
         if tc.epochs:  # rounded up: the last step may reach into the next epoch, so all of the last one is seen
             batches = data.epoch_batches(cfg.data, self.processor, d.world_size)
@@ -294,17 +307,26 @@ class Trainer:
             t = time.perf_counter()
             batch = self.stream.next()
             n, k = self.raw.counts(batch)
-            batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
+            batch = self.same_frames({key: v.to(d.device, non_blocking=True) for key, v in batch.items()})
+            self.last = batch if self.sharded else None
             data_s += time.perf_counter() - t
+            # FSDP reduce-scatters every micro-batch's gradients into the shards: holding whole gradients until
+            # the last one would cost the memory it saves
             sync = self.ddp is None or micro == tc.accumulate - 1
             with nullcontext() if sync else self.ddp.no_sync(), self.casts:
                 terms = self.losses(self.model, batch)
                 (terms["loss"] / tc.accumulate).backward()
+            if self.sharded:
+                processes.reshard(self.raw)
             sums = {name: sums.get(name, 0.0) + value.detach().float() for name, value in terms.items()}
             samples, tokens = samples + n, tokens + k
         names = sorted(sums)  # "loss" and its terms, the same on every process
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf  # inf: measure only
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if self.sharded:
+            processes.drop_unused_grads(self.params, d)
+            norm = processes.clip_grads(self.params, clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         bad = not (math.isfinite(sums["loss"].item()) and math.isfinite(norm.item()))
         *totals, samples, tokens, skipped, bad = d.sum(
             [*(sums[name].item() for name in names), samples, tokens, self.stream.skipped - skipped, bad]
@@ -338,6 +360,24 @@ class Trainer:
             "mix": self.mix(),
         }
 
+    def same_frames(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """FSDP: the batch padded with invisible frames to the largest frame count of any process's batch. Under
+        FSDP each use of a decoder layer gathers it (a collective), and how many LLM passes a read makes depends on
+        the frame count (the foveated coarse_fine read makes none over frames at T = 0, the autoregressive one a
+        pass per frame), so every process must read the same T. Padded frames change no real position's value."""
+        if not self.sharded or "frame_mask" not in batch:
+            return batch
+        frames, mask = batch["frames"], batch["frame_mask"]
+        b, t = mask.shape
+        pad = self.d.max(t) - t
+        if pad == 0:
+            return batch
+        return {
+            **batch,
+            "frames": torch.cat([frames, frames.new_zeros(b, pad, *frames.shape[2:])], dim=1),
+            "frame_mask": torch.cat([mask, mask.new_zeros(b, pad)], dim=1),
+        }
+
     def mix(self) -> str:
         """The realised share of each data source so far (this process), e.g. "0.860/0.140"."""
         drawn, n = self.stream.drawn, len(self.cfg.data.train)
@@ -347,19 +387,26 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """The loss training minimises and its terms, as val_loss, val_fine_loss, ..., each the mean over up to
-        val_batches validation batches per process. It runs the unwrapped model with no collective inside, so a
-        rank with fewer batches cannot hang the others."""
+        val_batches validation batches per process. DDP runs the unwrapped model with no collective inside, so a
+        rank with fewer batches cannot hang the others; under FSDP every forward is collective, so the processes
+        go batch by batch together and one whose batches ran out runs its last training batch, uncounted."""
         self.raw.eval()
         totals: dict[str, float] = {}
         count = 0
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             loader = self.loader(split="val")
             batches = (batch for batch in loader if batch["keys"])  # empty markers carry no sample
-            for batch in itertools.islice(batches, self.cfg.train.val_batches):
-                batch = {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-                for name, value in self.losses(self.raw, batch).items():
-                    totals[name] = totals.get(name, 0.0) + value.item()
-                count += 1
+            for _ in range(self.cfg.train.val_batches):
+                batch = next(batches, None)
+                if not (self.d.sum([batch is not None])[0] if self.sharded else batch is not None):
+                    break
+                if batch is not None:
+                    batch = {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+                terms = self.losses(self.raw, self.same_frames(self.last if batch is None else batch))
+                if batch is not None:
+                    for name, value in terms.items():
+                        totals[name] = totals.get(name, 0.0) + value.item()
+                    count += 1
         self.raw.train()
         names = self.loss_names
         *sums, count = self.d.sum([*(totals.get(name, 0.0) for name in names), count])
@@ -373,7 +420,8 @@ class Trainer:
         return ["coarse_loss", "fine_loss", "loss"] if terms else ["loss"]
 
     def save(self) -> None:
-        """Checkpoint (rank 0 writes, with every rank's RNG state and data position) and prune old checkpoints."""
+        """Checkpoint (rank 0 writes, with every rank's RNG state and data position) and prune old checkpoints.
+        Under FSDP the shards are gathered whole first: a checkpoint is the same whichever way it was trained."""
         local = (ckpt.rng_state(), [self.state.epoch, self.state.batches])
         gathered = [local]
         if self.d.world_size > 1:
@@ -381,11 +429,16 @@ class Trainer:
             dist.all_gather_object(gathered, local)
         rngs = [rng for rng, _ in gathered]
         self.state.positions = [position for _, position in gathered]  # every rank's own place in its data
+        optim = None
+        if self.sharded:
+            weights, optim = processes.gather_state(self.raw, self.optimizer)
+            if self.whole is not None:
+                self.whole.load_state_dict(weights)
         if self.d.rank == 0:
             tc = self.cfg.train
             path = ckpt.checkpoint_dir(tc.out_dir, self.state.step)
-            write = partial(saved.write_model, self.raw)
-            ckpt.save_training(path, write, self.optimizer, self.state, rngs, self.cfg)
+            write = partial(saved.write_model, self.raw if self.whole is None else self.whole)
+            ckpt.save_training(path, write, self.optimizer, self.state, rngs, self.cfg, optim)
             ckpt.prune_checkpoints(tc.out_dir, tc.keep_last, tc.keep_best)
         if self.d.world_size > 1:
             dist.barrier()
@@ -419,6 +472,8 @@ def train_together(cfgs: list[Config]) -> list[Path]:
             save_config(cfg, out / ckpt.RUN_CONFIG)
         runs.append(run)
     for run in runs[1:]:  # the frozen work of a batch done once (and its bf16 weight copies made once)
+        if run.sharded or runs[0].sharded:  # a shard holds no whole backbone to share
+            continue
         if run.bf16 == runs[0].bf16 and runs[0].raw.share_frozen(run.raw, runs[0].cfg.train.accumulate):
             runs[0].casts.models += run.casts.models
             run.casts = runs[0].casts
@@ -452,10 +507,11 @@ def train_together(cfgs: list[Config]) -> list[Path]:
         final = out / "final"
         if d.rank == 0:
             last = ckpt.checkpoint_dir(out, run.state.step) / ckpt.MODEL_DIR  # saved at the last step: the same weights
-            write = partial(saved.link_model, last) if last.is_dir() else partial(saved.write_model, run.raw)
+            whole = run.raw if run.whole is None else run.whole  # FSDP: rank 0's whole copy, as of the last save
+            write = partial(saved.link_model, last) if last.is_dir() else partial(saved.write_model, whole)
             saved.save_atomic(final, write)
             if run.cfg.data.val:
-                show_example(run.raw, run.cfg)
+                show_example(whole, run.cfg)
         finals.append(final)
     if d.world_size > 1:
         dist.barrier()

@@ -86,10 +86,12 @@ def save_training(
     state: TrainState,
     rngs: list[tuple[dict[str, torch.Tensor], dict]],
     config: Config,
+    optim: dict | None = None,
 ) -> None:
     """Write a training checkpoint atomically; `write(dir)` saves the model into an existing directory and
-    `rngs` holds every process's rng_state(), by rank."""
-    optim = optimizer.state_dict()
+    `rngs` holds every process's rng_state(), by rank. `optim`: the optimizer's state dict when the optimizer
+    holds only shards of it (FSDP: gathered whole, numbered as `optimizer.state_dict()` numbers it)."""
+    optim = optimizer.state_dict() if optim is None else optim
     tensors, scalars = {}, {}
     for index, slot in optim["state"].items():
         for name, value in slot.items():
@@ -147,9 +149,16 @@ def damage(path: Path) -> str | None:
     return None
 
 
-def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int = 0, world_size: int = 1) -> TrainState:
+def load_training(
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    rank: int = 0,
+    world_size: int = 1,
+    load: Callable[[dict], None] | None = None,
+) -> TrainState:
     """Restore the optimizer and this rank's RNG states from a checkpoint (the model is loaded from
-    path/model by the caller) and return where the run stood."""
+    path/model by the caller) and return where the run stood. `load(state_dict)` puts the whole optimizer state
+    into an optimizer that holds shards of it (FSDP); default `optimizer.load_state_dict`."""
     meta = json.loads((path / STATE_JSON).read_text())
     state = TrainState(**meta["train_state"])
     if state.world_size != world_size:
@@ -167,7 +176,7 @@ def load_training(path: Path, optimizer: torch.optim.Optimizer, rank: int = 0, w
             slots.setdefault(int(index), {})[name] = value
     for index, values in meta["optimizer"]["scalars"].items():
         slots.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer"]["param_groups"]})
+    (load or optimizer.load_state_dict)({"state": slots, "param_groups": meta["optimizer"]["param_groups"]})
     prefix = f"rng.{rank}."
     set_rng_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["rng"][rank])
     return state
