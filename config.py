@@ -356,6 +356,8 @@ class TrainConfig:
     epochs: int = 0  # > 0: instead of max_steps, this many passes over data of known size (not shards)
     accumulate: int = 1  # micro-batches per optimizer step (per process)
     bf16: bool | str = "auto"  # bf16 autocast (weights and optimizer stay fp32); auto: where the hardware does bf16
+    # fp16 autocast with a gradient scaler, for a GPU without bf16 (a T4, a V100): what bf16 auto takes there
+    fp16: bool = False
     compile: bool = False  # torch.compile the model
     # how several processes hold the model: ddp (a whole copy each, gradients all-reduced) | fsdp (FSDP2: each
     # process keeps a 1/N shard of the weights, gradients and AdamW moments, gathering a layer only to run it);
@@ -383,6 +385,11 @@ class TrainConfig:
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         if isinstance(self.bf16, str):
             _choice("train.bf16", self.bf16, ("auto",))
+        if self.fp16 and self.bf16 is True:
+            raise ConfigError("'train.fp16' and 'train.bf16' are both true: autocast takes one of them")
+        if self.fp16 and self.parallel == "fsdp":
+            raise ConfigError("'train.fp16' with 'train.parallel' fsdp is not supported: its gradient scaler would "
+                              "see only each process's shards; use ddp, or bf16 where the GPU has it")  # fmt: skip
         for key in ("max_steps", "accumulate", "save_every", "keep_last", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'train.{key}' must be >= 1, got {getattr(self, key)}")

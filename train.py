@@ -240,8 +240,11 @@ class Trainer:
         if tc.gradient_checkpointing:
             self.raw.checkpoint_activations()
         # bf16 autocast (fp32 weights and optimizer); auto: on a GPU, or a CPU with avx512_bf16 and no AMX (casts.py)
-        self.bf16 = use_bf16(tc.bf16, d.device)
-        if tc.bf16 == "auto" and not self.bf16 and d.rank == 0:
+        self.bf16 = use_bf16(tc.bf16, d.device) and not tc.fp16
+        # fp16 autocast and a gradient scaler: asked for, or what bf16 auto takes on a GPU without bf16
+        self.fp16 = tc.fp16 or (tc.bf16 == "auto" and d.device.type == "cuda" and not self.bf16)
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.fp16)
+        if tc.bf16 == "auto" and not self.bf16 and not self.fp16 and d.rank == 0:
             why = "has AMX tiles, where bf16 trained worse (vlm/casts.py)" if bf16_native(d.device) else (
                 "has no bf16 arithmetic (emulated, it is far slower)")  # fmt: skip
             print(f"train.bf16 auto: fp32: this {d.device.type} {why}")
@@ -253,6 +256,8 @@ class Trainer:
         if resume is not None:
             load = partial(processes.load_optimizer, self.raw, self.optimizer) if self.sharded else None
             self.state = ckpt.load_training(resume, self.optimizer, d.rank, d.world_size, load)
+            if self.fp16 and self.state.scaler is not None:
+                self.scaler.load_state_dict(self.state.scaler)
         # every unused parameter (a text-only batch leaves the whole visual side idle) must be found
         self.ddp = (
             DistributedDataParallel(self.raw, find_unused_parameters=True, broadcast_buffers=False)
@@ -262,7 +267,8 @@ class Trainer:
         self.model = self.ddp or self.raw
         if tc.compile:
             self.model = torch.compile(self.model)
-        self.autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=self.bf16)
+        dtype = torch.float16 if self.fp16 else torch.bfloat16
+        self.autocast = torch.autocast(d.device.type, dtype, enabled=self.bf16 or self.fp16)
         # the frozen weights cast to bf16 once, not at every call (casts.py), for each step's forward and backward;
         # FSDP gathers the policy's weights in bf16 itself, once per use
         self.casts = ConstantCasts([None if self.sharded else self.raw, self.reference], self.bf16)
@@ -315,24 +321,29 @@ class Trainer:
             sync = self.ddp is None or micro == tc.accumulate - 1
             with nullcontext() if sync else self.ddp.no_sync(), self.casts:
                 terms = self.losses(self.model, batch)
-                (terms["loss"] / tc.accumulate).backward()
+                self.scaler.scale(terms["loss"] / tc.accumulate).backward()  # the loss itself unless fp16
             if self.sharded:
                 processes.reshard(self.raw)
             sums = {name: sums.get(name, 0.0) + value.detach().float() for name, value in terms.items()}
             samples, tokens = samples + n, tokens + k
         names = sorted(sums)  # "loss" and its terms, the same on every process
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf  # inf: measure only
+        if self.fp16:  # the gradients at their own scale before they are measured and clipped
+            self.scaler.unscale_(self.optimizer)
         if self.sharded:
             processes.drop_unused_grads(self.params, d)
             norm = processes.clip_grads(self.params, clip)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        bad = not (math.isfinite(sums["loss"].item()) and math.isfinite(norm.item()))
+        # under fp16 a gradient that overflowed is the scaler's: it skips that step and lowers its scale
+        bad = not (math.isfinite(sums["loss"].item()) and (self.fp16 or math.isfinite(norm.item())))
         *totals, samples, tokens, skipped, bad = d.sum(
             [*(sums[name].item() for name in names), samples, tokens, self.stream.skipped - skipped, bad]
         )
         means = {name: total / (tc.accumulate * d.world_size) for name, total in zip(names, totals, strict=True)}
         if bad:  # on any process: no process steps, so no NaN reaches the weights or the optimizer's moments
+            if self.fp16:
+                self.scaler.update()
             self.nonfinite += 1
             if self.nonfinite >= tc.max_nonfinite:
                 raise NonFinite(
@@ -340,6 +351,10 @@ class Trainer:
                     f"(train.max_nonfinite); the last good checkpoint is in {tc.out_dir}: lower the learning rate "
                     "or check the data, then resume"
                 )
+        elif self.fp16:
+            self.scaler.step(self.optimizer)  # not where the scaled gradients overflowed
+            self.scaler.update()
+            self.nonfinite = 0
         else:
             self.optimizer.step()
             self.nonfinite = 0
@@ -434,6 +449,7 @@ class Trainer:
             weights, optim = processes.gather_state(self.raw, self.optimizer)
             if self.whole is not None:
                 self.whole.load_state_dict(weights)
+        self.state.scaler = self.scaler.state_dict() if self.fp16 else None
         if self.d.rank == 0:
             tc = self.cfg.train
             path = ckpt.checkpoint_dir(tc.out_dir, self.state.step)

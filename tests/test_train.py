@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 
 import train
 from collate import pad_text
-from config import Config, OptimConfig, from_dict, load_config, to_dict
+from config import Config, ConfigError, OptimConfig, from_dict, load_config, to_dict
 from evals.answering import Answerer
 from inputs.frames import FrameSpec
 from inputs.tokenization import chat_ids
@@ -188,6 +189,38 @@ def test_a_run_is_repeatable_and_resumes_exactly_in_either_precision(tmp_path, s
     for other in (runs[1], cut):
         b = load_file(str(Path(other.train.out_dir) / "final" / saved.WEIGHTS))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("init_scale", [None, 2.0**40])
+def test_fp16_with_its_gradient_scaler_resumes_exactly(tmp_path, start_model, monkeypatch, init_scale):
+    """train.fp16 (what a GPU without bf16 trains in): autocast in fp16, the loss scaled and the gradients unscaled
+    before clipping; the scaler's state is part of the checkpoint, so a run cut at step 3 and resumed logs the
+    uninterrupted run's losses and ends in its weights and its scale. From a scale of 2^40 every step's gradients
+    overflow: each is skipped and halves the scale (not counted as a NaN step)."""
+    if init_scale is not None:
+        monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=init_scale))
+    opts = {"fp16": True, "max_steps": 5}
+    whole = make_config(tmp_path, start_model, "whole", train=opts, optim={"lr_vision": 0.0})
+    train.train(whole)
+    cut = make_config(tmp_path, start_model, "cut", train=opts, optim={"lr_vision": 0.0})
+    with monkeypatch.context() as m:
+        crash_after(m, 3)
+        with pytest.raises(Crash):
+            train.train(cut)
+    train.train(cut)
+    assert losses(cut.train.out_dir) == losses(whole.train.out_dir)
+    a = load_file(str(Path(whole.train.out_dir) / "final" / saved.WEIGHTS))
+    b = load_file(str(Path(cut.train.out_dir) / "final" / saved.WEIGHTS))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    scales = []
+    for run in (whole, cut):
+        last = ckpt.list_checkpoints(run.train.out_dir)[-1]
+        scales.append(json.loads((last / ckpt.STATE_JSON).read_text())["train_state"]["scaler"])
+    assert scales[0] == scales[1] and scales[0]["scale"] == (2.0**35 if init_scale else 2.0**16)
+    init = load_file(str(start_model / saved.WEIGHTS))
+    assert all(torch.equal(init[k], a[k]) for k in init) == bool(init_scale)  # trained, or every step skipped
+    with pytest.raises(ConfigError, match="'train.fp16' and 'train.bf16' are both true"):
+        make_config(tmp_path, start_model, "both", train={"fp16": True, "bf16": True})
 
 
 def test_gradient_checkpointing_changes_no_number(tmp_path, start_model):

@@ -46,6 +46,7 @@ class TrainState:
     metric: float | None = None  # this checkpoint's value of train.best_metric, if known
     world_size: int = 1  # the data split depends on it
     positions: list[list[int]] | None = None  # [epoch, batches] of every rank, by rank, as saved
+    scaler: dict | None = None  # an fp16 run's gradient scaler (its scale and growth count), as saved
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
