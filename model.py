@@ -28,7 +28,7 @@ from config import MODES, FoveatedConfig
 from encoder import FoveatedEncoder, PatchCache, PatchMemo
 from inputs.frames import FrameSpec
 from vlm import weights
-from vlm.base import VLM
+from vlm.base import VLM, Encoded, real_frames
 from vlm.kvcache import StaticKV
 from vlm.layout import Layout, Lead, clip_rows
 from vlm.loss import labelled_nll, through_labels
@@ -36,7 +36,7 @@ from vlm.outputs import Output, Prefix, Visual, frames_of
 
 
 @dataclass
-class Glanced(Visual):
+class Glanced(Encoded):
     """A Visual whose coarse read the LLM has already run (the auxiliary coarse loss's pass): its hidden states
     at the frame slots are pass 1's, since under causal attention the text after the frames cannot change them."""
 
@@ -121,30 +121,43 @@ class FoveatedVLM(VLM):
 
     # ---- visual side -------------------------------------------------------------------
 
-    def prepare(self, frames: Tensor, frame_mask: Tensor) -> Visual:
-        """frames (B, T, 3, H, W), frame_mask (B, T) -> the patch cache of the real frames, time-major.
+    def prepare(self, frames: Tensor, frame_mask: Tensor) -> Encoded:
+        """frames (B, T, 3, H, W), frame_mask (B, T) -> the patch cache of the real frames, time-major (every clip's
+        frame 0, then every frame 1, ...), and their places. Padded frames are not encoded: the DINOv2 pass is most
+        of a step, and a batch of clips of different lengths is much padding."""
+        places = real_frames(frame_mask, time_major=True)
+        return Encoded(frame_mask, self.encoder.encode_patches(frames[places]), places)
 
-        Time-major order (all frames at t=0, then t=1, ...) lets the autoregressive loop take
-        each step's frames as a contiguous slice of the cache.
-        """
-        return Visual(frame_mask, self.encoder.encode_patches(frames.transpose(0, 1)[frame_mask.T]))
+    def visual_rows(self, visual: Visual, rows: Tensor) -> Encoded:
+        mask = visual.frame_mask[rows]
+        cache = visual.features.select(frames_of(visual.frame_mask, rows, True))
+        return Encoded(mask, cache, real_frames(mask, time_major=True))
 
-    def visual_rows(self, visual: Visual, rows: Tensor) -> Visual:
-        return Visual(visual.frame_mask[rows], visual.features.select(frames_of(visual.frame_mask, rows, True)))
+    def _read(self, cache: PatchCache, queries: Tensor, places: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """queries (B, T, k, Dq) over the cached frames (`places`: each one's clip and frame) -> tokens
+        (B, T*k, D_llm), attention (B, T, k, 1+P); zeros at padded frames.
 
-    def _read(self, cache: PatchCache, queries: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """queries (B, T, k, Dq) over the cached frames -> tokens (B, T*k, D_llm), attention (B, T, k, 1+P)."""
+        Indexed by the places, never by the mask: the mask's selection would be a second size read from the data,
+        which a compiled step could not match to the cache's. Built batch-major: a batch-major view of
+        time-major memory would reach every LLM matmul of the pass as an input that cannot fold into one matrix,
+        and each would copy its weight once per clip (a bmm)."""
         b, t, k, _ = queries.shape
-        mt = frame_mask.T  # (T, B)
-        tok, attn = self.encoder.query_attend(queries.transpose(0, 1)[mt], cache)  # (N, k, D), (N, k, 1+P)
+        tok, attn = self.encoder.query_attend(queries[places], cache)  # (N, k, D), (N, k, 1+P)
         tok = self.dino_to_llm(tok) * self.config.visual_scale
-        tokens = tok.new_zeros(t, b, k, tok.shape[-1])
-        tokens[mt] = tok
-        attention = attn.new_zeros(t, b, k, attn.shape[-1])
-        attention[mt] = attn
-        # contiguous: a batch-major view of time-major memory would reach every LLM matmul of the pass as an input
-        # that cannot fold into one matrix, and each would copy its weight once per clip (a bmm)
-        return tokens.transpose(0, 1).reshape(b, t * k, tok.shape[-1]).contiguous(), attention.transpose(0, 1)
+        tokens = tok.new_zeros(b, t, k, tok.shape[-1]).index_put(places, tok)
+        attention = attn.new_zeros(b, t, k, attn.shape[-1]).index_put(places, attn)
+        return tokens.view(b, t * k, tok.shape[-1]), attention
+
+    def _read_step(self, visual: Encoded, queries: Tensor, step: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The autoregressive read of frame `step`: queries (B, 1, k, Dq), `rows` (B,) each clip's row of that frame
+        in the cache -> tokens (B, k, D_llm), attention (B, 1, k, 1+P). A clip without the frame reads a stand-in
+        row and is zeroed: every step the same B rows, no size read from the data."""
+        if not torch.compiler.is_compiling() and not len(visual.places[0]):  # no clip has a frame at all
+            return self._read(visual.features, queries, visual.places)
+        here = visual.frame_mask[:, step, None, None]  # (B, 1, 1)
+        tok, attn = self.encoder.query_attend(queries[:, 0], visual.features.select(rows.clamp(min=0)))
+        tok = self.dino_to_llm(tok) * self.config.visual_scale
+        return torch.where(here, tok, 0.0), torch.where(here, attn, 0.0)[:, None]
 
     def _next_queries(self, hidden: Tensor) -> Tensor:
         """hidden (B, D_llm) at a frame's last token -> the k queries for the next frame (B, 1, k, Dq)."""
@@ -164,7 +177,7 @@ class FoveatedVLM(VLM):
         cache, frame_mask = visual.features, visual.frame_mask
         b, t = frame_mask.shape
         lead = lead or Lead.empty(b, self.llm.config.hidden_size, frame_mask.device)
-        coarse, attn = self._read(cache, self.q_static.expand(b, t, *self.q_static.shape), frame_mask)
+        coarse, attn = self._read(cache, self.q_static.expand(b, t, *self.q_static.shape), visual.places)
         if mode == "coarse_only" or t == 0:
             return coarse, attn
         # pass 1: under causal attention the text after the frames cannot influence the visual positions,
@@ -176,7 +189,7 @@ class FoveatedVLM(VLM):
                 hidden = self._frame_hidden(tokens, frame_mask, lead)
             last = hidden.view(b, t, self.config.glimpses, -1)[:, :-1, -1]  # (B, T-1, D)
             q_next = self.llm_to_query(last).view(b, t - 1, *self.q_init.shape)
-            tokens, attn = self._read(cache, torch.cat([first, q_next], dim=1), frame_mask)  # queries (B, T, k, Dq)
+            tokens, attn = self._read(cache, torch.cat([first, q_next], dim=1), visual.places)  # (B, T, k, Dq)
         return tokens, attn
 
     def _frame_hidden(self, tokens: Tensor, frame_mask: Tensor, lead: Lead) -> Tensor:
@@ -215,7 +228,7 @@ class FoveatedVLM(VLM):
 
     def _autoregressive(
         self,
-        visual: Visual,
+        visual: Encoded,
         rows: Tensor | None,
         lead_layout: Layout,
         text_layout: Layout,
@@ -230,19 +243,17 @@ class FoveatedVLM(VLM):
         With `past` the LLM advances on its KV cache; without, every step reruns the whole
         sequence so far (the reference the cache must match).
         """
-        cache, frame_mask = visual.features, visual.frame_mask
+        frame_mask = visual.frame_mask
         b, t = frame_mask.shape
         k = self.config.glimpses
-        counts = frame_mask.sum(0).tolist()  # real frames at each step, contiguous in the cache
+        cached = (frame_mask.T.flatten().long().cumsum(0) - 1).view(t, b)  # (T, B) each frame's row in the cache
         lead = self.lead(lead_layout, past)  # (B rows)
         mask = lead.mask.long()
         seq = self.embed(lead_layout.lead_ids)  # (B, S, D), only needed without cache
         queries = self._first_queries(lead, b)
-        start, attns, steps = 0, [], []
+        attns, steps = [], []
         for step in range(t):
-            step_cache = cache.narrow(start, counts[step])
-            start += counts[step]
-            tok, attn = self._read(step_cache, queries, frame_mask[:, step : step + 1])  # (B, k, D)
+            tok, attn = self._read_step(visual, queries, step, cached[step])  # (B, k, D)
             attns.append(attn)
             mask = torch.cat([mask, self.slot_mask(frame_mask[:, step : step + 1])], dim=1)
             if past is not None:
@@ -292,7 +303,7 @@ class FoveatedVLM(VLM):
         In coarse_fine mode that pass is pass 1 as well (the frame slots' hidden states, which the text after
         them cannot change, give the fine queries), so the auxiliary loss costs no extra LLM pass."""
         read = read or self.train_read
-        if labels is not None and not logits:
+        if labels is not None and not logits and not torch.compiler.is_compiling():  # compiled: the caller cuts
             keep = self.lead_columns(input_ids, attention_mask)
             input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, keep)
         if visual is None:
@@ -304,7 +315,7 @@ class FoveatedVLM(VLM):
             pre = self.prefix(visual, input_ids, attention_mask, False, None, None, None, mode="coarse_only")
             nll, count = labelled_nll(self.lm_head, pre.hidden, labels, pre.last_visual, pre.framed, pre.cut)
             coarse_loss = nll.sum() / count.sum().clamp(min=1)
-            visual = Glanced(visual.frame_mask, visual.features, pre.frame_hidden)
+            visual = Glanced(visual.frame_mask, visual.features, visual.places, pre.frame_hidden)
         out = super().forward(frames, frame_mask, input_ids, attention_mask, labels, visual, rows, logits, **read)
         if aux:
             if coarse_loss is None:  # autoregressive: a pass of its own

@@ -55,7 +55,7 @@ from training.processes import Dist, init_dist, lost_peers
 from training.runlog import RunLog
 from training.schedule import Schedule
 from vlm import saved
-from vlm.base import VLM
+from vlm.base import VLM, configure_compile
 from vlm.casts import ConstantCasts, bf16_native, use_bf16
 from vlm.loss import batch_losses
 
@@ -266,6 +266,7 @@ class Trainer:
         )
         self.model = self.ddp or self.raw
         if tc.compile:
+            configure_compile()  # data-dependent sizes symbolic, so the step compiles as one graph (vlm/base.py)
             self.model = torch.compile(self.model)
         dtype = torch.float16 if self.fp16 else torch.bfloat16
         self.autocast = torch.autocast(d.device.type, dtype, enabled=self.bf16 or self.fp16)

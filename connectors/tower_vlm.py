@@ -19,7 +19,7 @@ from connectors import CONNECTORS
 from connectors.towers import VisionTower, tower_config, tower_from_config
 from inputs.frames import FrameSpec
 from vlm import weights
-from vlm.base import VLM
+from vlm.base import VLM, Encoded, real_frames
 from vlm.layout import Lead
 from vlm.outputs import Visual, frames_of
 
@@ -47,36 +47,43 @@ class TowerVLM(VLM):
     def tokens_per_frame(self) -> int:
         return self.connector.tokens_per_frame(self.tower.grid(self.frames.size))
 
-    def prepare(self, frames: Tensor, frame_mask: Tensor) -> Visual:
-        """Tower outputs of the real frames, batch-major: patches (N, P, Dv), pooled (N, Dv)."""
-        real = frames[frame_mask]  # (N, 3, H, W)
-        if not len(real):
+    def prepare(self, frames: Tensor, frame_mask: Tensor) -> Encoded:
+        """Tower outputs of the real frames, batch-major: patches (N, P, Dv), pooled (N, Dv), and their places."""
+        places = real_frames(frame_mask)
+        real = frames[places]  # (N, 3, H, W)
+        if torch.compiler.is_compiling() and frame_mask.shape[1]:
+            # N, read from the data, is not 0 (a batch of T > 0 has a clip with a frame): the towers' reshapes
+            # need that known
+            torch._check(len(real) > 0)
+        elif not len(real):  # the towers do not run on no image
             p, d = self.tower.grid(frames.shape[-1]) ** 2, self.tower.dim
-            return Visual(frame_mask, (frames.new_zeros(0, p, d), frames.new_zeros(0, d)))
-        return Visual(frame_mask, self.tower(real))
+            return Encoded(frame_mask, (frames.new_zeros(0, p, d), frames.new_zeros(0, d)), places)
+        return Encoded(frame_mask, self.tower(real), places)
 
-    def visual_rows(self, visual: Visual, rows: Tensor) -> Visual:
+    def visual_rows(self, visual: Visual, rows: Tensor) -> Encoded:
         patches, pooled = visual.features
         index = frames_of(visual.frame_mask, rows)
-        return Visual(visual.frame_mask[rows], (patches[index], pooled[index]))
+        mask = visual.frame_mask[rows]
+        return Encoded(mask, (patches[index], pooled[index]), real_frames(mask))
 
-    def visual_tokens(self, visual: Visual, lead: Lead | None = None) -> tuple[Tensor, Tensor | None]:
+    def visual_tokens(self, visual: Encoded, lead: Lead | None = None) -> tuple[Tensor, Tensor | None]:
         """-> tokens (B, T*S, D) (question-blind: the `lead` is not read) and, for a connector that pools with
         spatial maps (TokenLearner), where each of its pooled tokens looked: (B, T, maps, 1+P) in attention_viz's
-        layout (a zero for the CLS position)."""
+        layout (a zero for the CLS position). Scattered to the frames' places, not by the mask: the mask's
+        selection would be a second size read from the data, which a compiled step could not match to N."""
         patches, pooled = visual.features
         b, t = visual.frame_mask.shape
         s, d = self.tokens_per_frame, self.llm.config.hidden_size
         tokens = patches.new_zeros(b, t, s, d)  # (B, T, S, D)
         maps = None
-        if len(patches):
+        if t and (torch.compiler.is_compiling() or len(patches)):  # compiled, N > 0 is known from `prepare`
             if getattr(self.connector, "token_learner", None) is not None:
                 out, found = self.connector(patches, pooled, return_maps=True)  # (N, S, D), (N, T_tl, P)
-                maps = found.new_zeros(b, t, found.shape[1], 1 + found.shape[2])
-                maps[visual.frame_mask] = torch.cat([found.new_zeros(*found.shape[:2], 1), found], dim=-1)
+                found = torch.cat([found.new_zeros(*found.shape[:2], 1), found], dim=-1)
+                maps = found.new_zeros(b, t, *found.shape[1:]).index_put(visual.places, found)
             else:
                 out = self.connector(patches, pooled)
-            tokens[visual.frame_mask] = out.to(tokens.dtype)
+            tokens = tokens.index_put(visual.places, out.to(tokens.dtype))
         return tokens.view(b, t * s, d), maps
 
     def checkpoint_activations(self) -> None:

@@ -41,6 +41,54 @@ from vlm.lora import add_lora, is_lora_param, merge_lora
 from vlm.loss import labelled_nll, through_labels
 from vlm.outputs import Output, Prefix, Visual
 
+# the compiler's settings under which a training step compiles to one graph (`configure_compile`)
+COMPILE_OPTIONS = {
+    "dynamo": {
+        # the sizes a step reads from its data (the real frames a batch encodes, the labelled tokens its loss reads,
+        # with frames_at after_question the width of the questions) become symbolic sizes, not graph breaks
+        "capture_dynamic_output_shape_ops": True,
+        "capture_scalar_outputs": True,
+        # a checkpointed LLM layer writes the KV cache of a frame-by-frame read (a StepCache) in the forward; its
+        # replay in backward would write the same keys and values again (vlm/kvcache.py), so it need not
+        "skip_fwd_side_effects_in_bwd_under_checkpoint": True,
+    },
+    "inductor": {
+        # on a CPU inductor lays convolutions out channels-last, and with the frames' count read from the data the
+        # patch embedding's output then fails its own stride check (torch 2.13); a GPU does not do it with symbolic
+        # sizes anyway
+        "layout_optimization": False,
+    },
+}
+
+
+def configure_compile() -> None:
+    """Set the process's compiler so that a training step (`forward` with labels and logits=False, the batch cut
+    by loss.cut_to_labels as batch_losses cuts it) compiles to one graph, torch.compile(fullgraph=True): call it
+    before compiling a model."""
+    for name, value in COMPILE_OPTIONS["dynamo"].items():
+        setattr(torch._dynamo.config, name, value)
+    for name, value in COMPILE_OPTIONS["inductor"].items():
+        setattr(torch._inductor.config, name, value)
+
+
+@dataclasses.dataclass
+class Encoded(Visual):
+    """A Visual whose features hold the real frames only (padded frames are not encoded), with each one's place in
+    the batch, which the reads scatter their tokens back by. Carried rather than found again at each read: their
+    number depends on the data, and in a compiled step every read must agree on that one size."""
+
+    places: tuple[Tensor, Tensor] | None = None  # (N,), (N,): each encoded frame's clip and frame, in their order
+
+
+def real_frames(frame_mask: Tensor, time_major: bool = False) -> tuple[Tensor, Tensor]:
+    """frame_mask (B, T) -> the clip and frame (N,), (N,) of each real frame, batch-major (clip 0's frames, then
+    clip 1's) or time-major (every clip's frame 0, then every frame 1, ...)."""
+    if time_major:
+        frame, clip = frame_mask.T.nonzero().unbind(1)
+        return clip, frame
+    clip, frame = frame_mask.nonzero().unbind(1)
+    return clip, frame
+
 
 def positions(mask: Tensor, new: int) -> Tensor:
     """Position ids of the last `new` slots: the count of real tokens before each slot."""
@@ -165,12 +213,16 @@ class VLM(Decoding, nn.Module):
         if isinstance(past, StaticKV):
             return past.run(self.decoder(), embeds, mask, positions(mask, embeds.shape[1]), compiled)
         step = StepCache(past) if past is not None else None
-        out = self.decoder()(
+        decoder = self.decoder()
+        # checkpointed layers turn use_cache off themselves and write the StepCache all the same, but say so in a
+        # warning, which would break a compiled graph
+        checkpointed = getattr(decoder, "gradient_checkpointing", False) and decoder.training
+        out = decoder(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions(mask, embeds.shape[1]),
             past_key_values=step,
-            use_cache=step is not None,
+            use_cache=step is not None and not checkpointed,
         )
         if step is not None:
             step.commit(past)
@@ -235,7 +287,7 @@ class VLM(Decoding, nn.Module):
         device = self.head_ids.device
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters())
         key = None
-        if not grad:
+        if not grad and not torch.compiler.is_compiling():  # the stamps are the host's: a compiled step recomputes
             key = (
                 device,
                 self.llm.training,
@@ -257,9 +309,9 @@ class VLM(Decoding, nn.Module):
     def head_length(self, input_ids: Tensor, attention_mask: Tensor) -> int:
         """H, the number of leading text tokens of the chat template's opening: every row must start with them."""
         h = len(self.head_ids)
-        if h and not (
-            input_ids.shape[1] >= h and (input_ids[:, :h] == self.head_ids).all() and attention_mask[:, :h].all()
-        ):
+        if not h or torch.compiler.is_compiling():  # the check is a host sync: compiled, `lead_columns` made it
+            return h
+        if not (input_ids.shape[1] >= h and (input_ids[:, :h] == self.head_ids).all() and attention_mask[:, :h].all()):
             raise ValueError(
                 f"model.frames_at is {self.config.frames_at!r}: every text must open with the chat template's "
                 f"first user turn ({self.tokenizer.decode(self.head_ids)!r}); tokenise it with tokenization.py's "
@@ -322,8 +374,9 @@ class VLM(Decoding, nn.Module):
 
     def lead_columns(self, input_ids: Tensor, attention_mask: Tensor) -> int:
         """How many leading text columns must stay when a loss cuts the columns after the last label
-        (`through_labels`): the head, and with frames_at after_question each row's end of the question."""
-        h = len(self.head_ids)
+        (`through_labels`): the head, and with frames_at after_question each row's end of the question. Checks that
+        every row opens with the head (`head_length`): a compiled forward leaves that check to its caller."""
+        h = self.head_length(input_ids, attention_mask)
         if self.question_end is None or not len(input_ids):
             return h
         return int(question_splits(input_ids, attention_mask, h, self.question_end).max()) + 1
@@ -350,7 +403,7 @@ class VLM(Decoding, nn.Module):
         every position (training needs only the loss, whose few labelled positions are computed apart, and only the
         columns through the last labelled one: `through_labels`)."""
         read = read or self.train_read
-        if labels is not None and not logits:
+        if labels is not None and not logits and not torch.compiler.is_compiling():  # compiled: the caller cuts
             keep = self.lead_columns(input_ids, attention_mask)
             input_ids, attention_mask, labels = through_labels(input_ids, attention_mask, labels, keep)
         if visual is None:

@@ -64,7 +64,7 @@ def question_splits(input_ids: Tensor, attention_mask: Tensor, h: int, end_id: i
     ends = (input_ids == end_id) & attention_mask.bool()
     ends[:, :h] = False
     found = ends.any(1)
-    if not bool(found.all()):
+    if not torch.compiler.is_compiling() and not bool(found.all()):  # a host sync: compiled, lead_columns checked it
         row = int((~found).nonzero()[0, 0])
         raise ValueError(
             f"model.frames_at is 'after_question': text row {row} has no end of its first user turn (token "
@@ -77,8 +77,15 @@ def question_first(input_ids: Tensor, attention_mask: Tensor, cut: Tensor) -> La
     """The layout that puts each row's frames before its text column `cut` (R,): the lead left-padded."""
     r, length = input_ids.shape
     device = input_ids.device
-    p = int(cut.max()) if r else 0
-    rest = length - (int(cut.min()) if r else 0)
+    p = int(cut.max()) if r else 0  # compiled: read from the data, symbolic sizes (base.COMPILE_OPTIONS)
+    low = int(cut.min()) if r else 0
+    if torch.compiler.is_compiling():
+        # what the compiler must know of them, since transformers' attention branches on a length of 1: the lead
+        # and the rest are 2 columns or more (a chat template's opening; the end of the turn and what follows)
+        torch._check(1 < low)
+        torch._check(low <= p)
+        torch._check(low + 1 < length)
+    rest = length - low
     mask = attention_mask.long()
     col = torch.arange(p, device=device) - (p - cut)[:, None]  # (R, P): text column of each lead column
     lead_in = col >= 0
@@ -135,6 +142,7 @@ def clip_rows(rows: Tensor | None, clips: int, lead_ids: Tensor) -> Tensor | Non
     order = torch.arange(len(rows), device=rows.device)
     first = torch.full((clips,), len(rows), dtype=torch.long, device=rows.device)
     first = first.scatter_reduce(0, rows, order, "amin").clamp(max=max(len(rows) - 1, 0))
-    if not torch.equal(lead_ids, lead_ids[first[rows]]):
+    # a host sync, left out of a compiled step (DPO's pairs share their prompt by construction: loss.pair_batch)
+    if not torch.compiler.is_compiling() and not torch.equal(lead_ids, lead_ids[first[rows]]):
         raise ValueError("text rows reading one clip must ask the same question when the frames follow it")
     return first

@@ -33,10 +33,9 @@ def head_nll(head: Any, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]
     """Per-row summed NLL and count (R,), (R,) of the labelled `target` (R, L), token i predicted from
     `hidden` (R, L, D) at i, through `head` (the LM head) at the labelled positions only."""
     keep = target != IGNORE_INDEX
-    nll = hidden.new_zeros(len(hidden), dtype=torch.float32)
-    if keep.any():
-        loss = F.cross_entropy(head(hidden[keep]).float(), target[keep], reduction="none")
-        nll = nll.index_add(0, keep.nonzero()[:, 0], loss)
+    rows, cols = keep.nonzero().unbind(1)  # how many is read from the data: compiled, a symbolic size
+    loss = F.cross_entropy(head(hidden[rows, cols]).float(), target[rows, cols], reduction="none")
+    nll = hidden.new_zeros(len(hidden), dtype=torch.float32).index_add(0, rows, loss)
     return nll, keep.sum(1)
 
 
@@ -69,10 +68,9 @@ def labelled_nll(
     nll, count = head_nll(head, hidden[:, :-1], target)
     first = labels.gather(1, cut.clamp(max=length - 1)[:, None])[:, 0] if length else cut
     ok = inside & (first != IGNORE_INDEX)
-    if ok.any():
-        extra = F.cross_entropy(head(bridge[ok]).float(), first[ok], reduction="none")
-        nll = nll.index_add(0, ok.nonzero()[:, 0], extra)
-    return nll, count + ok
+    # every row's bridge (R of them: cheap), kept where it predicts a label: no size that depends on the data
+    extra = F.cross_entropy(head(bridge).float(), torch.where(ok, first, 0), reduction="none")
+    return nll + torch.where(ok, extra, 0.0), count + ok
 
 
 def through_labels(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, head: int) -> tuple[Tensor, ...]:
@@ -84,6 +82,27 @@ def through_labels(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, he
     if head < end < labels.shape[1]:
         return input_ids[:, :end], attention_mask[:, :end], labels[:, :end]
     return input_ids, attention_mask, labels
+
+
+def _reader(model: nn.Module) -> nn.Module | None:
+    """The VLM inside torch.compile's, DDP's or FSDP's wrapper (None for a module that is none)."""
+    while model is not None and not hasattr(model, "lead_columns"):
+        inner = getattr(model, "_orig_mod", None)
+        model = inner if inner is not None else getattr(model, "module", None)
+    return model
+
+
+def cut_to_labels(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`batch` with its text cut after the last labelled column, as the model's forward cuts it without logits
+    (`through_labels`): done before the call, so that a compiled forward, which leaves the cut out (its width is
+    read from the data), runs the same columns. A SmolVLM batch (no `frames`: its images are <image> tokens in the
+    text) is left whole, as its forward leaves it."""
+    vlm = _reader(model)
+    if vlm is None or "frames" not in batch or "labels" not in batch:
+        return batch
+    keep = vlm.lead_columns(batch["input_ids"], batch["attention_mask"])
+    ids, mask, labels = through_labels(batch["input_ids"], batch["attention_mask"], batch["labels"], keep)
+    return {**batch, "input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _pad_cat(a: Tensor, b: Tensor, value: int) -> Tensor:
@@ -126,13 +145,14 @@ def batch_losses(
     DPO loss of a pair batch) and, where the model's loss is a sum of terms (the foveated model's fine + coarse),
     each term under its own name, so that a log never mixes them.
 
-    `model` may be DDP-wrapped: it is only ever called, with the batch's tensors as keyword arguments and the
-    read's options (the foveated model's mode), so DDP sees every forward."""
+    `model` may be DDP-wrapped or compiled: it is only ever called, with the batch's tensors (cut after the last
+    label: `cut_to_labels`, which reads the wrapped model's layout) as keyword arguments and the read's options (the
+    foveated model's mode), so DDP sees every forward."""
     read = read or {}
     if reference is None:
-        out = model(**batch, logits=False, **read)
+        out = model(**cut_to_labels(model, batch), logits=False, **read)
         return {"loss": out.loss, **out.terms}
-    pairs = pair_batch(batch)
+    pairs = cut_to_labels(model, pair_batch(batch))
     policy = answer_logp(model, pairs, read)
     with torch.no_grad():
         ref = answer_logp(reference, pairs, read)
