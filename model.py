@@ -168,7 +168,9 @@ class FoveatedVLM(VLM):
         else the learned q_init."""
         if lead.guided:
             return self._next_queries(lead.hidden[:, -1])
-        return self.q_init.expand(b, 1, *self.q_init.shape)
+        # a copy, not a view: a view of a parameter made under no_grad claims requires_grad without a grad_fn,
+        # which autograd's module hooks (torch's FLOP counter) cannot take as an input
+        return self.q_init[None, None].repeat(b, 1, 1, 1)
 
     def visual_tokens(
         self, visual: Visual, lead: Lead | None = None, mode: str = "coarse_fine"
