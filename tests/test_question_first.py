@@ -9,6 +9,7 @@ import torch
 import registry
 from config import MODES
 from inputs.tokenization import chat_ids, prompt_ids
+from tests.test_model import user_turn_batch
 from tests.tiny import frames, tiny_connector_model, tiny_model
 
 QUESTIONS = ["What colour is the triangle?", "What shape is the red one? Answer with one word, please.", "Hi"]
@@ -20,16 +21,8 @@ def qf_model(tokenizer, **options):
 
 
 def prompts(tokenizer, lengths_t, questions, seed=0):
-    """Chat prompts, right-padded as every caller pads them, with T_b frames each."""
-    rows = [prompt_ids(tokenizer, q) for q in questions]
-    n = max(map(len, rows))
-    ids = torch.full((len(rows), n), tokenizer.pad_token_id)
-    am = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], am[i, : len(r)] = torch.tensor(r), 1
-    t = max(lengths_t)
-    fm = torch.arange(t)[None] < torch.tensor(lengths_t)[:, None]
-    return frames(len(rows), t, seed), fm, ids, am
+    """Chat prompts, right-padded as every caller pads them, with T_b frames each (test_model's batch)."""
+    return user_turn_batch(tokenizer, lengths_t, questions, seed)
 
 
 def split_of(tokenizer, ids_row) -> int:

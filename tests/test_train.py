@@ -167,6 +167,17 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, start_model, mon
         assert (fed.size, fed.max_frames, fed.image_frames) == (IMAGE, 4, 8)
 
 
+def cut_and_resumed(tmp_path, start_model, monkeypatch, opts: dict) -> Config:
+    """A run of `opts` (DINOv2 frozen) crashed after step 3, then resumed to its end."""
+    cut = make_config(tmp_path, start_model, "cut", train=opts, optim={"lr_vision": 0.0})
+    with monkeypatch.context() as m:
+        crash_after(m, 3)
+        with pytest.raises(Crash):
+            train.train(cut)
+    train.train(cut)
+    return cut
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_a_run_is_repeatable_and_resumes_exactly_in_either_precision(tmp_path, start_model, monkeypatch, bf16):
     """Set both ways whatever this CPU has (bf16 autocast is emulated where it has no bf16 units): two runs of one
@@ -177,12 +188,7 @@ def test_a_run_is_repeatable_and_resumes_exactly_in_either_precision(tmp_path, s
         cfg = make_config(tmp_path, start_model, name, train=opts, optim={"lr_vision": 0.0})
         train.train(cfg)
         runs.append(cfg)
-    cut = make_config(tmp_path, start_model, "cut", train=opts, optim={"lr_vision": 0.0})
-    with monkeypatch.context() as m:
-        crash_after(m, 3)
-        with pytest.raises(Crash):
-            train.train(cut)
-    train.train(cut)
+    cut = cut_and_resumed(tmp_path, start_model, monkeypatch, opts)
     whole = losses(runs[0].train.out_dir)
     assert len({r[1] for r in whole}) == 5 and losses(runs[1].train.out_dir) == whole == losses(cut.train.out_dir)
     a = load_file(str(Path(runs[0].train.out_dir) / "final" / saved.WEIGHTS))
@@ -202,12 +208,7 @@ def test_fp16_with_its_gradient_scaler_resumes_exactly(tmp_path, start_model, mo
     opts = {"fp16": True, "max_steps": 5}
     whole = make_config(tmp_path, start_model, "whole", train=opts, optim={"lr_vision": 0.0})
     train.train(whole)
-    cut = make_config(tmp_path, start_model, "cut", train=opts, optim={"lr_vision": 0.0})
-    with monkeypatch.context() as m:
-        crash_after(m, 3)
-        with pytest.raises(Crash):
-            train.train(cut)
-    train.train(cut)
+    cut = cut_and_resumed(tmp_path, start_model, monkeypatch, opts)
     assert losses(cut.train.out_dir) == losses(whole.train.out_dir)
     a = load_file(str(Path(whole.train.out_dir) / "final" / saved.WEIGHTS))
     b = load_file(str(Path(cut.train.out_dir) / "final" / saved.WEIGHTS))
