@@ -49,6 +49,7 @@ from vlm.casts import use_bf16
 
 EVAL_BATCH = 25  # held-out questions scored together: on a CPU a small LLM call costs about as much for many rows
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
+FEWEST_HELP = "binding only: training clips hold N to 4 objects, a curriculum (held-out clips: 4)"
 GLANCE = ["model.mode=coarse_only"]  # what makes the glance: the run config's model trained to read coarse_only
 
 
@@ -101,11 +102,15 @@ def evaluate(answerer: Answerer, bench: Any, reads: list[str], out: Path) -> dic
     return benchmark.evaluate(answerer, bench, "likelihood", reads, out, EVAL_BATCH)
 
 
-def placed(config: str | Path, overrides: list[str], seed: int | None = None, task: str = "ball") -> list[str]:
-    """The overrides that run the config on another seed or task without touching the default run: train.seed, and
-    the world and run beside the config's (data/toy -> data/toy_s<seed>, data/toy_cued, data/toy_cued_s<seed>; the
-    same for runs/toy). None for the default seed and the ball: the overrides unchanged."""
-    parts = ([task] if task != "ball" else []) + ([f"s{seed}"] if seed is not None else [])
+def placed(
+    config: str | Path, overrides: list[str], seed: int | None = None, task: str = "ball", fewest: int = len(toy.SHAPES)
+) -> list[str]:
+    """The overrides that run the config on another seed, task or curriculum without touching the default run:
+    train.seed, and the world and run beside the config's (data/toy -> data/toy_s<seed>, data/toy_cued,
+    data/toy_cued_s<seed>, data/toy_binding_f1; the same for runs/toy). None for the default seed and the ball: the
+    overrides unchanged."""
+    parts = ([task] if task != "ball" else []) + ([f"f{fewest}"] if fewest != len(toy.SHAPES) else [])
+    parts += [f"s{seed}"] if seed is not None else []
     moved = beside(config, list(overrides), "_".join(parts)) if parts else list(overrides)
     return moved + ([f"train.seed={seed}"] if seed is not None else [])
 
@@ -140,12 +145,13 @@ def run(
     glance: bool = True,
     seed: int | None = None,
     task: str = "ball",
+    fewest: int = len(toy.SHAPES),
 ) -> dict:
     """The toy run (see the module docstring); returns what summary.json holds. `seed`: the same recipe on
     another seed, `task` cued: the world of that task (layouts/toy.py); either in its own world and out_dir
     (`placed`)."""
     start = time.perf_counter()
-    overrides = placed(config, list(overrides), seed, task)
+    overrides = placed(config, list(overrides), seed, task, fewest)
     phases: dict[str, float] = {}  # seconds of each part, in the order they ran
 
     def lap(name: str) -> None:
@@ -153,7 +159,7 @@ def run(
 
     cfg = load_config(config, list(overrides))
     root, out = Path(cfg.data.train[0].path).parent.parent, Path(cfg.train.out_dir)
-    ensure(root, seed=cfg.train.seed, train=clips, size=cfg.data.frame_size, frames=cfg.data.max_frames, task=task)
+    ensure(root, cfg.train.seed, clips, size=cfg.data.frame_size, frames=cfg.data.max_frames, task=task, fewest=fewest)
     bench = benchmark.load_benchmark("toy", held_out(cfg.data.train[0].path))
     lap("world")
     # the glance trains beside the foveated model, step for step on the same batches: one frozen DINOv2 pass each
@@ -232,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         choices=toy.TASKS,
         default="ball",
         help="cued: the colour of the shape the first frame shows, among four; marked: the colour of the ball where "
-        "the first frame shows a white one (world in data/toy_<task>, run in runs/toy_<task>)",
+        "the first frame shows a white one; binding: one attribute of the object the question names by the other "
+        "(world in data/toy_<task>, run in runs/toy_<task>)",
     )
+    r.add_argument("--fewest", type=int, default=len(toy.SHAPES), help=FEWEST_HELP + " (data/toy_binding_f<N>)")
     g = sub.add_parser("generate", help="write the shards only")
     g.add_argument("--out", default="data/toy")
     g.add_argument("--seed", type=int, default=0)
@@ -242,11 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--size", type=int, default=112, help="frame size in pixels")
     g.add_argument("--frames", type=int, default=4)
     g.add_argument("--task", choices=toy.TASKS, default="ball")
+    g.add_argument("--fewest", type=int, default=len(toy.SHAPES), help=FEWEST_HELP)
     a = p.parse_args(argv)
+    if a.fewest != len(toy.SHAPES) and (a.task != "binding" or not 1 <= a.fewest < len(toy.SHAPES)):
+        raise UserError(f"--fewest {a.fewest}: a curriculum of 1-3 objects at the fewest, with --task binding only")
     if a.command == "run":
-        run(a.config, a.set, a.clips, glance=not a.no_glance, seed=a.seed, task=a.task)
+        run(a.config, a.set, a.clips, glance=not a.no_glance, seed=a.seed, task=a.task, fewest=a.fewest)
     else:
-        toy.generate(a.out, a.seed, a.train, a.eval, a.size, a.frames, a.task)
+        toy.generate(a.out, a.seed, a.train, a.eval, a.size, a.frames, a.task, a.fewest)
 
 
 if __name__ == "__main__":

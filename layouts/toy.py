@@ -153,12 +153,16 @@ def make_marked_scene(rng: np.random.Generator, size: int = 112, frames: int = 4
     return scene
 
 
-def _objects(rng: np.random.Generator, size: int, frames: int, r: int, step: float) -> list[dict[str, Any]]:
-    """Four coloured shapes, each shape once and each colour once, started apart at random places and drifting by
-    up to `step` pixels a frame (the cued task's later frames, the binding task's every frame)."""
+def _objects(
+    rng: np.random.Generator, size: int, frames: int, r: int, step: float, count: int = len(SHAPES)
+) -> list[dict[str, Any]]:
+    """`count` coloured shapes (four: every one), each shape at most once and each colour at most once, started
+    apart at random places and drifting by up to `step` pixels a frame (the cued task's later frames, the binding
+    task's every frame)."""
     shapes, colours = rng.permutation(len(SHAPES)).tolist(), rng.permutation(len(COLOURS)).tolist()
+    shapes, colours = shapes[:count], colours[:count]
     starts: list[np.ndarray] = []
-    while len(starts) < len(SHAPES):  # starts apart by more than a diameter: no shape covers another at first
+    while len(starts) < count:  # starts apart by more than a diameter: no shape covers another at first
         xy = rng.uniform(r + 1, size - r - 1, 2)
         starts = [*starts, xy] if all(np.linalg.norm(xy - o) > 2.5 * r for o in starts) else starts[:-1]
     objects = []
@@ -169,19 +173,27 @@ def _objects(rng: np.random.Generator, size: int, frames: int, r: int, step: flo
     return objects
 
 
-def make_binding_scene(rng: np.random.Generator, size: int = 112, frames: int = 4, clutter: int = 6) -> dict[str, Any]:
+def make_binding_scene(
+    rng: np.random.Generator, size: int = 112, frames: int = 4, clutter: int = 6, fewest: int = len(SHAPES)
+) -> dict[str, Any]:
     """A clip of the binding task: every frame shows four coloured shapes (each colour once, each shape once) at
     random places, drifting, among the grey clutter; the question names one of them by one attribute and asks the
     other ("What colour is the triangle?", "What shape is the red one?"). Every clip holds the same bag of colours
     and of shapes, so a read that does not know the question carries no answer but in which colour binds to which
-    shape; a read written from the question can go to the one it names."""
+    shape; a read written from the question can go to the one it names.
+    With `fewest` < 4 the clip holds `fewest` to four of them, each count alike likely (a curriculum for the
+    training split, `generate(..., fewest=)`): a clip of one object teaches the readout to name a colour or a
+    shape from any read; clips of two and three reward a read for going to the named one; only four hide the
+    answer from every read that does not."""
     scene = make_scene(rng, size, frames, clutter)
     r = scene["ball"]["radius"]
+    # drawn only for a curriculum: the world of four objects in every clip keeps its clips
+    count = int(rng.integers(fewest, len(SHAPES) + 1)) if fewest < len(SHAPES) else len(SHAPES)
     while True:  # apart in every frame, so that none is ever hidden behind another
-        objects = _objects(rng, size, frames, r, size / 16)
+        objects = _objects(rng, size, frames, r, size / 16, count)
         paths = np.asarray([o["path"] for o in objects], dtype=float)  # (4, T, 2)
         gaps = np.linalg.norm(paths[:, None] - paths[None], axis=-1)[~np.eye(len(objects), dtype=bool)]
-        if gaps.min() > 2.2 * r:
+        if gaps.size == 0 or gaps.min() > 2.2 * r:
             break
     target, ask = int(rng.integers(len(objects))), ("colour", "shape")[int(rng.integers(2))]
     scene["objects"], scene["target"], scene["ask"] = objects, target, ask
@@ -341,10 +353,17 @@ def caption(scene: dict[str, Any]) -> str:
     return f"A {colour} ball {where}, among grey shapes."
 
 
-def sample(seed: int, split: str, index: int, size: int = 112, frames: int = 4, task: str = "ball") -> dict[str, Any]:
-    """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another)."""
+def sample(
+    seed: int, split: str, index: int, size: int = 112, frames: int = 4, task: str = "ball", fewest: int = len(SHAPES)
+) -> dict[str, Any]:
+    """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another).
+    `fewest`: the binding task's curriculum, training clips only; every held-out clip holds all four objects, so
+    the held-out split is the same with or without it."""
     rng = _rng(seed, split, index)
-    scene = SCENES[task](rng, size, frames)
+    if task == "binding":
+        scene = make_binding_scene(rng, size, frames, fewest=fewest if split == "train" else len(SHAPES))
+    else:
+        scene = SCENES[task](rng, size, frames)
     options = options_of(scene)
     answer = options.index(answer_of(scene))
     wrong = int(rng.choice([i for i in range(len(options)) if i != answer]))
@@ -395,7 +414,7 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
 
 
 def _write(
-    out: Path, split: str, families: tuple[str, ...], n: int, seed: int, size: int, frames: int, task: str
+    out: Path, split: str, families: tuple[str, ...], n: int, seed: int, size: int, frames: int, task: str, fewest: int
 ) -> None:
     """Write clips 0..n-1 of `split` into out/<family>/NNNNNN.tar for each family (SHARD_SIZE clips a shard)."""
     for family in families:
@@ -404,18 +423,20 @@ def _write(
         name = f"{start // SHARD_SIZE:06d}.tar"
         sinks = {f: wds.TarWriter(str(out / f / name), mtime=0.0) for f in families}  # mtime 0: same bytes
         for i in range(start, min(n, start + SHARD_SIZE)):
-            recs = records(sample(seed, split, i, size, frames, task), f"{split}{i:07d}")
+            recs = records(sample(seed, split, i, size, frames, task, fewest), f"{split}{i:07d}")
             for family, sink in sinks.items():
                 sink.write(recs[family])
         for sink in sinks.values():
             sink.close()
 
 
-def _manifest(seed: int, train: int, eval: int, size: int, frames: int, task: str) -> dict[str, Any]:
+def _manifest(seed: int, train: int, eval: int, size: int, frames: int, task: str, fewest: int) -> dict[str, Any]:
     """What toyworld.json records: the generator's version and the settings the shards were written with (the task
-    only where it is not the ball, so that ball worlds written before the cued task existed stay valid)."""
+    only where it is not the ball, so that ball worlds written before the cued task existed stay valid; a binding
+    curriculum only where there is one)."""
     settings = {"world": WORLD, "seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
-    return settings if task == "ball" else {**settings, "task": task}
+    settings = settings if task == "ball" else {**settings, "task": task}
+    return settings if fewest == len(SHAPES) else {**settings, "fewest": fewest}
 
 
 def generate(
@@ -426,14 +447,18 @@ def generate(
     size: int = 112,
     frames: int = 4,
     task: str = "ball",
+    fewest: int = len(SHAPES),
 ) -> Path:
-    """Write every shard family into `out` (see the module docstring), then the manifest."""
+    """Write every shard family into `out` (see the module docstring), then the manifest. `fewest` < 4: the
+    binding task's training clips hold `fewest` to four objects (make_binding_scene)."""
     if task not in TASKS:
         raise ValueError(f"unknown toy task {task!r}: one of {TASKS}")
+    if fewest != len(SHAPES) and (task != "binding" or not 1 <= fewest < len(SHAPES)):
+        raise ValueError(f"fewest={fewest}: a curriculum of 1-3 objects at the fewest, for the binding task only")
     out = Path(out)
-    _write(out, "train", ("caption", "qa", "ask", "dpo"), train, seed, size, frames, task)
-    _write(out, "eval", ("val", "eval", "ask_val", "ask_eval", "caption_eval"), eval, seed, size, frames, task)
-    (out / MANIFEST).write_text(json.dumps(_manifest(seed, train, eval, size, frames, task), indent=1))
+    _write(out, "train", ("caption", "qa", "ask", "dpo"), train, seed, size, frames, task, fewest)
+    _write(out, "eval", ("val", "eval", "ask_val", "ask_eval", "caption_eval"), eval, seed, size, frames, task, fewest)
+    (out / MANIFEST).write_text(json.dumps(_manifest(seed, train, eval, size, frames, task, fewest), indent=1))
     return out
 
 
@@ -445,11 +470,12 @@ def ensure(
     size: int = 112,
     frames: int = 4,
     task: str = "ball",
+    fewest: int = len(SHAPES),
 ) -> Path:
     """`generate(out, ...)` unless `out` already holds exactly that world (its manifest says so)."""
     out = Path(out)
-    manifest = out / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()) == _manifest(seed, train, eval, size, frames, task):
+    manifest, wanted = out / MANIFEST, _manifest(seed, train, eval, size, frames, task, fewest)
+    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
         return out
     print(f"toyworld: writing {train} training and {eval} held-out clips ({task} task) to {out}", flush=True)
-    return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames, task=task)
+    return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames, task=task, fewest=fewest)

@@ -355,6 +355,33 @@ def test_the_binding_task_needs_the_named_object_and_nothing_else_gives_the_answ
     assert groups <= {"asks the colour", "asks the shape"}
 
 
+def test_the_binding_curriculum_thins_only_the_training_clips(tmp_path):
+    """With `fewest` 1 the training clips hold one to four of the objects, every count about as often, each colour
+    and each shape at most once, the question naming one of them; the held-out split is byte for byte the world's
+    without the curriculum, so the two runs are scored on the same questions. A curriculum elsewhere is refused."""
+    settings = {**SETTINGS, "size": 112, "train": 40}
+    plain = toy.generate(tmp_path / "plain", **settings, task="binding")
+    taught = toy.generate(tmp_path / "taught", **settings, task="binding", fewest=1)
+    assert json.loads((taught / toy.MANIFEST).read_text())["fewest"] == 1
+    assert "fewest" not in json.loads((plain / toy.MANIFEST).read_text())
+    counts = Counter()
+    for raw in read(taught / "ask" / "000000.tar"):
+        meta = json.loads(raw["json"])
+        scene = meta["scene"]
+        objects, named = scene["objects"], scene["objects"][scene["target"]]
+        shapes, colours = [o["shape"] for o in objects], [o["colour"] for o in objects]
+        assert len(set(shapes)) == len(shapes) == len(set(colours)) and set(colours) <= set(toy.COLOURS)
+        assert meta["user"] == toy.question_of(scene) and toy.answer_of(scene) == named[scene["ask"]]
+        for o in objects:  # every object drawn where the scene says, in the last frame too
+            assert np.abs(pixel(raw, FRAMES - 1, o["path"][-1]) - toy.COLOURS[o["colour"]]).max() < 40
+        counts[len(objects)] += 1
+    assert set(counts) == {1, 2, 3, 4} and min(counts.values()) >= 4  # 40 clips: about 10 of each
+    for family in ("ask_eval", "eval", "ask_val"):
+        assert (taught / family / "000000.tar").read_bytes() == (plain / family / "000000.tar").read_bytes()
+    with pytest.raises(ValueError, match="fewest=2"):
+        toy.generate(tmp_path / "ball", **SETTINGS, task="ball", fewest=2)
+
+
 def test_the_marked_task_asks_the_colour_of_the_ball_where_the_first_frame_shows_a_white_one(tmp_path):
     """Frame 0 holds the white cue alone on the background; the later frames the four colours once each, as balls
     standing still and apart among the clutter, one of them where the cue was; the answer is that one's colour,
@@ -410,3 +437,7 @@ def test_a_cued_run_lives_beside_the_ball_world():
     assert (cfg.train.out_dir, cfg.train.seed) == ("runs/toy_cued_s3", 3)
     assert cfg.data.val[0].path == "data/toy_cued_s3/ask_val/*.tar"
     assert toyworld.placed(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"]) == ["train.max_steps=7"]
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyworld.placed(toyworld.DEFAULT_CONFIG, [], 3, "binding", fewest=1))
+    assert (
+        cfg.train.out_dir == "runs/toy_binding_f1_s3" and cfg.data.train[0].path == "data/toy_binding_f1_s3/ask/*.tar"
+    )
