@@ -49,7 +49,26 @@ from vlm.casts import use_bf16
 
 EVAL_BATCH = 25  # held-out questions scored together: on a CPU a small LLM call costs about as much for many rows
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy.yaml"
-FEWEST_HELP = "binding only: training clips hold N to 4 objects, a curriculum (held-out clips: 4)"
+OBJECTS_HELP = "binding only: training clips hold N (or N to M: N-M) objects, a curriculum (held-out clips: 4)"
+
+
+def span(objects: tuple[int, int]) -> str:
+    """(1, 4) -> "1-4", (1, 1) -> "1": how --objects and the world's folder name a count range."""
+    return str(objects[0]) if objects[0] == objects[1] else f"{objects[0]}-{objects[1]}"
+
+
+def objects_arg(text: str) -> tuple[int, int]:
+    """--objects N or N-M, 1 <= N <= M <= 4."""
+    try:
+        low, _, high = text.partition("-")
+        objects = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: N or N-M, e.g. 1-4") from None
+    if not 1 <= objects[0] <= objects[1] <= len(toy.SHAPES):
+        raise argparse.ArgumentTypeError(f"{text!r}: 1 <= N <= M <= {len(toy.SHAPES)}")
+    return objects
+
+
 GLANCE = ["model.mode=coarse_only"]  # what makes the glance: the run config's model trained to read coarse_only
 
 
@@ -103,13 +122,17 @@ def evaluate(answerer: Answerer, bench: Any, reads: list[str], out: Path) -> dic
 
 
 def placed(
-    config: str | Path, overrides: list[str], seed: int | None = None, task: str = "ball", fewest: int = len(toy.SHAPES)
+    config: str | Path,
+    overrides: list[str],
+    seed: int | None = None,
+    task: str = "ball",
+    objects: tuple[int, int] = toy.ALL,
 ) -> list[str]:
     """The overrides that run the config on another seed, task or curriculum without touching the default run:
     train.seed, and the world and run beside the config's (data/toy -> data/toy_s<seed>, data/toy_cued,
-    data/toy_cued_s<seed>, data/toy_binding_f1; the same for runs/toy). None for the default seed and the ball: the
+    data/toy_cued_s<seed>, data/toy_binding_o1-4; the same for runs/toy). None for the default seed and the ball: the
     overrides unchanged."""
-    parts = ([task] if task != "ball" else []) + ([f"f{fewest}"] if fewest != len(toy.SHAPES) else [])
+    parts = ([task] if task != "ball" else []) + ([f"o{span(objects)}"] if tuple(objects) != toy.ALL else [])
     parts += [f"s{seed}"] if seed is not None else []
     moved = beside(config, list(overrides), "_".join(parts)) if parts else list(overrides)
     return moved + ([f"train.seed={seed}"] if seed is not None else [])
@@ -145,13 +168,13 @@ def run(
     glance: bool = True,
     seed: int | None = None,
     task: str = "ball",
-    fewest: int = len(toy.SHAPES),
+    objects: tuple[int, int] = toy.ALL,
 ) -> dict:
     """The toy run (see the module docstring); returns what summary.json holds. `seed`: the same recipe on
     another seed, `task` cued: the world of that task (layouts/toy.py); either in its own world and out_dir
     (`placed`)."""
     start = time.perf_counter()
-    overrides = placed(config, list(overrides), seed, task, fewest)
+    overrides = placed(config, list(overrides), seed, task, objects)
     phases: dict[str, float] = {}  # seconds of each part, in the order they ran
 
     def lap(name: str) -> None:
@@ -159,7 +182,9 @@ def run(
 
     cfg = load_config(config, list(overrides))
     root, out = Path(cfg.data.train[0].path).parent.parent, Path(cfg.train.out_dir)
-    ensure(root, cfg.train.seed, clips, size=cfg.data.frame_size, frames=cfg.data.max_frames, task=task, fewest=fewest)
+    ensure(
+        root, cfg.train.seed, clips, size=cfg.data.frame_size, frames=cfg.data.max_frames, task=task, objects=objects
+    )
     bench = benchmark.load_benchmark("toy", held_out(cfg.data.train[0].path))
     lap("world")
     # the glance trains beside the foveated model, step for step on the same batches: one frozen DINOv2 pass each
@@ -241,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         "the first frame shows a white one; binding: one attribute of the object the question names by the other "
         "(world in data/toy_<task>, run in runs/toy_<task>)",
     )
-    r.add_argument("--fewest", type=int, default=len(toy.SHAPES), help=FEWEST_HELP + " (data/toy_binding_f<N>)")
+    r.add_argument("--objects", type=objects_arg, default=toy.ALL, help=OBJECTS_HELP + " (data/toy_binding_o<N-M>)")
     g = sub.add_parser("generate", help="write the shards only")
     g.add_argument("--out", default="data/toy")
     g.add_argument("--seed", type=int, default=0)
@@ -250,14 +275,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--size", type=int, default=112, help="frame size in pixels")
     g.add_argument("--frames", type=int, default=4)
     g.add_argument("--task", choices=toy.TASKS, default="ball")
-    g.add_argument("--fewest", type=int, default=len(toy.SHAPES), help=FEWEST_HELP)
+    g.add_argument("--objects", type=objects_arg, default=toy.ALL, help=OBJECTS_HELP)
     a = p.parse_args(argv)
-    if a.fewest != len(toy.SHAPES) and (a.task != "binding" or not 1 <= a.fewest < len(toy.SHAPES)):
-        raise UserError(f"--fewest {a.fewest}: a curriculum of 1-3 objects at the fewest, with --task binding only")
+    if a.objects != toy.ALL and a.task != "binding":
+        raise UserError(f"--objects {span(a.objects)}: the number of objects a clip holds is the binding task's")
     if a.command == "run":
-        run(a.config, a.set, a.clips, glance=not a.no_glance, seed=a.seed, task=a.task, fewest=a.fewest)
+        run(a.config, a.set, a.clips, glance=not a.no_glance, seed=a.seed, task=a.task, objects=a.objects)
     else:
-        toy.generate(a.out, a.seed, a.train, a.eval, a.size, a.frames, a.task, a.fewest)
+        toy.generate(a.out, a.seed, a.train, a.eval, a.size, a.frames, a.task, a.objects)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ LOOK_CLIPS = 25  # held-out clips whose attention is measured (two more forward 
 MANIFEST = "toyworld.json"
 WORLD = 5  # the generator's version, kept in the manifest: bump it when the clips or questions change
 TRAIN_CLIPS, EVAL_CLIPS = 2000, 100
+ALL = (4, 4)  # the binding task's objects a clip, fewest and most: every one (a held-out clip always)
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -174,21 +175,21 @@ def _objects(
 
 
 def make_binding_scene(
-    rng: np.random.Generator, size: int = 112, frames: int = 4, clutter: int = 6, fewest: int = len(SHAPES)
+    rng: np.random.Generator, size: int = 112, frames: int = 4, clutter: int = 6, objects: tuple[int, int] = ALL
 ) -> dict[str, Any]:
     """A clip of the binding task: every frame shows four coloured shapes (each colour once, each shape once) at
     random places, drifting, among the grey clutter; the question names one of them by one attribute and asks the
     other ("What colour is the triangle?", "What shape is the red one?"). Every clip holds the same bag of colours
     and of shapes, so a read that does not know the question carries no answer but in which colour binds to which
     shape; a read written from the question can go to the one it names.
-    With `fewest` < 4 the clip holds `fewest` to four of them, each count alike likely (a curriculum for the
-    training split, `generate(..., fewest=)`): a clip of one object teaches the readout to name a colour or a
-    shape from any read; clips of two and three reward a read for going to the named one; only four hide the
-    answer from every read that does not."""
+    `objects` (fewest, most), other than (4, 4): the clip holds that many of them, each count alike likely (a
+    curriculum for the training split, `generate(..., objects=)`): clips of one object teach the readout to name a
+    colour or a shape from any read; clips of two and three reward a read for going to the named one; only four
+    hide the answer from every read that does not."""
     scene = make_scene(rng, size, frames, clutter)
     r = scene["ball"]["radius"]
     # drawn only for a curriculum: the world of four objects in every clip keeps its clips
-    count = int(rng.integers(fewest, len(SHAPES) + 1)) if fewest < len(SHAPES) else len(SHAPES)
+    count = int(rng.integers(objects[0], objects[1] + 1)) if objects != ALL else len(SHAPES)
     while True:  # apart in every frame, so that none is ever hidden behind another
         objects = _objects(rng, size, frames, r, size / 16, count)
         paths = np.asarray([o["path"] for o in objects], dtype=float)  # (4, T, 2)
@@ -354,14 +355,20 @@ def caption(scene: dict[str, Any]) -> str:
 
 
 def sample(
-    seed: int, split: str, index: int, size: int = 112, frames: int = 4, task: str = "ball", fewest: int = len(SHAPES)
+    seed: int,
+    split: str,
+    index: int,
+    size: int = 112,
+    frames: int = 4,
+    task: str = "ball",
+    objects: tuple[int, int] = ALL,
 ) -> dict[str, Any]:
     """One clip's scene, rendered frames and question (`answer`: the right option's index, `wrong`: another).
-    `fewest`: the binding task's curriculum, training clips only; every held-out clip holds all four objects, so
+    `objects`: the binding task's curriculum, training clips only; every held-out clip holds all four objects, so
     the held-out split is the same with or without it."""
     rng = _rng(seed, split, index)
     if task == "binding":
-        scene = make_binding_scene(rng, size, frames, fewest=fewest if split == "train" else len(SHAPES))
+        scene = make_binding_scene(rng, size, frames, objects=objects if split == "train" else ALL)
     else:
         scene = SCENES[task](rng, size, frames)
     options = options_of(scene)
@@ -414,7 +421,15 @@ def records(s: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
 
 
 def _write(
-    out: Path, split: str, families: tuple[str, ...], n: int, seed: int, size: int, frames: int, task: str, fewest: int
+    out: Path,
+    split: str,
+    families: tuple[str, ...],
+    n: int,
+    seed: int,
+    size: int,
+    frames: int,
+    task: str,
+    objects: tuple[int, int],
 ) -> None:
     """Write clips 0..n-1 of `split` into out/<family>/NNNNNN.tar for each family (SHARD_SIZE clips a shard)."""
     for family in families:
@@ -423,20 +438,22 @@ def _write(
         name = f"{start // SHARD_SIZE:06d}.tar"
         sinks = {f: wds.TarWriter(str(out / f / name), mtime=0.0) for f in families}  # mtime 0: same bytes
         for i in range(start, min(n, start + SHARD_SIZE)):
-            recs = records(sample(seed, split, i, size, frames, task, fewest), f"{split}{i:07d}")
+            recs = records(sample(seed, split, i, size, frames, task, objects), f"{split}{i:07d}")
             for family, sink in sinks.items():
                 sink.write(recs[family])
         for sink in sinks.values():
             sink.close()
 
 
-def _manifest(seed: int, train: int, eval: int, size: int, frames: int, task: str, fewest: int) -> dict[str, Any]:
+def _manifest(
+    seed: int, train: int, eval: int, size: int, frames: int, task: str, objects: tuple[int, int]
+) -> dict[str, Any]:
     """What toyworld.json records: the generator's version and the settings the shards were written with (the task
     only where it is not the ball, so that ball worlds written before the cued task existed stay valid; a binding
     curriculum only where there is one)."""
     settings = {"world": WORLD, "seed": seed, "train": train, "eval": eval, "size": size, "frames": frames}
     settings = settings if task == "ball" else {**settings, "task": task}
-    return settings if fewest == len(SHAPES) else {**settings, "fewest": fewest}
+    return settings if objects == ALL else {**settings, "objects": list(objects)}
 
 
 def generate(
@@ -447,18 +464,19 @@ def generate(
     size: int = 112,
     frames: int = 4,
     task: str = "ball",
-    fewest: int = len(SHAPES),
+    objects: tuple[int, int] = ALL,
 ) -> Path:
-    """Write every shard family into `out` (see the module docstring), then the manifest. `fewest` < 4: the
-    binding task's training clips hold `fewest` to four objects (make_binding_scene)."""
+    """Write every shard family into `out` (see the module docstring), then the manifest. `objects`: how many
+    objects the binding task's training clips hold, fewest and most (make_binding_scene)."""
     if task not in TASKS:
         raise ValueError(f"unknown toy task {task!r}: one of {TASKS}")
-    if fewest != len(SHAPES) and (task != "binding" or not 1 <= fewest < len(SHAPES)):
-        raise ValueError(f"fewest={fewest}: a curriculum of 1-3 objects at the fewest, for the binding task only")
+    objects = tuple(objects)
+    if objects != ALL and (task != "binding" or not 1 <= objects[0] <= objects[1] <= len(SHAPES)):
+        raise ValueError(f"objects={objects}: 1 <= fewest <= most <= 4 objects a clip, for the binding task only")
     out = Path(out)
-    _write(out, "train", ("caption", "qa", "ask", "dpo"), train, seed, size, frames, task, fewest)
-    _write(out, "eval", ("val", "eval", "ask_val", "ask_eval", "caption_eval"), eval, seed, size, frames, task, fewest)
-    (out / MANIFEST).write_text(json.dumps(_manifest(seed, train, eval, size, frames, task, fewest), indent=1))
+    _write(out, "train", ("caption", "qa", "ask", "dpo"), train, seed, size, frames, task, objects)
+    _write(out, "eval", ("val", "eval", "ask_val", "ask_eval", "caption_eval"), eval, seed, size, frames, task, objects)
+    (out / MANIFEST).write_text(json.dumps(_manifest(seed, train, eval, size, frames, task, objects), indent=1))
     return out
 
 
@@ -470,12 +488,12 @@ def ensure(
     size: int = 112,
     frames: int = 4,
     task: str = "ball",
-    fewest: int = len(SHAPES),
+    objects: tuple[int, int] = ALL,
 ) -> Path:
     """`generate(out, ...)` unless `out` already holds exactly that world (its manifest says so)."""
     out = Path(out)
-    manifest, wanted = out / MANIFEST, _manifest(seed, train, eval, size, frames, task, fewest)
+    manifest, wanted = out / MANIFEST, _manifest(seed, train, eval, size, frames, task, tuple(objects))
     if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
         return out
     print(f"toyworld: writing {train} training and {eval} held-out clips ({task} task) to {out}", flush=True)
-    return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames, task=task, fewest=fewest)
+    return generate(out, seed=seed, train=train, eval=eval, size=size, frames=frames, task=task, objects=objects)

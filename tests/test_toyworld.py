@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from collections import Counter
@@ -356,14 +357,14 @@ def test_the_binding_task_needs_the_named_object_and_nothing_else_gives_the_answ
 
 
 def test_the_binding_curriculum_thins_only_the_training_clips(tmp_path):
-    """With `fewest` 1 the training clips hold one to four of the objects, every count about as often, each colour
+    """With `objects` (1, 4) the training clips hold one to four of the objects, every count about as often, each colour
     and each shape at most once, the question naming one of them; the held-out split is byte for byte the world's
     without the curriculum, so the two runs are scored on the same questions. A curriculum elsewhere is refused."""
     settings = {**SETTINGS, "size": 112, "train": 40}
     plain = toy.generate(tmp_path / "plain", **settings, task="binding")
-    taught = toy.generate(tmp_path / "taught", **settings, task="binding", fewest=1)
-    assert json.loads((taught / toy.MANIFEST).read_text())["fewest"] == 1
-    assert "fewest" not in json.loads((plain / toy.MANIFEST).read_text())
+    taught = toy.generate(tmp_path / "taught", **settings, task="binding", objects=(1, 4))
+    assert json.loads((taught / toy.MANIFEST).read_text())["objects"] == [1, 4]
+    assert "objects" not in json.loads((plain / toy.MANIFEST).read_text())
     counts = Counter()
     for raw in read(taught / "ask" / "000000.tar"):
         meta = json.loads(raw["json"])
@@ -378,8 +379,10 @@ def test_the_binding_curriculum_thins_only_the_training_clips(tmp_path):
     assert set(counts) == {1, 2, 3, 4} and min(counts.values()) >= 4  # 40 clips: about 10 of each
     for family in ("ask_eval", "eval", "ask_val"):
         assert (taught / family / "000000.tar").read_bytes() == (plain / family / "000000.tar").read_bytes()
-    with pytest.raises(ValueError, match="fewest=2"):
-        toy.generate(tmp_path / "ball", **SETTINGS, task="ball", fewest=2)
+    with pytest.raises(ValueError, match=r"objects=\(2, 4\)"):
+        toy.generate(tmp_path / "ball", **SETTINGS, task="ball", objects=(2, 4))
+    one = toy.generate(tmp_path / "one", **{**settings, "train": 6}, task="binding", objects=(1, 1))
+    assert {len(json.loads(r["json"])["scene"]["objects"]) for r in read(one / "ask" / "000000.tar")} == {1}
 
 
 def test_the_marked_task_asks_the_colour_of_the_ball_where_the_first_frame_shows_a_white_one(tmp_path):
@@ -437,7 +440,10 @@ def test_a_cued_run_lives_beside_the_ball_world():
     assert (cfg.train.out_dir, cfg.train.seed) == ("runs/toy_cued_s3", 3)
     assert cfg.data.val[0].path == "data/toy_cued_s3/ask_val/*.tar"
     assert toyworld.placed(toyworld.DEFAULT_CONFIG, ["train.max_steps=7"]) == ["train.max_steps=7"]
-    cfg = load_config(toyworld.DEFAULT_CONFIG, toyworld.placed(toyworld.DEFAULT_CONFIG, [], 3, "binding", fewest=1))
-    assert (
-        cfg.train.out_dir == "runs/toy_binding_f1_s3" and cfg.data.train[0].path == "data/toy_binding_f1_s3/ask/*.tar"
-    )
+    cfg = load_config(toyworld.DEFAULT_CONFIG, toyworld.placed(toyworld.DEFAULT_CONFIG, [], 3, "binding", (1, 4)))
+    assert cfg.train.out_dir == "runs/toy_binding_o1-4_s3"
+    assert cfg.data.train[0].path == "data/toy_binding_o1-4_s3/ask/*.tar"
+    assert [toyworld.objects_arg(a) for a in ("1-4", "1", "2-3")] == [(1, 4), (1, 1), (2, 3)]
+    for bad in ("0", "3-2", "x", "1-5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            toyworld.objects_arg(bad)
