@@ -58,12 +58,14 @@ def test_ensure_regenerates_only_for_other_settings_or_another_generator(world, 
     toy.ensure(world, **SETTINGS)
     assert calls == []
     toy.ensure(world, **{**SETTINGS, "seed": 4})
-    assert calls == [{**SETTINGS, "seed": 4, "task": "ball"}]
+    assert calls == [{**SETTINGS, "seed": 4, "task": "ball", "objects": toy.ALL}]
     toy.ensure(world, **SETTINGS, task="cued")  # the other task is another world
-    assert calls[-1] == {**SETTINGS, "task": "cued"}
+    assert calls[-1] == {**SETTINGS, "task": "cued", "objects": toy.ALL}
     monkeypatch.setattr(toy, "WORLD", toy.WORLD + 1)  # shards an earlier generator wrote are rewritten
     toy.ensure(world, **SETTINGS)
-    assert calls[-1] == {**SETTINGS, "task": "ball"} and len(calls) == 3
+    assert calls[-1] == {**SETTINGS, "task": "ball", "objects": toy.ALL} and len(calls) == 3
+    toy.ensure(world, **SETTINGS, task="binding", objects=(1, 4))  # a curriculum is another world too
+    assert calls[-1] == {**SETTINGS, "task": "binding", "objects": (1, 4)} and len(calls) == 4
 
 
 def pixel(raw: dict, t: int, xy: list[int]) -> np.ndarray:
