@@ -19,6 +19,8 @@ The binding task (`--task binding`) is the world where the question decides wher
 coloured shapes (each colour once, each shape once) at random places, and the question names one by one attribute
 and asks the other ("What colour is the triangle?", "What shape is the red one?"). The bag of colours and shapes is
 the same in every clip: only a read that goes to the named object carries which colour belongs to which shape.
+A curriculum (`generate(..., objects=(1, 4))`, `--objects 1-4`) lets training clips hold fewer of the objects; the
+held-out clips always hold four.
 
 Written as WebDataset shards in the project's training format (data.py), one folder per family:
   caption/NNNNNN.tar  stage 1: `caption` describing the clip ("A red ball moves from the top left to ...")
@@ -191,14 +193,14 @@ def make_binding_scene(
     # drawn only for a curriculum: the world of four objects in every clip keeps its clips
     count = int(rng.integers(objects[0], objects[1] + 1)) if objects != ALL else len(SHAPES)
     while True:  # apart in every frame, so that none is ever hidden behind another
-        objects = _objects(rng, size, frames, r, size / 16, count)
-        paths = np.asarray([o["path"] for o in objects], dtype=float)  # (4, T, 2)
-        gaps = np.linalg.norm(paths[:, None] - paths[None], axis=-1)[~np.eye(len(objects), dtype=bool)]
-        if gaps.size == 0 or gaps.min() > 2.2 * r:
+        shown = _objects(rng, size, frames, r, size / 16, count)
+        paths = np.asarray([o["path"] for o in shown], dtype=float)  # (count, T, 2)
+        gaps = np.linalg.norm(paths[:, None] - paths[None], axis=-1)[~np.eye(len(shown), dtype=bool)]
+        if gaps.size == 0 or gaps.min() > 2.2 * r:  # one object: no pair to keep apart
             break
-    target, ask = int(rng.integers(len(objects))), ("colour", "shape")[int(rng.integers(2))]
-    scene["objects"], scene["target"], scene["ask"] = objects, target, ask
-    scene["ball"] = objects[target]  # the named object stands in for the ball (answer, group, look share)
+    target, ask = int(rng.integers(len(shown))), ("colour", "shape")[int(rng.integers(2))]
+    scene["objects"], scene["target"], scene["ask"] = shown, target, ask
+    scene["ball"] = shown[target]  # the named object stands in for the ball (answer, group, look share)
     scene["task"] = "binding"
     return scene
 
