@@ -116,10 +116,21 @@ class FoveatedConfig(ChatModelConfig):
     # reads with queries written from the previous fine read, as inference's are: one LLM pass over the frames
     # more per pass; as many passes as frames equals the autoregressive read exactly
     fine_passes: int = 1
+    # how frames_at after_question steers the fine reads from the question's last state: shared (frame 0's query
+    # written by llm_to_query, the head the frames' states use) | standardised (the state standardised feature by
+    # feature with running training statistics, through a head of its own whose output moves every frame's query:
+    # frame 0's from q_init; vlm/running_norm.py says why)
+    question_query: str = "shared"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("model.mode", self.mode, MODES)
+        _choice("model.question_query", self.question_query, ("shared", "standardised"))
+        if self.question_query != "shared" and self.frames_at != "after_question":
+            raise ConfigError(
+                f"'model.question_query' is {self.question_query!r}, but model.frames_at is {self.frames_at!r}: "
+                "only frames_at after_question writes a query from the question"
+            )
         _choice("model.fine_start", self.fine_start, ("random", "coarse"))
         _choice("model.query_start", self.query_start, ("random", "cls"))
         if self.glimpses < 1:

@@ -33,6 +33,7 @@ from vlm.kvcache import StaticKV
 from vlm.layout import Layout, Lead, clip_rows
 from vlm.loss import labelled_nll, through_labels
 from vlm.outputs import Output, Prefix, Visual, frames_of
+from vlm.running_norm import RunningNorm
 
 
 @dataclass
@@ -68,6 +69,13 @@ class FoveatedVLM(VLM):
                 self.llm_to_query.weight.zero_()
                 self.llm_to_query.bias.copy_(self.q_static.flatten())
                 self.q_init.copy_(self.q_static)
+        if config.question_query == "standardised":
+            # every frame's query moved by the question's own state (weight 0: it starts as the question-blind
+            # read): the frames' states barely carry the question (their head, llm_to_query, reads another
+            # distribution), and a look steered on frame 0 alone leaves the other frames' tokens a bag
+            self.question_norm = RunningNorm(d_llm)
+            self.question_to_query = nn.Linear(d_llm, k * dq, bias=False)
+            nn.init.zeros_(self.question_to_query.weight)
 
     @property
     def reads(self) -> dict[str, dict[str, Any]]:
@@ -84,7 +92,7 @@ class FoveatedVLM(VLM):
     def group_of(self, name: str) -> str:
         """The base's groups, with the queries' parameters as "query" (optim.py puts them in the connector's group
         unless optim.lr_query is set)."""
-        if name.startswith(("q_static", "q_init", "encoder.query_in.", "llm_to_query.")):
+        if name.startswith(("q_static", "q_init", "encoder.query_in.", "llm_to_query.", "question_to_query.")):
             return "query"
         return super().group_of(name)
 
@@ -159,13 +167,26 @@ class FoveatedVLM(VLM):
         tok = self.dino_to_llm(tok) * self.config.visual_scale
         return torch.where(here, tok, 0.0), torch.where(here, attn, 0.0)[:, None]
 
-    def _next_queries(self, hidden: Tensor) -> Tensor:
-        """hidden (B, D_llm) at a frame's last token -> the k queries for the next frame (B, 1, k, Dq)."""
-        return self.llm_to_query(hidden).view(hidden.shape[0], 1, *self.q_init.shape)
+    def _next_queries(self, hidden: Tensor, move: Tensor | None = None) -> Tensor:
+        """hidden (B, D_llm) at a frame's last token -> the k queries for the next frame (B, 1, k, Dq), moved by the
+        question (`_question_move`) where it steers every read."""
+        queries = self.llm_to_query(hidden).view(hidden.shape[0], 1, *self.q_init.shape)
+        return queries if move is None else queries + move
 
-    def _first_queries(self, lead: Lead, b: int) -> Tensor:
-        """Frame 0's fine queries (B, 1, k, Dq): written from the question's last word when the lead holds it,
-        else the learned q_init."""
+    def _question_move(self, lead: Lead) -> Tensor | None:
+        """With question_query standardised, how the question moves every frame's fine query (B, 1, k, Dq): its
+        own head's map of the question's last state, standardised (vlm/running_norm.py). Called once a forward: in
+        training each call adds the batch to the statistics."""
+        if not (lead.guided and self.config.question_query == "standardised"):
+            return None
+        moved = self.question_to_query(self.question_norm(lead.hidden[:, -1]).to(self.q_init.dtype))
+        return moved.view(-1, 1, *self.q_init.shape)
+
+    def _first_queries(self, lead: Lead, b: int, move: Tensor | None = None) -> Tensor:
+        """Frame 0's fine queries (B, 1, k, Dq): q_init moved by the question (`move`) where the question steers
+        every read; written by llm_to_query from the question's last word where the lead holds it; else q_init."""
+        if move is not None:
+            return self.q_init + move
         if lead.guided:
             return self._next_queries(lead.hidden[:, -1])
         # a copy, not a view: a view of a parameter made under no_grad claims requires_grad without a grad_fn,
@@ -185,12 +206,14 @@ class FoveatedVLM(VLM):
         # pass 1: under causal attention the text after the frames cannot influence the visual positions,
         # so the LLM over [lead, coarse tokens] alone gives each frame's query for the next frame
         hidden = visual.pass1 if isinstance(visual, Glanced) else self._frame_hidden(coarse, frame_mask, lead)
-        tokens, first = coarse, self._first_queries(lead, b)
+        move = self._question_move(lead)
+        tokens, first = coarse, self._first_queries(lead, b, move)
         for p in range(self.config.fine_passes):
             if p:  # a further pass: the queries written from the previous fine read, as at inference
                 hidden = self._frame_hidden(tokens, frame_mask, lead)
             last = hidden.view(b, t, self.config.glimpses, -1)[:, :-1, -1]  # (B, T-1, D)
             q_next = self.llm_to_query(last).view(b, t - 1, *self.q_init.shape)
+            q_next = q_next if move is None else q_next + move
             tokens, attn = self._read(cache, torch.cat([first, q_next], dim=1), visual.places)  # (B, T, k, Dq)
         return tokens, attn
 
@@ -252,7 +275,8 @@ class FoveatedVLM(VLM):
         lead = self.lead(lead_layout, past)  # (B rows)
         mask = lead.mask.long()
         seq = self.embed(lead_layout.lead_ids)  # (B, S, D), only needed without cache
-        queries = self._first_queries(lead, b)
+        move = self._question_move(lead)
+        queries = self._first_queries(lead, b, move)
         attns, steps = [], []
         for step in range(t):
             tok, attn = self._read_step(visual, queries, step, cached[step])  # (B, k, D)
@@ -264,7 +288,7 @@ class FoveatedVLM(VLM):
                 seq = torch.cat([seq, tok], dim=1)
                 hidden = self._llm(seq, mask)[:, -k:]
             steps.append(hidden)  # (B, k, D)
-            queries = self._next_queries(hidden[:, -1])
+            queries = self._next_queries(hidden[:, -1], move)
         text, text_mask = self.embed(text_layout.rest_ids), text_layout.rest_mask
         slots = torch.cat(steps, dim=1) if steps else seq.new_zeros(b, 1, seq.shape[-1])  # (B, T*k, D)
         lead_hidden = lead.hidden

@@ -7,17 +7,31 @@ import pytest
 import torch
 
 import registry
-from config import MODES
+from config import MODES, ConfigError, FoveatedConfig
+from evals.results import weights_digest
 from inputs.tokenization import chat_ids, prompt_ids
 from tests.test_model import user_turn_batch
 from tests.tiny import frames, tiny_connector_model, tiny_model
+from vlm.running_norm import RunningNorm
 
 QUESTIONS = ["What colour is the triangle?", "What shape is the red one? Answer with one word, please.", "Hi"]
 TOL = 1e-5
+HEADS = ("shared", "standardised")  # model.question_query
 
 
-def qf_model(tokenizer, **options):
-    return tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="after_question", **options)
+def qf_model(tokenizer, head="shared", **options):
+    """The question-first tiny model; with the standardised head, its statistics are those of QUESTIONS' states and
+    its weight random, so that the first query depends on the question (trained, it would; new, it is q_init)."""
+    model = tiny_model(glimpses=2, tokenizer=tokenizer, frames_at="after_question", question_query=head, **options)
+    if head == "standardised":
+        ids = [torch.tensor(prompt_ids(tokenizer, q)) for q in QUESTIONS]
+        with torch.no_grad():
+            states = torch.stack([model.llm.model(input_ids=i[None]).last_hidden_state[0, -1] for i in ids])
+            model.question_norm.mean.copy_(states.mean(0))
+            model.question_norm.var.copy_(states.var(0) + 0.1)
+            model.question_norm.seen.fill_(3)
+            model.question_to_query.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return model
 
 
 def prompts(tokenizer, lengths_t, questions, seed=0):
@@ -35,9 +49,10 @@ def close(a, b, tol=TOL):
     return (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("mode", MODES)
-def test_padded_batch_equals_each_alone_and_the_llm_by_hand(tokenizer, mode):
-    model = qf_model(tokenizer)
+def test_padded_batch_equals_each_alone_and_the_llm_by_hand(tokenizer, mode, head):
+    model = qf_model(tokenizer, head)
     fr, fm, ids, am = prompts(tokenizer, [3, 1, 0], QUESTIONS)
     out = model(fr, fm, ids, am, mode=mode)
     assert out.logits.shape[:2] == ids.shape
@@ -67,13 +82,67 @@ def test_the_first_read_is_written_from_the_question(tokenizer):
             same = close(attention[0], attention[1], 1e-6)
             assert same == (mode == "coarse_only" or not guided), (frames_at, mode)
     model = qf_model(tokenizer)
-    expected = model.llm_to_query(model.llm.model(input_ids=ids[:1, : split_of(tokenizer, ids[0])]).last_hidden_state)
+    state = model.llm.model(input_ids=ids[:1, : split_of(tokenizer, ids[0])]).last_hidden_state[0, -1]
     lead = model.lead(model.layout(ids[:1], am[:1]))
-    assert close(model._first_queries(lead, 1).flatten(), expected[0, -1])
+    assert close(model._first_queries(lead, 1).flatten(), model.llm_to_query(state))
+    # the standardised head: q_init moved by its weight times the state standardised with the kept statistics,
+    model = qf_model(tokenizer, "standardised")
+    norm = model.question_norm
+    var = norm.var + norm.floor * norm.var.mean() + 1e-12
+    expected = model.q_init.flatten() + model.question_to_query.weight @ ((state - norm.mean) / var.sqrt())
+    assert close(model._first_queries(lead, 1, model._question_move(lead)).flatten(), expected)
+    # it steers every frame's read, not frame 0's alone: with llm_to_query writing one query whatever the frame
+    # before, frame 1 is still read differently after the two questions
+    with torch.no_grad():
+        model.llm_to_query.weight.zero_()
+    for mode in MODES:
+        attention = model(fr, fm, ids, am, mode=mode).attention  # (B, T, k, 1+P)
+        for t in range(2):
+            assert close(attention[0, t], attention[1, t], 1e-6) == (mode == "coarse_only"), (mode, t)
 
 
-def test_autoregressive_equals_coarse_fine_on_one_frame_and_the_cache_recomputation(tokenizer):
-    model = qf_model(tokenizer)
+def test_running_norm_keeps_the_statistics_of_every_batch_and_reads_each_row_alone():
+    """Each batch adds to the statistics after it is read: with momentum 0 they are the mean and variance of all
+    it has seen (batches of one size weigh alike); a row's result does not depend on the rows beside it, in training
+    too; nothing seen gives zeros; evaluation and no_grad leave the statistics alone."""
+    torch.manual_seed(0)
+    x = torch.randn(120, 5) * torch.tensor([1.0, 3.0, 0.1, 10.0, 1e-3]) + torch.tensor([20.0, -5.0, 0.0, 2.0, 7.0])
+    norm = RunningNorm(5, momentum=0.0).train()
+    assert torch.equal(norm(x[:8]), torch.zeros(8, 5))  # the first batch: no statistics yet, then its own
+    for chunk in x[8:].split(8):
+        norm(chunk)
+    assert norm.seen == 15
+    assert torch.allclose(norm.mean, x.mean(0), rtol=1e-5, atol=1e-4)
+    var = x.var(0, unbiased=False)
+    assert torch.allclose(norm.var, var, rtol=1e-4)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    standardised = norm.eval()(x[:4])
+    with torch.no_grad():
+        norm.train()(x[:4])
+    assert all(torch.equal(before[k], v) for k, v in norm.state_dict().items())
+    floor = var + 0.01 * var.mean()
+    assert torch.allclose(standardised, (x[:4] - x.mean(0)) / floor.sqrt(), rtol=1e-3, atol=1e-3)
+    rows = torch.cat([alone_copy(norm, x[i : i + 1]) for i in range(6)])
+    assert torch.equal(norm(x[:6]), rows) and norm.seen == 16
+
+
+def alone_copy(norm: RunningNorm, row: torch.Tensor) -> torch.Tensor:
+    """One row through a copy of `norm` (its statistics as they are now), in training mode."""
+    copy = RunningNorm(norm.mean.shape[0], norm.momentum, norm.floor).train()
+    copy.load_state_dict(norm.state_dict())
+    return copy(row)
+
+
+def test_the_standardised_head_is_for_the_question_first_layout():
+    with pytest.raises(ConfigError, match="question_query.*frames_at is 'user_turn'.*only frames_at after_question"):
+        FoveatedConfig(frames_at="user_turn", question_query="standardised")
+    with pytest.raises(ConfigError, match="question_query"):
+        FoveatedConfig(frames_at="after_question", question_query="normed")
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_autoregressive_equals_coarse_fine_on_one_frame_and_the_cache_recomputation(tokenizer, head):
+    model = qf_model(tokenizer, head)
     fr, fm, ids, am = prompts(tokenizer, [1, 1, 0], QUESTIONS)
     ar = model(fr, fm, ids, am, mode="autoregressive").logits
     assert close(ar, model(fr, fm, ids, am, mode="coarse_fine").logits)
@@ -112,8 +181,9 @@ def test_labels_line_up_with_the_sequence_the_llm_read(tokenizer, mode):
         assert out.count[i] == (full[1:] != -100).sum() and (out.nll[i] - nll).abs() <= 1e-4, (i, mode)
 
 
-def test_generation_beams_and_options_equal_each_question_alone(tokenizer):
-    model = qf_model(tokenizer)
+@pytest.mark.parametrize("head", HEADS)
+def test_generation_beams_and_options_equal_each_question_alone(tokenizer, head):
+    model = qf_model(tokenizer, head)
     fr, fm, ids, am = prompts(tokenizer, [3, 2, 0], QUESTIONS)
     visual = model.prepare(fr, fm)
     for read in ({"mode": "coarse_fine"}, {"mode": "autoregressive"}):
@@ -155,10 +225,12 @@ def test_a_row_without_its_question_s_end_is_refused(tokenizer):
         model(frames(1, 1), torch.ones(1, 1, dtype=torch.bool), ids, torch.ones_like(ids))
 
 
-def test_training_reaches_the_question_and_saving_keeps_the_layout(tokenizer, tmp_path):
-    """The first query's gradient flows through the question's hidden states to the LLM; q_init, unused, gets none;
-    a saved model reads the same after registry.load."""
-    model = qf_model(tokenizer, coarse_weight=0.5).train()
+@pytest.mark.parametrize("head", HEADS)
+def test_training_reaches_the_question_and_saving_keeps_the_layout(tokenizer, tmp_path, head):
+    """The first query's gradient flows through the question's hidden states to the LLM; q_init, unused by the
+    shared head, gets none; the standardised head's statistics take the batch in; a saved model (statistics
+    included) reads the same after registry.load."""
+    model = qf_model(tokenizer, head, coarse_weight=0.5).train()
     rows = [chat_ids(tokenizer, q, "red", stage=2) for q in QUESTIONS[:2]]
     n = max(len(r[0]) for r in rows)
     ids, labels = torch.full((2, n), 2), torch.full((2, n), -100)
@@ -169,11 +241,21 @@ def test_training_reaches_the_question_and_saving_keeps_the_layout(tokenizer, tm
     out = model(fr, fm, ids, am, labels=labels, mode="coarse_fine", logits=False)
     out.loss.backward()
     assert out.terms.keys() == {"fine_loss", "coarse_loss"}
-    assert model.q_init.grad is None and model.llm_to_query.weight.grad.abs().sum() > 0
+    assert model.llm_to_query.weight.grad.abs().sum() > 0
+    if head == "shared":
+        assert model.q_init.grad is None
+    else:
+        assert model.question_to_query.weight.grad.abs().sum() > 0 and model.q_init.grad.abs().sum() > 0
+        assert model.question_norm.seen == 4  # qf_model's 3, and this batch
     model.eval()
     model.save_pretrained(tmp_path / "m")
     loaded = registry.load(tmp_path / "m")
-    assert loaded.config.frames_at == "after_question"
+    assert loaded.config.frames_at == "after_question" and loaded.config.question_query == head
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert weights_digest(loaded) == weights_digest(model)  # a result file names the model it read (0-dim buffers too)
+    if head == "standardised":
+        loaded.question_norm.seen += 1
+        assert weights_digest(loaded) != weights_digest(model)
     for mode in MODES:
         assert close(loaded(fr, fm, ids, am, mode=mode).logits, model(fr, fm, ids, am, mode=mode).logits)
 
