@@ -10,7 +10,8 @@ The connector whose reads depend on the LLM. Its three modes (config.MODES) are 
 - autoregressive (true inference): frame t is read with the query from the fine tokens of frames < t (frame 0's
   from the question, or q_init), the LLM advancing one frame at a time on its KV cache; then the text.
 Only a read written from the question can depend on what is asked: with frames_at start or user_turn, coarse_fine
-and autoregressive are as question-blind as coarse_only.
+and autoregressive are as question-blind as coarse_only. With question_query standardised the question's state,
+standardised, moves every frame's fine query through a head of its own (`_question_move`).
 Everything else (layout, loss, generation, scoring, groups) is the base VLM's (vlm/base.py).
 """
 
